@@ -1,0 +1,54 @@
+# The README's two set-up commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := constraints.txt
+MODEL_DIR ?= models/default
+PORT ?= 8000
+
+.PHONY: run test lint bench train evaluate export clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamps record which extras are installed, so a second `make` does not reinstall.
+$(VENV)/.serve: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[serve]"
+	touch $@
+
+$(VENV)/.all: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[serve,train,dev]"
+	touch $@ $(VENV)/.serve
+
+## run: start the API on :8000 with the bundled default model (serving extra only, no TensorFlow)
+run: $(VENV)/.serve
+	$(BIN)/pneumoscreen serve --model-dir $(MODEL_DIR) --port $(PORT)
+
+## test: install everything and run the whole test suite
+test: $(VENV)/.all
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.all
+	$(BIN)/ruff check service training export tests bench
+
+## bench: latency and throughput of the service on full-resolution X-rays
+bench: $(VENV)/.all
+	$(BIN)/python -m bench.service_bench --model-dir $(MODEL_DIR)
+
+DATA ?= ../shared/data/chest_xray
+WEIGHTS ?= ../shared/weights/mobilenet_1_0_224_tf_no_top.h5
+RUN_DIR ?= runs/mobilenet-224
+
+## train / evaluate / export: the documented recipe of the shipped model
+train: $(VENV)/.all
+	$(BIN)/pneumoscreen train --data $(DATA) --backbone mobilenet --weights $(WEIGHTS) --out $(RUN_DIR)
+
+evaluate: $(VENV)/.all
+	$(BIN)/pneumoscreen evaluate --run $(RUN_DIR) --data $(DATA)
+
+export: $(VENV)/.all
+	$(BIN)/pneumoscreen export --run $(RUN_DIR) --out $(MODEL_DIR) --data $(DATA)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,267 @@
+"""The one image pipeline shared by training, evaluation and serving.
+
+Every image, whatever its container (JPEG, PNG, DICOM), goes through the same two steps:
+
+    decode_grey(bytes)          -> uint8 greyscale array (H, W), upright, 0 = black
+    to_model_input(grey, h, w)  -> uint8 array (h, w, 3), stretched to the model's size
+
+Training reads its JPEGs with `load_model_input` exactly as the service reads an upload,
+so the model never sees pixels prepared differently from the ones it is served
+(train/serve skew is the classic bug of this field).
+
+Nothing here knows about HTTP: errors carry a stable `code` the service maps to a status.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Stretch resize: the published 224 px training images were stretched, not letterboxed.
+RESIZE_FILTER = Image.Resampling.BILINEAR
+
+JPEG, PNG, DICOM = "jpeg", "png", "dicom"
+SUPPORTED_FORMATS = frozenset({JPEG, PNG, DICOM})
+
+# Magic numbers of what people actually send by mistake, so the error can name it.
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\xff\xd8\xff", JPEG),
+    (0, b"\x89PNG\r\n\x1a\n", PNG),
+    (128, b"DICM", DICOM),
+    (0, b"GIF87a", "gif"),
+    (0, b"GIF89a", "gif"),
+    (0, b"BM", "bmp"),
+    (0, b"II*\x00", "tiff"),
+    (0, b"MM\x00*", "tiff"),
+    (0, b"PK\x03\x04", "zip"),
+    (0, b"%PDF", "pdf"),
+    (0, b"\x1f\x8b", "gzip"),
+)
+
+# EXIF orientations 5..8 swap width and height.
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+class ImageError(ValueError):
+    """An input that cannot become a model input. `code` is stable and machine-readable."""
+
+    code = "invalid_image"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EmptyImage(ImageError):
+    code = "empty_file"
+
+
+class UnsupportedImage(ImageError):
+    code = "unsupported_media_type"
+
+
+class CorruptImage(ImageError):
+    code = "invalid_image"
+
+
+class ImageTooLarge(ImageError):
+    code = "image_too_large"
+
+
+class ImageTooSmall(ImageError):
+    code = "image_too_small"
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Guards against decompression bombs and inputs that are not radiographs."""
+
+    max_pixels: int = 40_000_000
+    min_side: int = 32
+    allowed_formats: frozenset[str] = field(default=SUPPORTED_FORMATS)
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The container format from the bytes themselves; never from a filename or header."""
+    for offset, magic, name in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    if data[8:12] == b"WEBP" and data[:4] == b"RIFF":
+        return "webp"
+    return None
+
+
+def decode_grey(
+    data: bytes,
+    target_size: tuple[int, int] | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> np.ndarray:
+    """Decode JPEG, PNG or DICOM bytes to an upright uint8 greyscale image (H, W).
+
+    `target_size` (height, width) is a hint: JPEGs are then decoded at the smallest DCT
+    scale that is still at least that large (Pillow's draft mode), which halves decode time
+    for full-resolution radiographs without changing what the model sees at its size.
+    """
+    if not data:
+        raise EmptyImage("the file is empty")
+    kind = sniff_format(data)
+    if kind is None:
+        raise UnsupportedImage("not a JPEG, PNG or DICOM file (unrecognised content)")
+    if kind not in limits.allowed_formats:
+        if kind in SUPPORTED_FORMATS:
+            raise UnsupportedImage(f"{kind.upper()} files are not accepted by this server")
+        raise UnsupportedImage(f"{kind.upper()} files are not supported; send JPEG, PNG or DICOM")
+    if kind == DICOM:
+        grey = _decode_dicom(data, limits)
+    else:
+        grey = _decode_pillow(data, target_size, limits)
+    height, width = grey.shape
+    if min(height, width) < limits.min_side:
+        raise ImageTooSmall(
+            f"image is {width}x{height} px; at least {limits.min_side} px per side is needed"
+        )
+    return grey
+
+
+def to_model_input(grey: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Stretch a greyscale image to (height, width) and repeat it into 3 uint8 channels."""
+    if grey.dtype != np.uint8 or grey.ndim != 2:
+        raise ValueError(f"expected a 2-D uint8 image, got {grey.dtype} {grey.shape}")
+    image = Image.fromarray(grey)
+    if image.size != (width, height):
+        image = image.resize((width, height), RESIZE_FILTER)
+    resized = np.asarray(image, dtype=np.uint8)
+    return np.repeat(resized[:, :, None], 3, axis=2)
+
+
+def load_model_input(
+    data: bytes, height: int, width: int, limits: DecodeLimits = DEFAULT_LIMITS
+) -> np.ndarray:
+    """Bytes of one image -> the uint8 (height, width, 3) array the model takes."""
+    return to_model_input(decode_grey(data, (height, width), limits), height, width)
+
+
+# --- Pillow: JPEG and PNG -------------------------------------------------------------
+
+
+def _decode_pillow(
+    data: bytes, target_size: tuple[int, int] | None, limits: DecodeLimits
+) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit applies; Pillow's bomb warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            _check_pixels(image.size[0], image.size[1], limits)
+            if getattr(image, "n_frames", 1) > 1:
+                raise UnsupportedImage("animated or multi-frame images are not supported")
+            if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                raise UnsupportedImage(f"colour mode {image.mode} is not supported for radiographs")
+            orientation = image.getexif().get(0x0112, 1)
+            if image.format == "JPEG" and target_size is not None:
+                height, width = target_size
+                if orientation in _TRANSPOSED_ORIENTATIONS:
+                    height, width = width, height
+                image.draft("L", (width, height))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _pillow_to_grey(image)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImage(f"the image could not be decoded: {_short(exc)}") from None
+
+
+def _pillow_to_grey(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _rescale_to_uint8(np.asarray(image, dtype=np.float64))
+    if image.mode != "L":
+        # Palette, RGB, RGBA, LA and 1-bit all have a defined luminance; alpha is ignored.
+        image = image.convert("L")
+    return np.asarray(image, dtype=np.uint8)
+
+
+# --- DICOM ----------------------------------------------------------------------------
+
+
+def _decode_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
+    # Imported here: pydicom is only needed when a DICOM file actually arrives.
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise CorruptImage(f"the DICOM file could not be read: {_short(exc)}") from None
+    if "PixelData" not in dataset:
+        raise UnsupportedImage("the DICOM file holds no image (no PixelData)")
+    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    _check_pixels(columns, rows, limits)
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        raise UnsupportedImage("multi-frame DICOM is not supported; send one frame")
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    try:
+        pixels = dataset.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
+        raise UnsupportedImage(
+            f"DICOM transfer syntax {getattr(syntax, 'name', syntax)} cannot be decoded "
+            f"by this server ({_short(exc)})"
+        ) from None
+    except (ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
+        raise CorruptImage(f"the DICOM pixel data could not be decoded: {_short(exc)}") from None
+
+    if photometric.startswith("MONOCHROME"):
+        if pixels.ndim != 2:
+            raise UnsupportedImage(f"unexpected DICOM pixel array shape {pixels.shape}")
+        values = apply_modality_lut(pixels, dataset)
+        values = apply_voi_lut(values, dataset)
+        grey = _rescale_to_uint8(np.asarray(values, dtype=np.float64))
+        # MONOCHROME1 means the lowest value is white: invert so bone is bright as in training.
+        return 255 - grey if photometric == "MONOCHROME1" else grey
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        rgb = Image.fromarray(_rescale_to_uint8(np.asarray(pixels, dtype=np.float64)), "RGB")
+        return np.asarray(rgb.convert("L"), dtype=np.uint8)
+    raise UnsupportedImage(f"DICOM photometric interpretation {photometric} is not supported")
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
+    if width <= 0 or height <= 0:
+        raise CorruptImage("the image declares no pixels")
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} px ({width * height:,} pixels); "
+            f"the limit is {limits.max_pixels:,}"
+        )
+
+
+def _rescale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Map the image's own value range linearly onto 0..255 (12-16 bit data, LUT output)."""
+    low, high = float(np.min(values)), float(np.max(values))
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _short(exc: BaseException) -> str:
+    # Decoder messages never contain pixel data, but keep them to one short line.
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
