@@ -1,0 +1,36 @@
+"""Shared fixtures. `tests/` is put on sys.path so tests can `from bundle_factory import ...`
+and `from live_server import ...` without tests being a package."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+for _path in (str(TESTS_DIR), str(REPO_ROOT)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from bundle_factory import make_tiny_bundle  # noqa: E402
+from live_server import LiveServer, live_server  # noqa: E402
+
+FIXTURES = TESTS_DIR / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid 64 px two-label (NORMAL/PNEUMONIA) bundle, threshold 0.5."""
+    directory = tmp_path_factory.mktemp("tiny-bundle")
+    make_tiny_bundle(directory, size=64)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def server(tiny_bundle: Path) -> Iterator[LiveServer]:
+    """The real app under uvicorn on `tiny_bundle`, default settings, model loaded."""
+    with live_server(tiny_bundle) as running:
+        yield running
