@@ -196,6 +196,25 @@ def _pillow_to_grey(image: Image.Image) -> np.ndarray:
 def _decode_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
     # Imported here: pydicom is only needed when a DICOM file actually arrives.
     import pydicom
+
+    # pydicom's warnings about malformed elements quote the element values (patient name
+    # included) and also go to its logger: keep them out of our logs.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return _decode_dicom_dataset(data, limits)
+        except ImageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes
+            # Only the exception type: a parser message could quote a (patient) value.
+            raise CorruptImage(
+                f"the DICOM file could not be read ({type(exc).__name__})"
+            ) from None
+
+
+def _decode_dicom_dataset(data: bytes, limits: DecodeLimits) -> np.ndarray:
+    import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -203,6 +222,9 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
         raise CorruptImage(f"the DICOM file could not be read: {_short(exc)}") from None
+    if "TransferSyntaxUID" not in dataset.file_meta:
+        # "DICM" followed by bytes pydicom parsed leniently into nothing meaningful.
+        raise CorruptImage("the DICOM file could not be read: no valid file meta information")
     if "PixelData" not in dataset:
         raise UnsupportedImage("the DICOM file holds no image (no PixelData)")
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
