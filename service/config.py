@@ -1,0 +1,118 @@
+"""Service configuration: one Settings class, read from environment variables.
+
+Names are the field names in upper case, without a prefix (`MODEL_DIR`, `API_KEY`, ...);
+matching is case-insensitive. docs/api.md has the same table for people.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.preprocessing import SUPPORTED_FORMATS, DecodeLimits
+
+MB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", protected_namespaces=()
+    )
+
+    model_dir: Path = Field(
+        Path("models/default"),
+        description="Folder of the model bundle to serve (model.onnx + model.json).",
+    )
+    host: str = Field("127.0.0.1", description="Interface to bind (`pneumoscreen serve`).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port (`pneumoscreen serve`).")
+    workers: int = Field(
+        1, ge=1, description="Worker processes (`pneumoscreen serve`); each loads the model."
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, /predict and /predict/batch need this value in header "
+        "`X-API-Key`; health, liveness, model, metrics and docs stay open.",
+    )
+    max_file_bytes: int = Field(
+        25 * MB, ge=1, description="Largest accepted image file, in bytes (413 file_too_large)."
+    )
+    max_request_bytes: int = Field(
+        100 * MB,
+        ge=1,
+        description="Largest accepted request body, in bytes; checked on Content-Length "
+        "and while the body streams in (413 request_too_large).",
+    )
+    max_batch_files: int = Field(
+        32, ge=1, description="Most files in one /predict/batch request (413 too_many_files)."
+    )
+    max_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="Largest accepted image in pixels (width x height), checked before "
+        "decoding (413 image_too_large).",
+    )
+    min_image_side: int = Field(
+        32, ge=1, description="Smallest accepted image side in pixels (422 image_too_small)."
+    )
+    allowed_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["jpeg", "png", "dicom"],
+        description="Accepted image formats, comma-separated, from jpeg, png, dicom "
+        "(detected from the bytes, never from the filename; 415 otherwise).",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's default)."
+    )
+    inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads.")
+    inference_threads: int = Field(
+        4, ge=1, description="Threads that decode images and run the model, off the event loop."
+    )
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="onnxruntime execution providers: auto (CUDA when available, else CPU), "
+        "cpu, or cuda (fail if CUDA is not available).",
+    )
+
+    @field_validator("allowed_types", mode="before")
+    @classmethod
+    def _split_types(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in value.replace(";", ",").split(",")]
+        if isinstance(value, (list, tuple, set, frozenset)):
+            names = [str(part).strip().lower() for part in value if str(part).strip()]
+            names = ["jpeg" if name == "jpg" else name for name in names]
+            unknown = sorted(set(names) - SUPPORTED_FORMATS)
+            if unknown:
+                raise ValueError(
+                    f"unknown image types {unknown}; choose from {sorted(SUPPORTED_FORMATS)}"
+                )
+            if not names:
+                raise ValueError("allowed_types must name at least one image type")
+            return list(dict.fromkeys(names))
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        # API_KEY= (empty) in a .env or compose file means "no key", not "the empty key".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in {"critical", "error", "warning", "info", "debug", "trace"}:
+            raise ValueError("log_level must be one of critical, error, warning, info, debug")
+        return value
+
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_pixels=self.max_pixels,
+            min_side=self.min_image_side,
+            allowed_formats=frozenset(self.allowed_types),
+        )

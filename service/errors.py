@@ -1,0 +1,146 @@
+"""One error shape for every failure: {"error": {"code": "...", "message": "..."}}.
+
+Codes are stable and machine-readable; messages are for people and never contain image
+bytes, patient data or tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.preprocessing import ImageError
+
+log = logging.getLogger("pneumoscreen.errors")
+
+# ImageError.code (service/preprocessing.py) -> HTTP status.
+IMAGE_ERROR_STATUS: dict[str, int] = {
+    "empty_file": 400,
+    "invalid_image": 400,
+    "unsupported_media_type": 415,
+    "image_too_large": 413,
+    "image_too_small": 422,
+}
+
+# Every code the API can answer with, its status and when. docs/api.md mirrors this.
+ERROR_CODES: dict[str, tuple[int, str]] = {
+    "empty_file": (400, "The uploaded file is empty."),
+    "invalid_image": (400, "The file looks like JPEG/PNG/DICOM but cannot be decoded."),
+    "invalid_multipart": (400, "The multipart/form-data body is malformed."),
+    "unauthorized": (401, "API_KEY is set and X-API-Key is missing or wrong."),
+    "not_found": (404, "No such route."),
+    "method_not_allowed": (405, "The route exists but not with this HTTP method."),
+    "file_too_large": (413, "One file is larger than MAX_FILE_BYTES."),
+    "request_too_large": (413, "The request body is larger than MAX_REQUEST_BYTES."),
+    "too_many_files": (413, "A batch has more than MAX_BATCH_FILES files."),
+    "image_too_large": (413, "The image has more than MAX_PIXELS pixels."),
+    "unsupported_media_type": (415, "Not a JPEG, PNG or DICOM (or not in ALLOWED_TYPES)."),
+    "missing_file": (422, "No file in the form field `file` (or `files` for a batch)."),
+    "image_too_small": (422, "An image side is shorter than MIN_IMAGE_SIDE."),
+    "validation_error": (422, "The request does not match the documented schema."),
+    "internal_error": (500, "An unexpected server error; details are in the server log."),
+    "model_not_ready": (503, "The model is still loading, or failed to load (see /health)."),
+}
+
+
+class ApiError(Exception):
+    """An error the API answers with on purpose."""
+
+    def __init__(
+        self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(
+    status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status_code, headers=headers)
+
+
+def image_error(exc: ImageError) -> ApiError:
+    return ApiError(IMAGE_ERROR_STATUS.get(exc.code, 400), exc.code, exc.message)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    503: "model_not_ready",
+}
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+
+async def _image_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ImageError)
+    api = image_error(exc)
+    return error_response(api.status_code, api.code, api.message)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    if exc.status_code == 404:
+        message = "no such route; see /docs for the API"
+    elif exc.status_code == 405:
+        message = "method not allowed on this route; see /docs for the API"
+    else:
+        message = str(exc.detail) if exc.detail else code.replace("_", " ")
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+
+def _describe(error: dict) -> str:
+    location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    message = str(error.get("msg", "invalid value"))
+    return f"{location}: {message}" if location else message
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    missing_file = any(
+        err.get("type") == "missing" and tuple(err.get("loc", ()))[-1:] in (("file",), ("files",))
+        for err in errors
+    )
+    if missing_file:
+        return error_response(
+            422, "missing_file", "send the image as multipart/form-data in the field 'file'"
+        )
+    # Only locations and messages: never echo the submitted input back.
+    message = "; ".join(_describe(err) for err in errors[:5]) or "invalid request"
+    return error_response(422, "validation_error", message)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # ServerErrorMiddleware calls this, then re-raises so the server logs the traceback;
+    # the client gets no internals.
+    return error_response(500, "internal_error", "unexpected server error; see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ImageError, _image_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,189 @@
+"""The model at run time: load a bundle once, run it with onnxruntime, off the event loop.
+
+`ModelRunner.load()` is blocking and runs in a worker thread at start-up (the app answers
+liveness meanwhile). Its state is `loading`, then `ready` (bundle verified, session built,
+warm-up inference done) or `failed` (with the reason, shown by /health).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from service.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, BundleMeta, read_bundle
+from service.config import Settings
+
+log = logging.getLogger("pneumoscreen.model")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+State = Literal["loading", "ready", "failed"]
+
+
+class ModelNotReady(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The outcome for one image."""
+
+    label: str
+    screen_positive: bool
+    probabilities: dict[str, float]
+    positive_probability: float
+
+
+def choose_providers(setting: str, available: list[str]) -> list[str]:
+    if setting == "cpu":
+        return [CPU]
+    if setting == "cuda":
+        if CUDA not in available:
+            raise RuntimeError(
+                "PROVIDERS=cuda but onnxruntime reports no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use auto"
+            )
+        return [CUDA, CPU]
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def score(meta: BundleMeta, row: np.ndarray) -> Scored:
+    """One row of model output -> label, screening decision and probabilities.
+
+    Probabilities are renormalised in float64 so they sum to 1 despite float32 rounding.
+    The label follows the threshold: when positive, the most probable positive label
+    (positive_label itself for a two-label model); otherwise the most probable of the
+    others (negative_label for a two-label model).
+    """
+    values = np.clip(np.asarray(row, dtype=np.float64), 0.0, None)
+    total = float(values.sum())
+    if not np.isfinite(total) or total <= 0.0:
+        raise ValueError("the model returned no usable probabilities")
+    values = values / total
+    positive = meta.positive_indices()
+    positive_probability = float(min(1.0, max(0.0, values[positive].sum())))
+    screen_positive = positive_probability >= meta.threshold
+    if len(meta.labels) == 2:
+        label = meta.positive_label if screen_positive else meta.negative_label
+    else:
+        group = positive if screen_positive else [
+            i for i in range(len(meta.labels)) if i not in positive
+        ]
+        label = meta.labels[max(group, key=lambda i: values[i])]
+    return Scored(
+        label=label,
+        screen_positive=bool(screen_positive),
+        probabilities={name: float(p) for name, p in zip(meta.labels, values, strict=True)},
+        positive_probability=positive_probability,
+    )
+
+
+class ModelRunner:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state: State = "loading"
+        self.error: str | None = None
+        self.meta: BundleMeta | None = None
+        self.providers: list[str] = []
+        self._session = None
+        self._lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.inference_threads, thread_name_prefix="pneumoscreen-infer"
+        )
+
+    # --- loading ----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Verify the bundle, build the session and warm it up. Never raises."""
+        started = time.perf_counter()
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - any failure is reported by /health
+            with self._lock:
+                self.state, self.error = "failed", str(exc) or type(exc).__name__
+            log.error("model failed to load from %s: %s", self.settings.model_dir, self.error)
+            return
+        with self._lock:
+            self.state = "ready"
+        assert self.meta is not None
+        log.info(
+            "model %s %s ready in %.0f ms on %s",
+            self.meta.name,
+            self.meta.version,
+            (time.perf_counter() - started) * 1000,
+            ", ".join(self.providers),
+        )
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        directory = self.settings.model_dir
+        meta = read_bundle(directory, verify=True)
+        self.meta = meta
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.settings.intra_op_threads
+        options.inter_op_num_threads = self.settings.inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = list(ort.get_available_providers())
+        wanted = choose_providers(self.settings.providers, available)
+        try:
+            session = ort.InferenceSession(
+                str(directory / MODEL_FILE), sess_options=options, providers=wanted
+            )
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            raise RuntimeError(f"onnxruntime could not load {directory / MODEL_FILE}: {exc}") from None
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+            raise RuntimeError(
+                f"model.onnx must have input '{INPUT_NAME}' and output '{OUTPUT_NAME}' "
+                f"(has inputs {sorted(inputs)}, outputs {sorted(outputs)})"
+            )
+        self._session = session
+        self.providers = list(session.get_providers())
+        if self.settings.providers == "cuda" and CUDA not in self.providers:
+            raise RuntimeError("PROVIDERS=cuda but the session fell back to CPU")
+        # Warm-up: the first run allocates and optimises; do it before reporting ready.
+        warm = np.zeros((1, meta.input.height, meta.input.width, 3), dtype=np.uint8)
+        output = self._run(warm)
+        if output.shape != (1, len(meta.labels)):
+            raise RuntimeError(
+                f"model output has shape {output.shape}; expected (batch, {len(meta.labels)}) "
+                "to match the labels in model.json"
+            )
+        score(meta, output[0])
+
+    # --- running ----------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def require_ready(self) -> BundleMeta:
+        if not self.ready or self.meta is None:
+            raise ModelNotReady(self.error or "the model is still loading")
+        return self.meta
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        assert self._session is not None
+        (output,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        return np.asarray(output)
+
+    def predict(self, images: list[np.ndarray]) -> list[Scored]:
+        """Run uint8 (H, W, 3) images through the model as one batch (blocking)."""
+        meta = self.require_ready()
+        if not images:
+            return []
+        batch = np.ascontiguousarray(np.stack(images).astype(np.uint8, copy=False))
+        output = self._run(batch)
+        return [score(meta, row) for row in output]
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,76 @@
+"""Prometheus metrics, in a registry of the app's own (tests create many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "pneumoscreen_http_requests",
+            "HTTP requests by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "pneumoscreen_http_request_duration_seconds",
+            "HTTP request latency by route template and method.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter(
+            "pneumoscreen_images_predicted",
+            "Images the model scored, by predicted label.",
+            ["label"],
+            registry=r,
+        )
+        self.screen_positive = Counter(
+            "pneumoscreen_images_screen_positive",
+            "Images whose positive probability reached the threshold.",
+            registry=r,
+        )
+        self.image_errors = Counter(
+            "pneumoscreen_image_errors",
+            "Uploaded files rejected, by error code.",
+            ["code"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "pneumoscreen_batch_size",
+            "Images per model run (1 for /predict).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "pneumoscreen_inference_duration_seconds",
+            "Time of one model run (a whole batch), without decoding.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode = Histogram(
+            "pneumoscreen_decode_duration_seconds",
+            "Time to decode and resize one image.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Info(
+            "pneumoscreen_model", "The served model bundle.", registry=r
+        )
+        self.model_ready = Gauge(
+            "pneumoscreen_model_ready",
+            "1 when the model is loaded and warmed up, else 0.",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

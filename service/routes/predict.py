@@ -1,0 +1,261 @@
+"""POST /predict and POST /predict/batch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+
+from service.errors import ERROR_CODES, ApiError, image_error
+from service.inference import ModelRunner, Scored
+from service.preprocessing import ImageError, load_model_input, sniff_format
+from service.schemas import BatchItem, BatchResponse, ErrorDetail, ErrorResponse, ModelRef, Prediction
+from service.security import require_api_key
+from service.uploads import Upload, files_in, parse_form, read_upload
+
+log = logging.getLogger("pneumoscreen.predict")
+
+def _errors(*codes: str) -> dict[int | str, dict[str, Any]]:
+    by_status: dict[int, list[str]] = {}
+    for code in codes:
+        by_status.setdefault(ERROR_CODES[code][0], []).append(code)
+    return {
+        status: {
+            "model": ErrorResponse,
+            "description": "; ".join(f"`{c}`: {ERROR_CODES[c][1]}" for c in names),
+        }
+        for status, names in sorted(by_status.items())
+    }
+
+
+_FILE_SCHEMA = {
+    "type": "string",
+    "format": "binary",
+    "description": "A chest radiograph: JPEG, PNG or DICOM (detected from the content).",
+}
+
+_SINGLE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": _FILE_SCHEMA},
+                }
+            }
+        },
+    }
+}
+
+
+def _batch_body(max_files: int) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["files"],
+                        "properties": {
+                            "files": {
+                                "type": "array",
+                                "items": _FILE_SCHEMA,
+                                "minItems": 1,
+                                "maxItems": max_files,
+                                "description": f"1 to {max_files} radiographs, the field "
+                                "repeated once per file.",
+                            }
+                        },
+                    }
+                }
+            },
+        }
+    }
+
+
+def _runner(request: Request) -> ModelRunner:
+    runner: ModelRunner = request.app.state.runner
+    if not runner.ready:
+        reason = runner.error or "the model is still loading"
+        raise ApiError(503, "model_not_ready", f"the model is not ready: {reason}",
+                       headers={"Retry-After": "5"})
+    return runner
+
+
+async def _decode(request: Request, runner: ModelRunner, data: bytes) -> np.ndarray:
+    meta = runner.require_ready()
+    limits = request.app.state.limits
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    try:
+        return await loop.run_in_executor(
+            runner.executor, load_model_input, data, meta.input.height, meta.input.width, limits
+        )
+    except ImageError as exc:
+        # Size, sniffed format and code only: never the bytes, the filename or DICOM tags.
+        log.info('{"event": "image_rejected", "code": "%s", "bytes": %d, "format": "%s"}',
+                 exc.code, len(data), sniff_format(data) or "unknown")
+        raise
+    finally:
+        request.app.state.metrics.decode.observe(time.perf_counter() - started)
+
+
+async def _infer(request: Request, runner: ModelRunner, images: list[np.ndarray]) -> tuple[list[Scored], float]:
+    metrics = request.app.state.metrics
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    scored = await loop.run_in_executor(runner.executor, runner.predict, images)
+    elapsed = time.perf_counter() - started
+    metrics.inference.observe(elapsed)
+    metrics.batch_size.observe(len(images))
+    for result in scored:
+        metrics.images.labels(result.label).inc()
+        if result.screen_positive:
+            metrics.screen_positive.inc()
+    return scored, elapsed * 1000
+
+
+def _error_of(item: Upload) -> ApiError:
+    assert item.error is not None
+    return item.error
+
+
+def _model_ref(runner: ModelRunner) -> ModelRef:
+    meta = runner.require_ready()
+    return ModelRef(name=meta.name, version=meta.version)
+
+
+async def predict(request: Request) -> Prediction:
+    runner = _runner(request)
+    settings = request.app.state.settings
+    form = await parse_form(request, max_files=1)
+    try:
+        uploads = files_in(form, "file")
+        request.state.n_files = len(uploads)
+        if not uploads:
+            raise ApiError(422, "missing_file",
+                           "send the image as multipart/form-data in the field 'file'")
+        upload = await read_upload(uploads[0], settings.max_file_bytes)
+    finally:
+        await form.close()
+    metrics = request.app.state.metrics
+    if upload.error is not None:
+        metrics.image_errors.labels(upload.error.code).inc()
+        raise upload.error
+    assert upload.data is not None
+    try:
+        image = await _decode(request, runner, upload.data)
+    except ImageError as exc:
+        metrics.image_errors.labels(exc.code).inc()
+        raise image_error(exc) from None
+    (result,), inference_ms = await _infer(request, runner, [image])
+    meta = runner.require_ready()
+    return Prediction(
+        label=result.label,
+        screen_positive=result.screen_positive,
+        probabilities=result.probabilities,
+        positive_probability=result.positive_probability,
+        threshold=meta.threshold,
+        model=_model_ref(runner),
+        inference_ms=round(inference_ms, 3),
+    )
+
+
+async def predict_batch(request: Request) -> BatchResponse:
+    runner = _runner(request)
+    settings = request.app.state.settings
+    metrics = request.app.state.metrics
+    form = await parse_form(request, max_files=settings.max_batch_files)
+    try:
+        uploads = files_in(form, "files")
+        request.state.n_files = len(uploads)
+        if not uploads:
+            raise ApiError(
+                422, "missing_file",
+                "send the images as multipart/form-data, repeating the field 'files'",
+            )
+        read = [await read_upload(item, settings.max_file_bytes) for item in uploads]
+    finally:
+        await form.close()
+
+    async def decode_one(data: bytes) -> np.ndarray | ApiError:
+        try:
+            return await _decode(request, runner, data)
+        except ImageError as exc:
+            return image_error(exc)
+
+    pending = [decode_one(item.data) for item in read if item.data is not None]
+    decoded = iter(await asyncio.gather(*pending))
+    outcomes: list[np.ndarray | ApiError] = [
+        next(decoded) if item.data is not None else _error_of(item) for item in read
+    ]
+    images = [outcome for outcome in outcomes if isinstance(outcome, np.ndarray)]
+    scored, inference_ms = await _infer(request, runner, images) if images else ([], 0.0)
+    meta = runner.require_ready()
+    scores = iter(scored)
+    results: list[BatchItem] = []
+    for item, outcome in zip(read, outcomes, strict=True):
+        if isinstance(outcome, ApiError):
+            metrics.image_errors.labels(outcome.code).inc()
+            results.append(BatchItem(
+                filename=item.filename,
+                error=ErrorDetail(code=outcome.code, message=outcome.message),
+            ))
+            continue
+        result = next(scores)
+        results.append(BatchItem(
+            filename=item.filename,
+            label=result.label,
+            screen_positive=result.screen_positive,
+            probabilities=result.probabilities,
+            positive_probability=result.positive_probability,
+            threshold=meta.threshold,
+        ))
+    return BatchResponse(
+        results=results, model=_model_ref(runner), inference_ms=round(inference_ms, 3)
+    )
+
+
+def build_router(max_batch_files: int) -> APIRouter:
+    """The predict routes of one app (the batch limit appears in its OpenAPI)."""
+    router = APIRouter(tags=["prediction"], dependencies=[Depends(require_api_key)])
+    router.add_api_route(
+        "/predict",
+        predict,
+        methods=["POST"],
+        response_model=Prediction,
+        summary="Screen one chest X-ray",
+        description="Upload one radiograph (JPEG, PNG or DICOM) as multipart/form-data in "
+        "the field `file`. The answer is a screening aid, not a diagnosis.",
+        openapi_extra=_SINGLE_BODY,
+        responses=_errors(
+            "empty_file", "invalid_image", "invalid_multipart", "unauthorized",
+            "file_too_large", "request_too_large", "too_many_files", "image_too_large",
+            "unsupported_media_type", "missing_file", "image_too_small", "model_not_ready",
+        ),
+    )
+    router.add_api_route(
+        "/predict/batch",
+        predict_batch,
+        methods=["POST"],
+        response_model=BatchResponse,
+        response_model_exclude_none=True,
+        summary="Screen several chest X-rays in one request",
+        description=f"Upload 1 to {max_batch_files} radiographs as multipart/form-data, "
+        "repeating the field `files`. Results come back in request order; a file that "
+        "cannot be read gets an `error` entry and does not fail the others. All readable "
+        "images run through the model as one batch. A screening aid, not a diagnosis.",
+        openapi_extra=_batch_body(max_batch_files),
+        responses=_errors(
+            "invalid_multipart", "unauthorized", "request_too_large", "too_many_files",
+            "missing_file", "model_not_ready",
+        ),
+    )
+    return router

@@ -1,0 +1,124 @@
+"""GET /livez, /health, /model and /metrics: open even when API_KEY is set."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.errors import ApiError, ERROR_CODES
+from service.inference import ModelRunner
+from service.metrics import CONTENT_TYPE
+from service.schemas import (
+    ErrorResponse,
+    HealthResponse,
+    InputInfo,
+    LivenessResponse,
+    ModelInfo,
+    ModelRefWithHash,
+)
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get(
+    "/livez",
+    response_model=LivenessResponse,
+    summary="Liveness: the process answers (even while the model loads)",
+)
+async def livez() -> LivenessResponse:
+    return LivenessResponse()
+
+
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    response_model_exclude_none=True,
+    summary="Readiness: the model is loaded and a warm-up inference succeeded",
+    responses={
+        503: {
+            "model": HealthResponse,
+            "description": "The model is still loading (`status: loading`) or failed to "
+            "load (`status: failed`, with the reason in `error`).",
+            "content": {"application/json": {"example": {
+                "status": "failed",
+                "providers": [],
+                "error": {
+                    "code": "model_load_failed",
+                    "message": "no model bundle in models/default: expected model.json and "
+                    "model.onnx. ...",
+                },
+            }}},
+        }
+    },
+)
+async def health(request: Request) -> HealthResponse | JSONResponse:
+    runner: ModelRunner = request.app.state.runner
+    if runner.ready and runner.meta is not None:
+        meta = runner.meta
+        return HealthResponse(
+            status="ok",
+            model=ModelRefWithHash(name=meta.name, version=meta.version, sha256=meta.onnx_sha256),
+            providers=runner.providers,
+        )
+    if runner.state == "failed":
+        body = {
+            "status": "failed",
+            "providers": [],
+            "error": {"code": "model_load_failed", "message": runner.error or "unknown error"},
+        }
+    else:
+        body = {
+            "status": "loading",
+            "providers": [],
+            "error": {"code": "model_loading", "message": "the model is still loading"},
+        }
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get(
+    "/model",
+    response_model=ModelInfo,
+    summary="The served model: labels, threshold, input size, validation metrics, intended use",
+    responses={503: {"model": ErrorResponse, "description": ERROR_CODES["model_not_ready"][1]}},
+)
+async def model_info(request: Request) -> ModelInfo:
+    runner: ModelRunner = request.app.state.runner
+    meta = runner.meta
+    if not runner.ready or meta is None:
+        raise ApiError(503, "model_not_ready",
+                       f"the model is not ready: {runner.error or 'the model is still loading'}")
+    return ModelInfo(
+        name=meta.name,
+        version=meta.version,
+        sha256=meta.onnx_sha256,
+        labels=meta.labels,
+        positive_label=meta.positive_label,
+        positive_labels=meta.positive_labels,
+        negative_label=meta.negative_label,
+        threshold=meta.threshold,
+        input=InputInfo(
+            height=meta.input.height,
+            width=meta.input.width,
+            channels=meta.input.channels,
+            resize=meta.input.resize,
+            colour=meta.input.colour,
+        ),
+        backbone=meta.backbone,
+        validation_metrics=meta.validation_metrics,
+        training_data=meta.training_data,
+        created_at=meta.created_at,
+        tool_versions=meta.tool_versions,
+        intended_use=meta.intended_use,
+        providers=runner.providers,
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
+                     "description": "Prometheus text exposition format."}},
+)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

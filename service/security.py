@@ -1,0 +1,42 @@
+"""Optional API key for the predict routes (header X-API-Key, constant-time comparison)."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader
+
+from service.errors import ApiError
+
+API_KEY_HEADER = "X-API-Key"
+
+# auto_error=False: the key is optional server-side; the scheme still appears in OpenAPI,
+# so "Authorize" in /docs sends it.
+api_key_scheme = APIKeyHeader(
+    name=API_KEY_HEADER,
+    scheme_name="ApiKey",
+    description="Needed by /predict and /predict/batch only when the server sets API_KEY.",
+    auto_error=False,
+)
+
+
+def key_matches(given: str | None, expected: str) -> bool:
+    if not given:
+        return False
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+async def require_api_key(
+    request: Request, given: str | None = Security(api_key_scheme)
+) -> None:
+    secret = request.app.state.settings.api_key
+    if secret is None:
+        return
+    if not key_matches(given, secret.get_secret_value()):
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"a valid API key is required in the {API_KEY_HEADER} header",
+            headers={"WWW-Authenticate": API_KEY_HEADER},
+        )

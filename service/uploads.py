@@ -1,0 +1,60 @@
+"""Reading multipart uploads under the configured limits.
+
+The form is parsed by hand (not by FastAPI parameters) so that authentication and model
+readiness are checked before any body is read, and so that every limit gets its own
+error code. The request body limit itself is enforced by service.middleware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import ApiError
+
+
+@dataclass
+class Upload:
+    filename: str | None
+    data: bytes | None
+    error: ApiError | None = None
+
+
+async def parse_form(request: Request, max_files: int) -> FormData:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(
+            422,
+            "missing_file",
+            "send the image as multipart/form-data (field 'file' for /predict, "
+            "repeated field 'files' for /predict/batch)",
+        )
+    try:
+        return await request.form(max_files=max_files, max_fields=100)
+    except StarletteHTTPException as exc:
+        detail = str(exc.detail)
+        if detail.startswith("Too many files"):
+            raise ApiError(
+                413, "too_many_files", f"at most {max_files} file(s) per request"
+            ) from None
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {detail}") from None
+
+
+def files_in(form: FormData, field: str) -> list[UploadFile]:
+    return [item for item in form.getlist(field) if isinstance(item, UploadFile)]
+
+
+async def read_upload(upload: UploadFile, max_file_bytes: int) -> Upload:
+    """The bytes of one uploaded file, or a file_too_large error (read nothing then)."""
+    too_large = ApiError(
+        413, "file_too_large", f"the file is larger than the limit of {max_file_bytes:,} bytes"
+    )
+    if upload.size is not None and upload.size > max_file_bytes:
+        return Upload(upload.filename, None, too_large)
+    data = await upload.read(max_file_bytes + 1)
+    if len(data) > max_file_bytes:
+        return Upload(upload.filename, None, too_large)
+    return Upload(upload.filename, data)
