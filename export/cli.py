@@ -1,0 +1,24 @@
+"""`pneumoscreen export`: Keras run -> ONNX bundle. TensorFlow is imported only when run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def export_command(
+    run: Annotated[Path, typer.Option(help="Run folder written by `train`.", exists=True,
+                                      file_okay=False)],
+    data: Annotated[Path, typer.Option(
+        help="The data folder the run was trained on (real X-rays for the parity check).",
+        exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write.")] = Path("models/default"),
+    name: Annotated[str | None, typer.Option(help="Model name (default from the run).")] = None,
+    version: Annotated[str, typer.Option(help="Model version.")] = "1.0.0",
+) -> None:
+    """Convert to ONNX (tf2onnx, opset 17), prove parity with Keras, write the bundle."""
+    from export.onnx_export import export_run
+
+    export_run(run, out, data, name=name, version=version)

@@ -1,0 +1,224 @@
+"""Keras run -> ONNX -> parity check -> model bundle (model.onnx + model.json).
+
+The bundle is written only after the same real X-rays give the same probabilities through
+Keras and through onnxruntime (max abs difference < PARITY_TOLERANCE).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from service.bundle import (
+    INPUT_NAME,
+    INTENDED_USE,
+    OUTPUT_NAME,
+    BundleMeta,
+    InputSpec,
+    read_bundle,
+    write_bundle,
+)
+from training.data import list_split, load_arrays
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+PARITY_IMAGES = 32
+DATA_CREDIT = (
+    "Kermany, Zhang, Goldbaum. Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "
+    "Images for Classification. Mendeley Data v2, doi:10.17632/rscbjbr9sj.2 (CC BY 4.0); "
+    "Kermany et al., Cell 172(5), 2018."
+)
+
+
+class ParityError(RuntimeError):
+    """Keras and onnxruntime disagree: the ONNX graph is not the trained model."""
+
+
+def convert_to_onnx(model, input_size: int, path: Path, opset: int = OPSET) -> None:
+    """tf2onnx with an explicit uint8 signature; input `image`, output `probabilities`."""
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    signature = (tf.TensorSpec((None, input_size, input_size, 3), tf.uint8, name=INPUT_NAME),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
+    graph = proto.graph
+    if len(graph.output) != 1:
+        raise RuntimeError(f"expected one model output, found {len(graph.output)}")
+    _rename_tensor(graph, graph.output[0].name, OUTPUT_NAME)
+    for value in (graph.input[0], graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
+def _rename_tensor(graph, old: str, new: str) -> None:
+    if old == new:
+        return
+    for node in graph.node:
+        node.output[:] = [new if name == old else name for name in node.output]
+        node.input[:] = [new if name == old else name for name in node.input]
+    for value in graph.output:
+        if value.name == old:
+            value.name = new
+
+
+def onnx_predict(onnx_path: Path, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    batches = [session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
+               for i in range(0, len(images), batch_size)]
+    return np.concatenate(batches)
+
+
+def check_parity(model, onnx_path: Path, images: np.ndarray) -> float:
+    """Max abs difference of probabilities, Keras vs onnxruntime; raises ParityError."""
+    expected = model.predict(images, batch_size=16, verbose=0)
+    actual = onnx_predict(onnx_path, images)
+    difference = float(np.max(np.abs(expected - actual)))
+    if not difference < PARITY_TOLERANCE:
+        raise ParityError(
+            f"Keras and onnxruntime differ by {difference:.2e} on {len(images)} X-rays "
+            f"(tolerance {PARITY_TOLERANCE:.0e}); the bundle was not written"
+        )
+    return difference
+
+
+def parity_images(run_dir: Path, data_root: Path, run: dict) -> np.ndarray:
+    """Real X-rays for the parity check: the run's validation images (a spread of both labels)."""
+    split = json.loads((run_dir / "split.json").read_text())
+    wanted = set(split["validation"])
+    samples = [s for s in list_split(data_root, "train", len(run["labels"]))
+               if str(s.path.relative_to(data_root)) in wanted]
+    if not samples:
+        raise FileNotFoundError(f"none of the run's validation images are under {data_root}")
+    step = max(1, len(samples) // PARITY_IMAGES)
+    size = (run["input_size"], run["input_size"])
+    x, _ = load_arrays(samples[::step][:PARITY_IMAGES], tuple(run["labels"]), size, None)
+    return x
+
+
+def export_run(
+    run_dir: Path,
+    out_dir: Path,
+    data_root: Path,
+    name: str | None = None,
+    version: str = "1.0.0",
+) -> BundleMeta:
+    import keras
+
+    run = json.loads((run_dir / "run.json").read_text())
+    report = json.loads((run_dir / "report" / "metrics.json").read_text())
+    model = keras.models.load_model(run_dir / "model.keras")
+    size = run["input_size"]
+
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_path = Path(scratch) / "model.onnx"
+        convert_to_onnx(model, size, onnx_path)
+        images = parity_images(run_dir, data_root, run)
+        difference = check_parity(model, onnx_path, images)
+        print(f"parity: max |keras - onnxruntime| = {difference:.2e} on {len(images)} X-rays")
+
+        validation = report["splits"]["validation"]
+        meta = BundleMeta(
+            name=name or f"pneumonia-{run['backbone']}-{size}",
+            version=version,
+            labels=run["labels"],
+            positive_label=run["positive_label"],
+            positive_labels=run["positive_labels"],
+            negative_label=run["negative_label"],
+            threshold=run["threshold"],
+            input=InputSpec(height=size, width=size),
+            onnx_sha256="0" * 64,  # write_bundle fills in the real digest
+            backbone=run["backbone"],
+            training_data={
+                "source": DATA_CREDIT,
+                **run["data"],
+                "root": Path(run["data"]["root"]).name,
+                "validation": "carved from train by patient, stratified, seeded "
+                              f"(seed {run['config']['seed']})",
+            },
+            validation_metrics={
+                **{k: validation[k] for k in ("auc", "sensitivity", "specificity", "accuracy",
+                                              "precision", "f1", "n", "n_positive",
+                                              "confusion_matrix")},
+                "threshold_rule": report["threshold_rule"],
+                "other_splits": {k: v for k, v in report["splits"].items() if k != "validation"},
+                "parity_max_abs_diff": difference,
+            },
+            created_at=datetime.now(UTC),
+            tool_versions={**run["tool_versions"], "onnx_opset": str(OPSET)},
+        )
+        meta = write_bundle(out_dir, onnx_path, meta)
+
+    shutil.copytree(run_dir / "report", out_dir / "report", dirs_exist_ok=True)
+    (out_dir / "MODEL_CARD.md").write_text(model_card(meta, run))
+    read_bundle(out_dir)  # what the service will do at start-up
+    print(f"bundle written: {out_dir} (sha256 {meta.onnx_sha256[:12]}...)")
+    return meta
+
+
+def model_card(meta: BundleMeta, run: dict) -> str:
+    v = meta.validation_metrics
+    data = meta.training_data
+    others = "".join(
+        f"| {name} | {m['n']} | {_fmt(m['auc'])} | {m['sensitivity']:.3f} | "
+        f"{m['specificity']:.3f} |\n"
+        for name, m in v.get("other_splits", {}).items()
+    )
+    return f"""# Model card: {meta.name} {meta.version}
+
+## Intended use
+{INTENDED_USE}
+
+Input: one frontal pediatric chest radiograph (JPEG, PNG or DICOM) per prediction. Output:
+probabilities of {", ".join(meta.labels)} and a screening label at threshold
+{meta.threshold:.4f} on P({meta.positive_label}).
+
+## Model
+- Backbone: {meta.backbone} (ImageNet-pretrained), input {meta.input.height} x {meta.input.width}
+  greyscale repeated to 3 channels, uint8; global average pooling, dropout, linear softmax head.
+- Fine-tuned in two phases (frozen backbone, then top layers), class-weighted, with
+  geometric and exposure augmentation (no flips). {run["epochs_run"]} epochs,
+  {run["wall_time_s"] / 60:.0f} min on the training machine.
+- Exported to ONNX (opset {OPSET}); Keras and onnxruntime agree to
+  {v["parity_max_abs_diff"]:.1e} (max abs difference of probabilities on real X-rays).
+
+## Data
+{data["source"]}
+
+Training: {data["train_images"]} images of {data["train_patients"]} patients
+{data["train_counts"]}. Validation: {data["validation_images"]} images of
+{data["validation_patients"]} other patients {data["validation_counts"]}, carved from the
+official train split by patient (no patient on both sides).
+
+## Metrics (validation split, by patient)
+Threshold: {v["threshold_rule"]}.
+
+| split | images | AUC | sensitivity | specificity |
+|---|---|---|---|---|
+| validation (by patient) | {v["n"]} | {_fmt(v["auc"])} | {v["sensitivity"]:.3f} | {v["specificity"]:.3f} |
+{others}
+Accuracy {v["accuracy"]:.3f}, precision {v["precision"]:.3f}, F1 {v["f1"]:.3f};
+confusion matrix {v["confusion_matrix"]}. The official val folder has 16 images: too few to
+mean much. Figures: report/metrics.json, report/roc.png, report/confusion_matrix.png.
+
+## Limits
+- Pediatric patients (1-5 years) of one hospital (Guangzhou Women and Children's Medical
+  Center), one acquisition pipeline. Performance on adults, other hospitals, other devices
+  or portable films is unknown, and published results on this data set show test-set
+  specificity well below validation specificity.
+- Validation images come from the same hospital and period as training; expect lower
+  figures elsewhere. Sensitivity was fixed on validation, not on the deployment population.
+- Not a diagnosis. Not cleared as a medical device. A clinician reads every image.
+"""
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

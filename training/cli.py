@@ -1,0 +1,72 @@
+"""`pneumoscreen train` and `pneumoscreen evaluate`. TensorFlow is imported only when run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DataOption = Annotated[
+    Path,
+    typer.Option(help="Data folder in the layout <root>/{train,val,test}/{NORMAL,PNEUMONIA}/.",
+                 exists=True, file_okay=False),
+]
+
+
+def train_command(
+    data: DataOption,
+    out: Annotated[Path, typer.Option(help="Run folder to write (model, report, run.json).")] = Path(
+        "runs/mobilenet-224"),
+    backbone: Annotated[str, typer.Option(help="mobilenet | xception | mobilenetv2")] = "mobilenet",
+    weights: Annotated[str, typer.Option(
+        help="imagenet (the normal Keras download/cache), none, or a local weights file.")
+    ] = "imagenet",
+    input_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
+    labels: Annotated[int, typer.Option(
+        help="2: NORMAL/PNEUMONIA; 3: NORMAL/BACTERIAL/VIRAL (from filenames).")] = 2,
+    epochs_frozen: Annotated[int, typer.Option(help="Phase 1 epochs (frozen backbone).")] = 3,
+    epochs_finetune: Annotated[int, typer.Option(help="Phase 2 epochs (top unfrozen).")] = 10,
+    fine_tune_layers: Annotated[int | None, typer.Option(
+        help="Backbone layers to unfreeze in phase 2 (default: the backbone's own).")] = None,
+    batch_size: int = 32,
+    learning_rate: Annotated[float, typer.Option(help="Phase 1 learning rate.")] = 1e-3,
+    fine_tune_learning_rate: Annotated[float, typer.Option(help="Phase 2 learning rate.")] = 1e-4,
+    patience: Annotated[int, typer.Option(help="Early stop after this many epochs without "
+                                                "a better validation AUC.")] = 3,
+    val_fraction: Annotated[float, typer.Option(
+        help="Share of train patients held out for validation.")] = 0.15,
+    target_sensitivity: Annotated[float, typer.Option(
+        help="The threshold is the highest one reaching this sensitivity on validation.")] = 0.95,
+    augment: Annotated[bool, typer.Option(help="Geometric and exposure augmentation.")] = True,
+    seed: int = 42,
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="Where preprocessed arrays are cached (default ~/.cache/pneumoscreen).")] = None,
+) -> None:
+    """Fine-tune an ImageNet CNN on a folder of X-rays, choose the threshold, write a report."""
+    from training.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=data, out=out, backbone=backbone, weights=weights, input_size=input_size,
+        n_labels=labels, epochs_frozen=epochs_frozen, epochs_finetune=epochs_finetune,
+        fine_tune_layers=fine_tune_layers, batch_size=batch_size, learning_rate=learning_rate,
+        fine_tune_learning_rate=fine_tune_learning_rate, patience=patience,
+        val_fraction=val_fraction, target_sensitivity=target_sensitivity, augment=augment,
+        seed=seed,
+    )
+    if cache_dir is not None:
+        config.cache_dir = cache_dir
+    train(config)
+
+
+def evaluate_command(
+    run: Annotated[Path, typer.Option(help="Run folder written by `train`.", exists=True,
+                                      file_okay=False)],
+    data: DataOption,
+    batch_size: int = 32,
+) -> None:
+    """Report AUC, sensitivity, specificity, ... of a run at its threshold (report/)."""
+    from training.evaluate import evaluate_run
+
+    evaluate_run(run, data, batch_size=batch_size,
+                 cache_dir=Path.home() / ".cache" / "pneumoscreen")

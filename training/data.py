@@ -1,0 +1,155 @@
+"""Finding, labelling, splitting and caching a chest X-ray folder.
+
+The folder is in the standard layout `<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg`
+(val and test optional). Images become model inputs through `service.preprocessing`, the
+same code the service runs on uploads; the arrays are cached so epochs don't re-decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.preprocessing import load_model_input
+
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
+BINARY_LABELS = ("NORMAL", "PNEUMONIA")
+SUBTYPE_LABELS = ("NORMAL", "BACTERIAL", "VIRAL")
+POSITIVE_LABEL = "PNEUMONIA"
+NEGATIVE_LABEL = "NORMAL"
+# Bump when the preprocessing changes, so stale caches are not reused.
+CACHE_VERSION = 1
+
+# Patient ids as the data set's README documents them:
+#   person1946_bacteria_4874.jpeg -> person1946
+#   IM-0117-0001.jpeg, IM-0429-0001-0002.jpeg -> IM-0117, IM-0429
+#   NORMAL2-IM-0041-0001.jpeg -> NORMAL2-IM-0041
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_"),
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-"),
+)
+
+
+def patient_id(filename: str) -> str:
+    """The patient an image belongs to; an unknown naming scheme makes each file its own."""
+    name = Path(filename).name
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return match.group(1)
+    return Path(name).stem
+
+
+def subtype_label(filename: str, folder_label: str) -> str:
+    """NORMAL / BACTERIAL / VIRAL, from the folder and the filename's subtype word."""
+    if folder_label == NEGATIVE_LABEL:
+        return NEGATIVE_LABEL
+    name = Path(filename).name.lower()
+    if "virus" in name:
+        return "VIRAL"
+    if "bacteria" in name:
+        return "BACTERIAL"
+    raise ValueError(f"{filename}: a PNEUMONIA image without 'bacteria' or 'virus' in its name")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str  # one of the run's labels
+    patient: str
+
+
+def labels_for(n_labels: int) -> tuple[str, ...]:
+    if n_labels == 2:
+        return BINARY_LABELS
+    if n_labels == 3:
+        return SUBTYPE_LABELS
+    raise ValueError("--labels must be 2 (NORMAL/PNEUMONIA) or 3 (NORMAL/BACTERIAL/VIRAL)")
+
+
+def list_split(root: Path, split: str, n_labels: int = 2) -> list[Sample]:
+    """Every image of `<root>/<split>/{NORMAL,PNEUMONIA}`, sorted; [] if the split is absent."""
+    samples = []
+    for folder_label in BINARY_LABELS:
+        folder = root / split / folder_label
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            label = folder_label if n_labels == 2 else subtype_label(path.name, folder_label)
+            samples.append(Sample(path, label, patient_id(path.name)))
+    return samples
+
+
+def split_by_patient(
+    samples: list[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Carve a validation set out of `samples` so no patient is on both sides.
+
+    Stratified by label, grouped by patient, seeded: sklearn's StratifiedGroupKFold with
+    k = round(1 / val_fraction), first fold held out.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if not 0.0 < val_fraction < 0.5:
+        raise ValueError("val_fraction must be in (0, 0.5)")
+    n_splits = max(2, round(1.0 / val_fraction))
+    labels = [s.label for s in samples]
+    groups = [s.patient for s in samples]
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(folds.split(np.zeros(len(samples)), labels, groups))
+    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+
+def label_counts(samples: list[Sample]) -> dict[str, int]:
+    return dict(sorted(Counter(s.label for s in samples).items()))
+
+
+def class_weights(samples: list[Sample], labels: tuple[str, ...]) -> dict[int, float]:
+    """Inverse-frequency weights (n / (k * n_c)), so each class counts equally in the loss."""
+    counts = Counter(s.label for s in samples)
+    total, k = len(samples), len(labels)
+    return {i: total / (k * counts[label]) for i, label in enumerate(labels) if counts[label]}
+
+
+def load_arrays(
+    samples: list[Sample],
+    labels: tuple[str, ...],
+    size: tuple[int, int],
+    cache_dir: Path | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs (N, H, W, 3) uint8 and label indices (N,), cached on disk by content."""
+    height, width = size
+    y = np.array([labels.index(s.label) for s in samples], dtype=np.int32)
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = cache_dir / f"inputs-{_cache_key(samples, size)}.npy"
+        if cache_file.is_file():
+            x = np.load(cache_file, mmap_mode="r")
+            if x.shape == (len(samples), height, width, 3):
+                return np.asarray(x), y
+    x = np.empty((len(samples), height, width, 3), dtype=np.uint8)
+    for i, sample in enumerate(samples):
+        x[i] = load_model_input(sample.path.read_bytes(), height, width)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_suffix(".partial.npy")
+        np.save(partial, x)
+        partial.replace(cache_file)
+    return x, y
+
+
+def _cache_key(samples: list[Sample], size: tuple[int, int]) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"v": CACHE_VERSION, "size": size}).encode())
+    for sample in samples:
+        stat = sample.path.stat()
+        digest.update(f"{sample.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]

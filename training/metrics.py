@@ -1,0 +1,112 @@
+"""Screening metrics, the operating threshold, and the report's figures.
+
+Pure numpy/scikit-learn/matplotlib: no TensorFlow, so it is cheap to test and to reuse on
+onnxruntime outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+
+def positive_scores(probabilities: np.ndarray, positive_indices: list[int]) -> np.ndarray:
+    """P(positive finding) per image: the sum of the positive labels' probabilities."""
+    return probabilities[:, positive_indices].sum(axis=1)
+
+
+def choose_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity: float) -> float:
+    """The highest threshold whose sensitivity (score >= t) reaches the target.
+
+    Among thresholds that miss at most (1 - target) of the positives, the highest one flags
+    the fewest negatives, so it has the best specificity.
+    """
+    y_true = np.asarray(y_true).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError("target sensitivity must be in (0, 1]")
+    if y_true.all() or not y_true.any():
+        raise ValueError("both classes are needed to choose a threshold")
+    positives = np.sort(scores[y_true])[::-1]
+    # Keep at least ceil(target * n) positives at or above the threshold.
+    needed = int(np.ceil(target_sensitivity * len(positives) - 1e-9))
+    return float(positives[max(needed, 1) - 1])
+
+
+def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """AUC and the confusion-matrix metrics of `score >= threshold` (1 = positive)."""
+    y_true = np.asarray(y_true).astype(int)
+    predicted = (np.asarray(scores) >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y_true, predicted, labels=[0, 1]).ravel()
+    sensitivity = _ratio(tp, tp + fn)
+    specificity = _ratio(tn, tn + fp)
+    precision = _ratio(tp, tp + fp)
+    f1 = _ratio(2 * precision * sensitivity, precision + sensitivity)
+    both = 0 < y_true.sum() < len(y_true)
+    return {
+        "n": int(len(y_true)),
+        "n_positive": int(y_true.sum()),
+        "threshold": float(threshold),
+        "auc": float(roc_auc_score(y_true, scores)) if both else None,
+        "accuracy": _ratio(tp + tn, len(y_true)),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "precision": precision,
+        "f1": f1,
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else 0.0
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
+             operating_points: dict[str, dict] | None = None) -> None:
+    """ROC curves, one per named split, with each split's operating point marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=120)
+    for name, (y_true, scores) in curves.items():
+        if not 0 < np.sum(y_true) < len(y_true):
+            continue
+        fpr, tpr, _ = roc_curve(y_true, scores)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y_true, scores):.3f})")
+        point = (operating_points or {}).get(name)
+        if point:
+            ax.plot(1 - point["specificity"], point["sensitivity"], "o", color="black")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity",
+           title="ROC: pneumonia vs normal", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_confusion(metrics: dict, path: Path, title: str,
+                   labels: tuple[str, str] = ("NORMAL", "PNEUMONIA")) -> None:
+    plt = _pyplot()
+    cm = metrics["confusion_matrix"]
+    grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
+    fig, ax = plt.subplots(figsize=(4.5, 4), dpi=120)
+    ax.imshow(grid, cmap="Blues")
+    for (row, col), value in np.ndenumerate(grid):
+        colour = "white" if value > grid.max() / 2 else "black"
+        ax.text(col, row, str(value), ha="center", va="center", color=colour, fontsize=14)
+    ax.set_xticks([0, 1], [f"predicted {labels[0]}", f"predicted {labels[1]}"])
+    ax.set_yticks([0, 1], [f"true {labels[0]}", f"true {labels[1]}"])
+    ax.set_title(f"{title}\nthreshold {metrics['threshold']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt

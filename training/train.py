@@ -1,0 +1,275 @@
+"""Fine-tune an ImageNet CNN on a chest X-ray folder; pick the operating threshold.
+
+Reads top to bottom, as `train(config)` runs:
+
+1. List the images, carve a validation split out of train BY PATIENT (stratified, seeded).
+2. Preprocess every image with the service's own pipeline, cached on disk.
+3. Phase 1: train the head on a frozen backbone. Phase 2: unfreeze the top blocks at a
+   low learning rate. Class weights for the imbalance, augmentation that respects anatomy
+   (no flips: the heart is on the left), best checkpoint and early stop on validation AUC.
+4. Choose the threshold on the validation split for the target sensitivity.
+5. Evaluate (training.evaluate) and write the report next to the model.
+
+Everything a later step needs is in the run folder:
+    model.keras  run.json  split.json  history.csv  report/{metrics.json,roc.png,...}
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training.data import (
+    NEGATIVE_LABEL,
+    POSITIVE_LABEL,
+    Sample,
+    class_weights,
+    label_counts,
+    labels_for,
+    list_split,
+    load_arrays,
+    split_by_patient,
+)
+from training.metrics import binary_metrics, choose_threshold, positive_scores
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    out: Path
+    backbone: str = "mobilenet"
+    weights: str = "imagenet"
+    input_size: int = 224
+    n_labels: int = 2
+    epochs_frozen: int = 3
+    epochs_finetune: int = 10
+    fine_tune_layers: int | None = None  # None: the backbone's default
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 1e-4
+    dropout: float = 0.3
+    patience: int = 3
+    val_fraction: float = 0.15
+    target_sensitivity: float = 0.95
+    augment: bool = True
+    seed: int = 42
+    cache_dir: Path | None = field(default_factory=lambda: Path.home() / ".cache" / "pneumoscreen")
+    verbose: int = 2
+
+
+def train(config: TrainConfig) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from training.model import backbone_spec, build_model, unfreeze_top
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+    config.out.mkdir(parents=True, exist_ok=True)
+    labels = labels_for(config.n_labels)
+    positive_labels = [label for label in labels if label != NEGATIVE_LABEL]
+
+    # 1. Data, split by patient. The official val folder is only reported, never used.
+    all_train = list_split(config.data, "train", config.n_labels)
+    if not all_train:
+        raise FileNotFoundError(f"no images in {config.data}/train/{{NORMAL,PNEUMONIA}}")
+    train_samples, val_samples = split_by_patient(all_train, config.val_fraction, config.seed)
+    _write_split(config, train_samples, val_samples)
+    print(f"train: {len(train_samples)} images {label_counts(train_samples)}, "
+          f"validation (by patient): {len(val_samples)} images {label_counts(val_samples)}")
+
+    # 2. The service's preprocessing, once, cached.
+    size = (config.input_size, config.input_size)
+    x_train, y_train = load_arrays(train_samples, labels, size, config.cache_dir)
+    x_val, y_val = load_arrays(val_samples, labels, size, config.cache_dir)
+    train_ds = _train_dataset(tf, keras, x_train, y_train, config)
+    val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(config.batch_size)
+
+    # 3. Two-phase fine-tuning, best checkpoint on validation AUC.
+    model = build_model(config.backbone, config.input_size, len(labels), config.weights,
+                        config.dropout)
+    checkpoint_path = config.out / "model.keras"
+    auc = ValidationAUC(x_val, y_val, [labels.index(p) for p in positive_labels],
+                        config.batch_size)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        checkpoint_path, monitor="val_auc", mode="max", save_best_only=True, verbose=1
+    )
+    history_log = keras.callbacks.CSVLogger(str(config.out / "history.csv"), append=True)
+    weights = class_weights(train_samples, labels)
+    history: list[dict] = []
+
+    def fit(learning_rate: float, epochs: int, initial_epoch: int) -> int:
+        if epochs <= 0:
+            return initial_epoch
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        stop = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
+                                             patience=config.patience, verbose=1)
+        result = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=initial_epoch + epochs,
+            initial_epoch=initial_epoch,
+            class_weight=weights,
+            callbacks=[auc, checkpoint, stop, history_log],  # auc first: the others read it
+            verbose=config.verbose,
+        )
+        rows = [dict(zip(result.history, values)) for values in zip(*result.history.values())]
+        history.extend({k: float(v) for k, v in row.items()} for row in rows)
+        return initial_epoch + len(result.epoch)
+
+    print(f"phase 1: frozen {config.backbone} backbone, head only")
+    epoch = fit(config.learning_rate, config.epochs_frozen, 0)
+    n_layers = config.fine_tune_layers or backbone_spec(config.backbone).fine_tune_layers
+    unfrozen = unfreeze_top(model, n_layers)
+    print(f"phase 2: fine-tuning the top {n_layers} backbone layers ({unfrozen} with weights)")
+    fit(config.fine_tune_learning_rate, config.epochs_finetune, epoch)
+
+    # 4. The operating point, on the patient-level validation split.
+    best = keras.models.load_model(checkpoint_path)
+    val_probabilities = best.predict(x_val, batch_size=config.batch_size, verbose=0)
+    val_scores = positive_scores(val_probabilities, auc.positive_indices)
+    y_val_positive = np.isin(y_val, auc.positive_indices)
+    threshold = choose_threshold(y_val_positive, val_scores, config.target_sensitivity)
+    val_metrics = binary_metrics(y_val_positive, val_scores, threshold)
+    print(f"threshold {threshold:.4f} for sensitivity >= {config.target_sensitivity}: "
+          f"validation AUC {val_metrics['auc']:.4f}, sensitivity "
+          f"{val_metrics['sensitivity']:.3f}, specificity {val_metrics['specificity']:.3f}")
+
+    run = {
+        "config": _jsonable(asdict(config)),
+        "backbone": config.backbone,
+        "input_size": config.input_size,
+        "labels": list(labels),
+        "positive_label": POSITIVE_LABEL,
+        "positive_labels": positive_labels,
+        "negative_label": NEGATIVE_LABEL,
+        "threshold": threshold,
+        "target_sensitivity": config.target_sensitivity,
+        "data": {
+            "root": str(config.data),
+            "train_images": len(train_samples),
+            "validation_images": len(val_samples),
+            "train_patients": len({s.patient for s in train_samples}),
+            "validation_patients": len({s.patient for s in val_samples}),
+            "train_counts": label_counts(train_samples),
+            "validation_counts": label_counts(val_samples),
+        },
+        "epochs_run": len(history),
+        "best_val_auc": auc.best,
+        "history": history,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "tool_versions": tool_versions(),
+    }
+    (config.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+
+    # 5. The report: validation split, official val and test folders when present.
+    from training.evaluate import evaluate_run
+
+    report = evaluate_run(config.out, config.data, batch_size=config.batch_size,
+                          cache_dir=config.cache_dir, model=best)
+    run["wall_time_s"] = round(time.perf_counter() - started, 1)
+    (config.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    print(f"done in {run['wall_time_s']:.0f} s: {config.out}")
+    return report
+
+
+def _train_dataset(tf, keras, x: np.ndarray, y: np.ndarray, config: TrainConfig):
+    """Shuffled, augmented batches of uint8 images (the model scales them itself)."""
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    dataset = dataset.shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(config.batch_size)
+    if config.augment:
+        augmenter = augmentation(keras, config.seed)
+
+        def augment(images, labels):
+            images = augmenter(tf.cast(images, "float32"), training=True)
+            return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8), labels
+
+        dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def augmentation(keras, seed: int):
+    """Small geometric and exposure changes a radiograph really shows; never a flip."""
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            layers.RandomRotation(0.02, fill_mode="constant", seed=seed),  # about +-7 degrees
+            layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed + 1),
+            layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 2),
+            layers.RandomShear(x_factor=0.05, y_factor=0.05, fill_mode="constant",
+                               seed=seed + 3),
+            layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed + 4),
+            layers.RandomContrast(0.3, value_range=(0, 255), seed=seed + 5),
+        ],
+        name="augmentation",
+    )
+
+
+def _validation_auc_class():
+    import keras
+    from sklearn.metrics import roc_auc_score
+
+    class ValidationAUC(keras.callbacks.Callback):
+        """AUC of P(pneumonia) on the validation split, logged as `val_auc` each epoch."""
+
+        def __init__(self, x_val, y_val, positive_indices, batch_size):
+            super().__init__()
+            self.x_val, self.batch_size = x_val, batch_size
+            self.positive_indices = positive_indices
+            self.y_positive = np.isin(y_val, positive_indices)
+            self.best = float("-inf")
+
+        def on_epoch_end(self, epoch, logs=None):
+            probabilities = self.model.predict(self.x_val, batch_size=self.batch_size, verbose=0)
+            value = float(roc_auc_score(self.y_positive,
+                                        positive_scores(probabilities, self.positive_indices)))
+            self.best = max(self.best, value)
+            if logs is not None:
+                logs["val_auc"] = value
+            print(f" - val_auc: {value:.4f}")
+
+    return ValidationAUC
+
+
+def ValidationAUC(*args, **kwargs):  # noqa: N802 - reads as the class it builds
+    return _validation_auc_class()(*args, **kwargs)
+
+
+def _write_split(config: TrainConfig, train: list[Sample], val: list[Sample]) -> None:
+    def rel(samples):
+        return [str(s.path.relative_to(config.data)) for s in samples]
+
+    split = {"seed": config.seed, "val_fraction": config.val_fraction,
+             "train": rel(train), "validation": rel(val)}
+    (config.out / "split.json").write_text(json.dumps(split, indent=1) + "\n")
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime",
+                    "numpy", "pillow", "scikit-learn", "pneumoscreen"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
