@@ -107,13 +107,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics.model_ready.set(0)
 
     install_error_handlers(app)
+    known_paths: set[str] = set()
     app.add_middleware(
-        RequestMiddleware, metrics=metrics, max_request_bytes=settings.max_request_bytes
+        RequestMiddleware,
+        metrics=metrics,
+        max_request_bytes=settings.max_request_bytes,
+        known_paths=known_paths,
     )
-    app.include_router(predict.build_router(settings.max_batch_files))
-    app.include_router(status.router)
+    routers = [predict.build_router(settings.max_batch_files), status.router]
+    for router in routers:
+        app.include_router(router)
     install_swagger_ui(app)
     install_openapi(app)
+    known_paths.update(
+        route.path for router in routers for route in router.routes if hasattr(route, "path")
+    )
     return app
 
 

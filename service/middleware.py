@@ -31,10 +31,18 @@ class RequestTooLarge(ApiError):
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_request_bytes: int,
+        known_paths: frozenset[str] | set[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
+        # Paths of the app's routes, to label requests rejected before routing.
+        self.known_paths = known_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,7 +81,7 @@ class RequestMiddleware:
             await self.app(scope, receive_wrapper, send_wrapper)
         finally:
             elapsed = time.perf_counter() - started
-            route = _route_template(scope)
+            route = _route_template(scope, self.known_paths)
             method = scope.get("method", "")
             self.metrics.requests.labels(route, method, str(status["code"])).inc()
             self.metrics.latency.labels(route, method).observe(elapsed)
@@ -97,7 +105,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _route_template(scope: Scope) -> str:
+def _route_template(scope: Scope, known_paths: frozenset[str] | set[str]) -> str:
     # The matched route's template, never the raw path: unknown paths must not create
     # one time series each.
     route = scope.get("route")
@@ -106,7 +114,7 @@ def _route_template(scope: Scope) -> str:
         return path
     # Plain (non-API) routes such as /openapi.json, /docs and the static files.
     raw = scope.get("path", "")
-    if raw in _PLAIN_ROUTES:
+    if raw in _PLAIN_ROUTES or raw in known_paths:
         return raw
     if raw.startswith(STATIC_PREFIX + "/"):
         return STATIC_PREFIX

@@ -105,6 +105,7 @@ def live_server(
     command = [
         sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
+        "--no-access-log",  # as `pneumoscreen serve`: the app logs each request itself
     ]
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=child_env, stdout=log_file, stderr=subprocess.STDOUT
