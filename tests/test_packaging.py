@@ -484,6 +484,16 @@ def test_readme_documents_every_setting_and_endpoint() -> None:
     table_names = set(re.findall(r"^\|\s*`([A-Z_]+)`\s*\|", text, re.MULTILINE))
     missing = set(settings_fields()) - table_names
     assert not missing, f"README configuration table lacks {sorted(missing)}"
+    for name, default in settings_fields().items():
+        if default is None:
+            continue
+        if isinstance(default, list):
+            default = ",".join(default)
+        row = re.search(rf"^\|\s*`{name}`\s*\|\s*`([^`]*)`", text, re.MULTILINE)
+        assert row and row.group(1) == str(default), (
+            f"README gives {name} the default {row.group(1) if row else None!r}; the app: "
+            f"{default!r}"
+        )
     for path in ("/predict", "/predict/batch", "/health", "/livez", "/model", "/metrics",
                  "/docs"):
         assert re.search(rf"curl[^\n]*{re.escape(path)}\b", text), f"no curl example for {path}"
