@@ -26,7 +26,7 @@ def openapi_3_0(node: Any) -> Any:
         return [openapi_3_0(item) for item in node]
     if not isinstance(node, dict):
         return node
-    node = {key: openapi_3_0(value) for key, value in node.items()}
+    node = dict(node)
     for key in ("anyOf", "oneOf"):
         options = node.get(key)
         if isinstance(options, list) and {"type": "null"} in options:
@@ -44,6 +44,8 @@ def openapi_3_0(node: Any) -> Any:
     if node.get("type") == "null":
         node.pop("type")
         node["nullable"] = True
+    # Children after this level's null handling, so `{"type": "null"}` is still seen above.
+    node = {key: openapi_3_0(value) for key, value in node.items()}
     if "contentMediaType" in node and node.get("type") == "string":
         node.pop("contentMediaType")
         node["format"] = "binary"
@@ -70,12 +72,12 @@ def install_openapi(app: FastAPI) -> None:
             schema = get_openapi(
                 title=app.title,
                 version=app.version,
-                summary=app.summary,
+                # info.summary and license.identifier are OpenAPI 3.1 only.
                 description=app.description,
                 routes=app.routes,
                 tags=app.openapi_tags,
                 servers=app.servers,
-                license_info=app.license_info,
+                license_info={"name": (app.license_info or {}).get("name", "Apache-2.0")},
             )
             schema = openapi_3_0(schema)
             schema["openapi"] = "3.0.3"

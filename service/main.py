@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
-        license_info={"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        license_info={"name": "Apache-2.0"},
     )
     app.state.settings = settings
     app.state.metrics = metrics

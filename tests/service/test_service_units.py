@@ -1,0 +1,176 @@
+"""In-process tests of the pieces: scoring, settings, OpenAPI rewrite, states, 500s."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from bundle_factory import make_tiny_bundle
+from live_server import LiveServer
+from pydantic import ValidationError
+from xray_samples import SMALL
+
+from service.bundle import read_bundle
+from service.config import Settings
+from service.docs import openapi_3_0
+from service.inference import CPU, CUDA, ModelRunner, choose_providers, score
+from service.main import create_app
+from service.security import key_matches
+
+
+def test_score_two_labels_follows_threshold(tmp_path: Path) -> None:
+    meta = make_tiny_bundle(tmp_path, threshold=0.41)
+    at = score(meta, np.array([0.59, 0.41], dtype=np.float32))
+    assert at.screen_positive and at.label == "PNEUMONIA"
+    below = score(meta, np.array([0.6, 0.4], dtype=np.float32))
+    assert not below.screen_positive and below.label == "NORMAL"
+    # float32 outputs that do not quite sum to 1 are renormalised.
+    odd = score(meta, np.array([0.3000001, 0.7000002], dtype=np.float32))
+    assert sum(odd.probabilities.values()) == pytest.approx(1.0, abs=1e-12)
+    assert odd.positive_probability == odd.probabilities["PNEUMONIA"]
+
+
+def test_score_three_labels(tmp_path: Path) -> None:
+    meta = make_tiny_bundle(tmp_path, labels=("NORMAL", "BACTERIAL", "VIRAL"), threshold=0.5)
+    # NORMAL is the argmax, but BACTERIAL + VIRAL = 0.55 >= 0.5: positive, most likely VIRAL.
+    positive = score(meta, np.array([0.45, 0.25, 0.30]))
+    assert positive.screen_positive and positive.label == "VIRAL"
+    assert positive.positive_probability == pytest.approx(0.55)
+    negative = score(meta, np.array([0.6, 0.3, 0.1]))
+    assert not negative.screen_positive and negative.label == "NORMAL"
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALLOWED_TYPES", " JPG , png ")
+    monkeypatch.setenv("api_key", "")
+    monkeypatch.setenv("MAX_BATCH_FILES", "7")
+    monkeypatch.setenv("PROVIDERS", "cpu")
+    settings = Settings()
+    assert settings.allowed_types == ["jpeg", "png"]
+    assert settings.api_key is None
+    assert settings.max_batch_files == 7
+    assert settings.decode_limits().allowed_formats == frozenset({"jpeg", "png"})
+    monkeypatch.setenv("ALLOWED_TYPES", "jpeg,gif")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_every_setting_is_documented() -> None:
+    for name, field in Settings.model_fields.items():
+        assert field.description, name
+    docs = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+    if docs.exists():
+        text = docs.read_text()
+        for name in Settings.model_fields:
+            assert f"`{name.upper()}`" in text, name
+
+
+def test_providers_choice() -> None:
+    assert choose_providers("auto", [CPU]) == [CPU]
+    assert choose_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
+    assert choose_providers("cpu", [CUDA, CPU]) == [CPU]
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        choose_providers("cuda", [CPU])
+
+
+def test_key_comparison() -> None:
+    assert key_matches("abc", "abc")
+    assert not key_matches("abd", "abc")
+    assert not key_matches(None, "abc")
+    assert not key_matches("", "abc")
+    assert key_matches("ключ", "ключ")
+
+
+def test_openapi_rewrite_to_3_0() -> None:
+    rewritten = openapi_3_0({
+        "a": {"anyOf": [{"type": "string"}, {"type": "null"}], "title": "A"},
+        "b": {"anyOf": [{"$ref": "#/x"}, {"type": "null"}]},
+        "c": {"type": "string", "contentMediaType": "application/octet-stream"},
+        "d": {"type": "integer", "examples": [3, 4]},
+        "e": {"const": "ok"},
+    })
+    assert rewritten["a"] == {"type": "string", "nullable": True, "title": "A"}
+    assert rewritten["b"] == {"allOf": [{"$ref": "#/x"}], "nullable": True}
+    assert rewritten["c"] == {"type": "string", "format": "binary"}
+    assert rewritten["d"] == {"type": "integer", "example": 3}
+    assert rewritten["e"] == {"enum": ["ok"]}
+
+
+def _client(app) -> httpx.AsyncClient:  # noqa: ANN001
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def test_while_loading_liveness_answers_and_predict_is_503(tiny_bundle: Path) -> None:
+    # Without the lifespan the model never starts loading: the "loading" state, frozen.
+    app = create_app(Settings(model_dir=tiny_bundle))
+
+    async def run() -> None:
+        async with _client(app) as client:
+            assert (await client.get("/livez")).status_code == 200
+            health = await client.get("/health")
+            assert health.status_code == 503
+            assert health.json()["status"] == "loading"
+            predict = await client.post(
+                "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
+            )
+            assert predict.status_code == 503
+            assert predict.json()["error"]["code"] == "model_not_ready"
+            assert predict.headers["retry-after"]
+
+    asyncio.run(run())
+
+
+def test_unexpected_exception_is_a_json_500_without_traceback(tiny_bundle: Path) -> None:
+    app = create_app(Settings(model_dir=tiny_bundle))
+    runner: ModelRunner = app.state.runner
+    runner.load()
+    assert runner.ready
+
+    def explode(images: list[np.ndarray]) -> list:
+        raise RuntimeError("secret internal detail")
+
+    runner.predict = explode  # type: ignore[method-assign]
+
+    async def run() -> None:
+        async with _client(app) as client:
+            response = await client.post(
+                "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
+            )
+            assert response.status_code == 500
+            assert response.json() == {"error": {
+                "code": "internal_error",
+                "message": "unexpected server error; see the server log",
+            }}
+            assert "secret internal detail" not in response.text
+            metrics = (await client.get("/metrics")).text
+            assert 'route="/predict",status="500"' in metrics
+
+    asyncio.run(run())
+    runner.close()
+
+
+def test_many_apps_in_one_process(tiny_bundle: Path) -> None:
+    # Per-app registries: no "Duplicated timeseries" errors.
+    apps = [create_app(Settings(model_dir=tiny_bundle)) for _ in range(3)]
+    assert len({id(app.state.metrics.registry) for app in apps}) == 3
+    for app in apps:
+        app.state.runner.close()
+
+
+def test_logs_hold_no_filenames_or_contents(server: LiveServer) -> None:
+    name = "Doe-Jane-1999-03-04.jpeg"
+    data = SMALL[0].read_bytes()
+    httpx.post(f"{server.base_url}/predict", files={"file": (name, data)})
+    httpx.post(f"{server.base_url}/predict", files={"file": (name, b"patient: Jane Doe")})
+    log = server.log()
+    assert "Doe-Jane" not in log
+    assert "Jane Doe" not in log
+    assert '"route": "/predict"' in log and '"n_files": 1' in log
+
+
+def test_meta_read_matches(tiny_bundle: Path) -> None:
+    assert read_bundle(tiny_bundle).input.height == 64
