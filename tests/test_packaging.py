@@ -651,6 +651,7 @@ def test_image_on_the_repository_models_folder(image_venv: Path, tmp_path: Path)
     """The image copies models/ to /app/models and serves /app/models/default: replay that
     with the repository's models/ as it is now. With the shipped bundle present it must
     become healthy; without one it must exit 2 with the no-bundle message."""
+    assert (REPO / "models").is_dir(), "models/ is missing: the images COPY it (keep models/README.md)"
     app_models = tmp_path / "app" / "models"
     shutil.copytree(REPO / "models", app_models)
     model_dir = app_models / "default"
