@@ -28,7 +28,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from bundle_factory import make_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +165,7 @@ def compose_config(env_file: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL")}
     result = subprocess.run(
         [compose_binary(), "--env-file", str(env_file), "-f", str(COMPOSE), "config"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 0, (
         f"docker-compose config failed ({result.returncode}):\n{result.stderr}{result.stdout}"
@@ -206,7 +205,7 @@ def test_hadolint_is_clean(dockerfile: Path) -> None:
     # Run from the repo root so a .hadolint.yaml there would be picked up; the default
     # failure threshold fails on every finding, info level included.
     result = subprocess.run([binary, "--no-color", dockerfile.name], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0 and not result.stdout.strip(), (
         f"hadolint findings in {dockerfile.name}:\n{result.stdout}{result.stderr}"
     )
@@ -311,7 +310,7 @@ def test_dockerfile_train_installs_the_train_extra() -> None:
 
 def test_train_entrypoint_is_valid_bash() -> None:
     result = subprocess.run(["bash", "-n", str(REPO / "training" / "docker-entrypoint.sh")],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
 
 
@@ -320,7 +319,7 @@ def test_train_entrypoint_refuses_missing_data(tmp_path: Path) -> None:
     result = subprocess.run(
         ["bash", str(REPO / "training" / "docker-entrypoint.sh")],
         env={"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "absent")},
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 2
     assert "no training data" in result.stderr
@@ -334,9 +333,9 @@ def _dockerignore_excludes(relative: str, patterns: list[str]) -> bool:
     parts = relative.split("/")
     candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     excluded = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").strip("/")
+    for line in patterns:
+        negate = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
         if pattern.startswith("**/"):
             pattern_set = [pattern, pattern[3:]]
         else:
@@ -442,7 +441,8 @@ def test_readme_compose_commands_match_the_compose_file() -> None:
                 f"README runs {name} without --profile {sorted(profiles[name])}: {words}"
             )
             mentioned_services.add(name)
-    assert mentioned_services == set(services), f"README never starts {set(services) - mentioned_services}"
+    never = set(services) - mentioned_services
+    assert not never, f"README never starts {sorted(never)}"
     assert mentioned_profiles == set().union(*profiles.values())
     # `docker compose up` alone starts the API only.
     assert [name for name, p in profiles.items() if not p] == ["api"]
@@ -484,13 +484,12 @@ def test_readme_documents_every_setting_and_endpoint() -> None:
     table_names = set(re.findall(r"^\|\s*`([A-Z_]+)`\s*\|", text, re.MULTILINE))
     missing = set(settings_fields()) - table_names
     assert not missing, f"README configuration table lacks {sorted(missing)}"
-    for name, default in settings_fields().items():
-        if default is None:
+    for name, value in settings_fields().items():
+        if value is None:
             continue
-        if isinstance(default, list):
-            default = ",".join(default)
+        default = ",".join(value) if isinstance(value, list) else str(value)
         row = re.search(rf"^\|\s*`{name}`\s*\|\s*`([^`]*)`", text, re.MULTILINE)
-        assert row and row.group(1) == str(default), (
+        assert row and row.group(1) == default, (
             f"README gives {name} the default {row.group(1) if row else None!r}; the app: "
             f"{default!r}"
         )
@@ -504,7 +503,7 @@ def test_readme_documents_every_setting_and_endpoint() -> None:
         assert heading in text
 
 
-# ----------------------------------------------------------------------------- the image's install, for real
+# ----------------------------------------------------------------------------- the image's install
 
 
 def _free_port() -> int:
@@ -549,7 +548,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = [a for a in install if a != "--no-cache-dir"]
     command = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *args]
     result = subprocess.run(command, cwd=src, env=_clean_env(), capture_output=True, text=True,
-                            timeout=1500)
+                            timeout=1500, check=False)
     assert result.returncode == 0, (
         f"{shlex.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     )
@@ -620,13 +619,15 @@ def test_image_install_serves_a_bundle(image_venv: Path, tmp_path: Path) -> None
         argv = json.loads(check.args.split("CMD", 1)[1])
         assert argv[0] == "python"
         probe = subprocess.run([str(image_venv / "bin" / "python"), *argv[1:]],
-                               env=_clean_env(PORT=str(port)), capture_output=True, timeout=30)
+                               env=_clean_env(PORT=str(port)), capture_output=True, timeout=30,
+                               check=False)
         assert probe.returncode == 0, probe.stderr
     finally:
         _stop(process)
     # ...and the same check fails once nothing answers.
     probe = subprocess.run([str(image_venv / "bin" / "python"), *argv[1:]],
-                           env=_clean_env(PORT=str(port)), capture_output=True, timeout=30)
+                           env=_clean_env(PORT=str(port)), capture_output=True, timeout=30,
+                           check=False)
     assert probe.returncode != 0
 
 
@@ -640,7 +641,7 @@ def test_image_install_without_a_bundle_exits_2(image_venv: Path, tmp_path: Path
         [str(image_venv / "bin" / "pneumoscreen"), "serve", "--model-dir", str(empty),
          "--port", str(_free_port())],
         cwd=tmp_path, env=_clean_env(HOST="127.0.0.1"), capture_output=True, text=True,
-        timeout=120,
+        timeout=120, check=False,
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "no model bundle in" in result.stderr and str(empty) in result.stderr
@@ -651,7 +652,7 @@ def test_image_on_the_repository_models_folder(image_venv: Path, tmp_path: Path)
     """The image copies models/ to /app/models and serves /app/models/default: replay that
     with the repository's models/ as it is now. With the shipped bundle present it must
     become healthy; without one it must exit 2 with the no-bundle message."""
-    assert (REPO / "models").is_dir(), "models/ is missing: the images COPY it (keep models/README.md)"
+    assert (REPO / "models").is_dir(), "models/ is missing; the images COPY it"
     app_models = tmp_path / "app" / "models"
     shutil.copytree(REPO / "models", app_models)
     model_dir = app_models / "default"
