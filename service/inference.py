@@ -138,7 +138,9 @@ class ModelRunner:
                 str(directory / MODEL_FILE), sess_options=options, providers=wanted
             )
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-            raise RuntimeError(f"onnxruntime could not load {directory / MODEL_FILE}: {exc}") from None
+            raise RuntimeError(
+                f"onnxruntime could not load {directory / MODEL_FILE}: {exc}"
+            ) from None
         inputs = {i.name for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
         if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:

@@ -26,7 +26,9 @@ access_log = logging.getLogger("pneumoscreen.access")
 class RequestTooLarge(ApiError):
     def __init__(self, limit: int) -> None:
         super().__init__(
-            413, "request_too_large", f"the request body is larger than the limit of {limit:,} bytes"
+            413,
+            "request_too_large",
+            f"the request body is larger than the limit of {limit:,} bytes",
         )
 
 

@@ -15,8 +15,8 @@ for _path in (str(TESTS_DIR), str(REPO_ROOT)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from bundle_factory import make_tiny_bundle  # noqa: E402
-from live_server import LiveServer, live_server  # noqa: E402
+from bundle_factory import make_tiny_bundle
+from live_server import LiveServer, live_server
 
 FIXTURES = TESTS_DIR / "fixtures"
 

@@ -13,7 +13,14 @@ from fastapi import APIRouter, Depends, Request
 from service.errors import ERROR_CODES, ApiError, image_error
 from service.inference import ModelRunner, Scored
 from service.preprocessing import ImageError, load_model_input, sniff_format
-from service.schemas import BatchItem, BatchResponse, ErrorDetail, ErrorResponse, ModelRef, Prediction
+from service.schemas import (
+    BatchItem,
+    BatchResponse,
+    ErrorDetail,
+    ErrorResponse,
+    ModelRef,
+    Prediction,
+)
 from service.security import require_api_key
 from service.uploads import Upload, files_in, parse_form, read_upload
 
@@ -107,7 +114,9 @@ async def _decode(request: Request, runner: ModelRunner, data: bytes) -> np.ndar
         request.app.state.metrics.decode.observe(time.perf_counter() - started)
 
 
-async def _infer(request: Request, runner: ModelRunner, images: list[np.ndarray]) -> tuple[list[Scored], float]:
+async def _infer(
+    request: Request, runner: ModelRunner, images: list[np.ndarray]
+) -> tuple[list[Scored], float]:
     metrics = request.app.state.metrics
     loop = asyncio.get_running_loop()
     started = time.perf_counter()

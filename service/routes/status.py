@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.errors import ApiError, ERROR_CODES
+from service.errors import ERROR_CODES, ApiError
 from service.inference import ModelRunner
 from service.metrics import CONTENT_TYPE
 from service.schemas import (

@@ -52,7 +52,8 @@ def test_metrics_count_requests_images_and_batches(server: LiveServer) -> None:
     assert delta('pneumoscreen_image_errors_total{code="unsupported_media_type"}') == 1
     assert delta("pneumoscreen_batch_size_count") == 2
     assert delta("pneumoscreen_batch_size_sum") == 3
-    assert delta('pneumoscreen_http_request_duration_seconds_count{method="POST",route="/predict"}') == 2
+    latency = 'pneumoscreen_http_request_duration_seconds_count{method="POST",route="/predict"}'
+    assert delta(latency) == 2
     assert "pneumoscreen_inference_duration_seconds_bucket" in text
     assert "pneumoscreen_model_ready 1.0" in text
     assert re.search(r'pneumoscreen_model_info\{.*name="tiny-test-model".*\} 1.0', text)

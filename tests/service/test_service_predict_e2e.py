@@ -6,14 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from bundle_factory import make_tiny_bundle
 from dicom_factory import FAKE_PATIENT_ID, dicom_bytes
 from live_server import LiveServer, live_server
 from PIL import Image
 from xray_samples import FULLRES, SMALL, png_bytes, reference_probabilities
-
-import numpy as np
 
 
 def _assert_prediction(body: dict, expected: dict[str, float], threshold: float) -> None:
@@ -180,7 +179,9 @@ def _sample(metrics_text: str, prefix: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def three_label_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, Path]]:
+def three_label_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LiveServer, Path]]:
     directory = tmp_path_factory.mktemp("three-label")
     make_tiny_bundle(directory, labels=("NORMAL", "BACTERIAL", "VIRAL"), threshold=0.4)
     with live_server(directory) as running:

@@ -99,7 +99,7 @@ def test_openapi_rewrite_to_3_0() -> None:
     assert rewritten["e"] == {"enum": ["ok"]}
 
 
-def _client(app) -> httpx.AsyncClient:  # noqa: ANN001
+def _client(app) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
