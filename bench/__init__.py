@@ -1,0 +1,1 @@
+"""Benchmarks of the service (never tests: they assert nothing about speed)."""

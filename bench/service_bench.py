@@ -1,0 +1,401 @@
+"""Latency and throughput of the real service on full-resolution chest X-rays.
+
+    python -m bench.service_bench --model-dir models/default     # (make bench)
+    python -m bench.service_bench --tiny                          # no trained bundle needed
+
+Starts the service under uvicorn on a free loopback port (tests/live_server.py), then,
+over real HTTP with the full-resolution JPEGs of ../shared/data/chest_xray_fullres
+(falling back to tests/fixtures/fullres):
+
+- /predict latency p50/p95/p99, sequential, after a warm-up;
+- /predict/batch throughput (images/s) at batch sizes 1, 8 and 32;
+- /predict throughput with several client threads;
+
+and in-process, the same pipeline the service runs: decode+preprocess ms per image with
+and without JPEG draft mode, and onnxruntime inference ms at batch 1 (and 32).
+
+Every loop is bounded; only 127.0.0.1 is contacted. This is a benchmark, not a test: it
+asserts nothing about speed. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from itertools import cycle, islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = REPO_ROOT / "tests"
+SHARED_FULLRES = REPO_ROOT.parent / "shared" / "data" / "chest_xray_fullres"
+FIXTURE_FULLRES = TESTS_DIR / "fixtures" / "fullres"
+for _path in (str(REPO_ROOT), str(TESTS_DIR)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from service.bundle import INPUT_NAME, MODEL_FILE, BundleError, read_bundle
+from service.preprocessing import decode_grey, load_model_input, to_model_input
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
+
+
+@dataclass
+class Sample:
+    name: str
+    data: bytes
+
+
+def find_images(explicit: Path | None) -> tuple[Path, list[Sample]]:
+    for folder in ([explicit] if explicit else [SHARED_FULLRES, FIXTURE_FULLRES]):
+        if folder is None or not folder.is_dir():
+            continue
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if paths:
+            return folder, [Sample(p.name, p.read_bytes()) for p in paths]
+    raise SystemExit(f"no images found in {explicit or SHARED_FULLRES} or {FIXTURE_FULLRES}")
+
+
+def percentiles(values_ms: list[float]) -> dict[str, float]:
+    array = np.asarray(values_ms, dtype=np.float64)
+    return {
+        "n": int(array.size),
+        "mean": float(array.mean()),
+        "p50": float(np.percentile(array, 50)),
+        "p95": float(np.percentile(array, 95)),
+        "p99": float(np.percentile(array, 99)),
+        "min": float(array.min()),
+        "max": float(array.max()),
+    }
+
+
+def _multipart(field: str, samples: list[Sample]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (s.name, s.data, "application/octet-stream")) for s in samples]
+
+
+def _check(response: Any) -> dict[str, Any]:
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.request.url}: {response.status_code} {response.text[:300]}")
+    return response.json()
+
+
+# --- over HTTP ------------------------------------------------------------------------
+
+
+def bench_latency(base_url: str, samples: list[Sample], warmup: int, requests: int) -> dict:
+    import httpx
+
+    timings, server_ms = [], []
+    with httpx.Client(base_url=base_url, timeout=120) as http:
+        images = cycle(samples)
+        for sample in islice(images, warmup):
+            _check(http.post("/predict", files=_multipart("file", [sample])))
+        for sample in islice(images, requests):
+            started = time.perf_counter()
+            body = _check(http.post("/predict", files=_multipart("file", [sample])))
+            timings.append((time.perf_counter() - started) * 1000)
+            server_ms.append(float(body.get("inference_ms", float("nan"))))
+    result = percentiles(timings)
+    result["server_inference_ms_mean"] = float(np.nanmean(server_ms))
+    return result
+
+
+def bench_batches(base_url: str, samples: list[Sample], batch_sizes: list[int],
+                  images_per_size: int, warmup: int) -> dict[int, dict]:
+    """Images/s per batch size. The sizes take turns (rounds of `max(batch_sizes)` images
+    each), so a burst of load from something else on the machine hits them all alike."""
+    import httpx
+
+    per_round = max(batch_sizes)
+    rounds = max(1, images_per_size // per_round)
+    timings: dict[int, list[float]] = {size: [] for size in batch_sizes}
+    images = cycle(samples)
+    with httpx.Client(base_url=base_url, timeout=300) as http:
+        for _ in range(warmup):
+            _check(http.post("/predict/batch", files=_multipart("files", samples[:1])))
+        for _ in range(rounds):
+            for size in batch_sizes:
+                for _ in range(max(1, per_round // size)):
+                    batch = list(islice(images, size))
+                    started = time.perf_counter()
+                    body = _check(http.post("/predict/batch", files=_multipart("files", batch)))
+                    timings[size].append(time.perf_counter() - started)
+                    errors = [r for r in body["results"] if r.get("error")]
+                    if errors:
+                        raise RuntimeError(f"batch of {size}: {errors[:3]}")
+    results: dict[int, dict] = {}
+    for size, times in timings.items():
+        total = sum(times)
+        results[size] = {
+            "requests": len(times),
+            "images": len(times) * size,
+            "seconds": total,
+            "images_per_s": len(times) * size / total,
+            "ms_per_request_p50": float(np.percentile(times, 50) * 1000),
+        }
+    return results
+
+
+def bench_concurrent(base_url: str, samples: list[Sample], threads: int, requests: int) -> dict:
+    import httpx
+
+    per_thread = max(1, requests // threads)
+
+    def worker(offset: int) -> list[float]:
+        timings = []
+        with httpx.Client(base_url=base_url, timeout=300) as http:
+            for sample in islice(cycle(samples[offset:] + samples[:offset]), per_thread):
+                started = time.perf_counter()
+                _check(http.post("/predict", files=_multipart("file", [sample])))
+                timings.append((time.perf_counter() - started) * 1000)
+        return timings
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        offsets = [i * len(samples) // threads for i in range(threads)]
+        timings = [t for chunk in pool.map(worker, offsets) for t in chunk]
+    seconds = time.perf_counter() - started
+    result = percentiles(timings)
+    result.update({"threads": threads, "seconds": seconds,
+                   "images_per_s": len(timings) / seconds})
+    return result
+
+
+# --- in process -----------------------------------------------------------------------
+
+
+def _time_per_item(function: Callable[[Sample], object], samples: list[Sample]) -> list[float]:
+    timings = []
+    for sample in samples:
+        started = time.perf_counter()
+        function(sample)
+        timings.append((time.perf_counter() - started) * 1000)
+    return timings
+
+
+def bench_in_process(model_dir: Path, samples: list[Sample], inference_runs: int) -> dict:
+    import onnxruntime as ort
+
+    meta = read_bundle(model_dir)
+    height, width = meta.input.height, meta.input.width
+
+    def no_draft(sample: Sample) -> np.ndarray:
+        return to_model_input(decode_grey(sample.data), height, width)
+
+    def draft(sample: Sample) -> np.ndarray:
+        return load_model_input(sample.data, height, width)  # what the service runs
+
+    for sample in samples[:3]:  # warm the decoders' caches and allocator
+        no_draft(sample), draft(sample)
+    no_draft_ms, draft_ms = [], []
+    for sample in samples:  # interleaved, so both see the same machine load
+        no_draft_ms += _time_per_item(no_draft, [sample])
+        draft_ms += _time_per_item(draft, [sample])
+    pixels = [int(np.prod(decode_grey(s.data).shape)) for s in samples]
+
+    session = ort.InferenceSession(str(model_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
+    inputs = [draft(s) for s in samples[:32]]
+    while len(inputs) < 32:
+        inputs += inputs[: 32 - len(inputs)]
+    one = inputs[0][None]
+    many = np.stack(inputs)
+    for _ in range(5):
+        session.run(None, {INPUT_NAME: one})
+    batch1 = []
+    for index in range(inference_runs):
+        started = time.perf_counter()
+        session.run(None, {INPUT_NAME: inputs[index % len(inputs)][None]})
+        batch1.append((time.perf_counter() - started) * 1000)
+    session.run(None, {INPUT_NAME: many})
+    batch32 = []
+    for _ in range(max(3, inference_runs // 10)):
+        started = time.perf_counter()
+        session.run(None, {INPUT_NAME: many})
+        batch32.append((time.perf_counter() - started) * 1000)
+    return {
+        "input": f"{height}x{width}",
+        "megapixels_mean": float(np.mean(pixels) / 1e6),
+        "decode_preprocess_ms_no_draft": percentiles(no_draft_ms),
+        "decode_preprocess_ms_draft": percentiles(draft_ms),
+        "inference_ms_batch1": percentiles(batch1),
+        "inference_ms_batch32": percentiles(batch32),
+        "inference_ms_per_image_batch32": statistics.median(batch32) / 32,
+    }
+
+
+# --- report ---------------------------------------------------------------------------
+
+
+def report(results: dict) -> str:
+    lines = []
+    meta = results["setup"]
+    lines.append(f"pneumoscreen service benchmark  ({meta['when']})")
+    lines.append(f"  bundle   : {meta['bundle']}  ({meta['model']}, input {meta['input']})"
+                 + ("  [TINY TEST GRAPH, not the real model]" if meta["tiny"] else ""))
+    lines.append(f"  images   : {meta['n_images']} from {meta['images']} "
+                 f"(mean {results['in_process']['megapixels_mean']:.2f} MP)")
+    lines.append(f"  machine  : {meta['machine']}")
+    lines.append(f"  load avg : {meta['load_before']} before, {meta['load_after']} after "
+                 "(1-min; > CPUs means other work competed for the cores)")
+    lines.append("")
+    lat = results["latency"]
+    lines.append(f"POST /predict, sequential ({lat['n']} requests after warm-up)")
+    lines.append(f"  latency ms     p50 {lat['p50']:8.1f}   p95 {lat['p95']:8.1f}   "
+                 f"p99 {lat['p99']:8.1f}   mean {lat['mean']:8.1f}")
+    lines.append(f"  server-reported inference_ms mean {lat['server_inference_ms_mean']:.2f}")
+    lines.append("")
+    lines.append("POST /predict/batch throughput")
+    lines.append("  batch  requests  images   images/s   ms/request p50")
+    for size, row in results["batch"].items():
+        lines.append(f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
+                     f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}")
+    lines.append("")
+    conc = results["concurrent"]
+    lines.append(f"POST /predict, {conc['threads']} client threads ({conc['n']} requests)")
+    lines.append(f"  {conc['images_per_s']:.1f} images/s   latency ms p50 {conc['p50']:.1f}  "
+                 f"p95 {conc['p95']:.1f}  p99 {conc['p99']:.1f}")
+    lines.append("")
+    ip = results["in_process"]
+    lines.append(f"In process, per image (input {ip['input']}), median ms")
+    lines.append(f"  decode+preprocess, no draft : {ip['decode_preprocess_ms_no_draft']['p50']:8.2f}")
+    lines.append(f"  decode+preprocess, draft    : {ip['decode_preprocess_ms_draft']['p50']:8.2f}"
+                 "   (what the service runs)")
+    lines.append(f"  onnxruntime inference, b=1  : {ip['inference_ms_batch1']['p50']:8.2f}")
+    lines.append(f"  onnxruntime inference, b=32 : {ip['inference_ms_per_image_batch32']:8.2f}"
+                 " per image")
+    lines.append("")
+    lines.append("Ratios (same run)")
+    for name, value in results["ratios"].items():
+        lines.append(f"  {name:<52} {value:8.2f}")
+    return "\n".join(lines)
+
+
+def ratios(results: dict) -> dict[str, float]:
+    batch, ip = results["batch"], results["in_process"]
+    out: dict[str, float] = {}
+    if 1 in batch and 32 in batch:
+        out["batch-32 / batch-1 throughput (images/s)"] = (
+            batch[32]["images_per_s"] / batch[1]["images_per_s"])
+    if 1 in batch and 8 in batch:
+        out["batch-8 / batch-1 throughput (images/s)"] = (
+            batch[8]["images_per_s"] / batch[1]["images_per_s"])
+    sequential = 1000.0 / results["latency"]["mean"]
+    out["concurrent / sequential /predict throughput"] = (
+        results["concurrent"]["images_per_s"] / sequential)
+    draft = ip["decode_preprocess_ms_draft"]["p50"]
+    out["draft speed-up of decode+preprocess (no draft / draft)"] = (
+        ip["decode_preprocess_ms_no_draft"]["p50"] / draft)
+    out["decode+preprocess (draft) / inference at batch 1"] = (
+        draft / ip["inference_ms_batch1"]["p50"])
+    out["HTTP p50 latency / in-process (draft + inference)"] = (
+        results["latency"]["p50"] / (draft + ip["inference_ms_batch1"]["p50"]))
+    return out
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "n/a"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=Path("models/default"),
+                        help="bundle to serve (default: models/default)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="serve a tiny test graph instead (no trained bundle needed; "
+                        "preprocessing is real, inference is not)")
+    parser.add_argument("--tiny-size", type=int, default=224,
+                        help="input size of the --tiny graph (default 224, like the real model)")
+    parser.add_argument("--images", type=Path, default=None,
+                        help=f"folder of images (default: {SHARED_FULLRES}, "
+                        f"else {FIXTURE_FULLRES})")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=120,
+                        help="sequential /predict requests timed (default 120)")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--batch-images", type=int, default=128,
+                        help="images sent per batch size (default 128)")
+    parser.add_argument("--threads", type=int, default=4, help="client threads (default 4)")
+    parser.add_argument("--concurrent-requests", type=int, default=120)
+    parser.add_argument("--inference-runs", type=int, default=100)
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra server setting, e.g. --env INFERENCE_THREADS=2 (repeatable)")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bundle_factory import make_tiny_bundle
+    from live_server import live_server
+
+    batch_sizes = [int(part) for part in args.batch_sizes.split(",") if part.strip()]
+    env = dict(item.split("=", 1) for item in args.env)
+    env.setdefault("MAX_BATCH_FILES", str(max(batch_sizes + [32])))
+    folder, samples = find_images(args.images)
+
+    with ExitStack() as stack:
+        if args.tiny:
+            model_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiny-")))
+            make_tiny_bundle(model_dir, size=args.tiny_size)
+        else:
+            model_dir = args.model_dir
+            try:
+                read_bundle(model_dir)
+            except BundleError as exc:
+                print(f"{exc}\n\nNo trained bundle: run with --tiny to benchmark the service "
+                      "on a tiny test graph (real preprocessing, trivial inference).",
+                      file=sys.stderr)
+                return 2
+        meta = read_bundle(model_dir)
+        print(f"starting the service on {model_dir} ({meta.name} {meta.version}) ...",
+              file=sys.stderr)
+        server = stack.enter_context(live_server(model_dir.resolve(), env=env, timeout=180))
+        results: dict[str, Any] = {"setup": {
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "bundle": str(args.model_dir if not args.tiny else "tiny test graph (--tiny)"),
+            "model": f"{meta.name} {meta.version}, backbone {meta.backbone}",
+            "input": f"{meta.input.height}x{meta.input.width}",
+            "tiny": bool(args.tiny),
+            "images": str(folder),
+            "n_images": len(samples),
+            "server_env": env,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                       f"Python {platform.python_version()}",
+            "load_before": _load(),
+        }}
+        print("sequential /predict ...", file=sys.stderr)
+        results["latency"] = bench_latency(server.base_url, samples, args.warmup, args.requests)
+        print("batches ...", file=sys.stderr)
+        results["batch"] = bench_batches(server.base_url, samples, batch_sizes,
+                                         args.batch_images, warmup=2)
+        print(f"{args.threads} client threads ...", file=sys.stderr)
+        results["concurrent"] = bench_concurrent(server.base_url, samples, args.threads,
+                                                 args.concurrent_requests)
+        print("in process ...", file=sys.stderr)
+        results["in_process"] = bench_in_process(model_dir, samples, args.inference_runs)
+        results["ratios"] = ratios(results)
+        results["setup"]["load_after"] = _load()
+
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
