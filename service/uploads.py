@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -34,6 +35,8 @@ async def parse_form(request: Request, max_files: int) -> FormData:
         )
     try:
         return await request.form(max_files=max_files, max_fields=100)
+    except ClientDisconnect:
+        raise ApiError(400, "invalid_multipart", "the client disconnected mid-upload") from None
     except StarletteHTTPException as exc:
         detail = str(exc.detail)
         if detail.startswith("Too many files"):
