@@ -211,3 +211,21 @@ def test_three_label_bundle(three_label_server: tuple[LiveServer, Path]) -> None
         assert len(batch["results"]) == 3
         assert all(set(r["probabilities"]) == {"NORMAL", "BACTERIAL", "VIRAL"}
                    for r in batch["results"])
+
+
+def test_concurrent_requests_agree(server: LiveServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = FULLRES[2].read_bytes()
+
+    def call(_: int) -> dict:
+        response = httpx.post(
+            f"{server.base_url}/predict", files={"file": ("a.jpeg", data)}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["probabilities"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(call, range(16)))
+    assert all(answer == answers[0] for answer in answers)
+    assert httpx.get(f"{server.base_url}/livez").status_code == 200
