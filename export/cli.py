@@ -17,8 +17,15 @@ def export_command(
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")] = Path("models/default"),
     name: Annotated[str | None, typer.Option(help="Model name (default from the run).")] = None,
     version: Annotated[str, typer.Option(help="Model version.")] = "1.0.0",
+    int8_out: Annotated[Path | None, typer.Option(
+        help="Also write an INT8 bundle here (static quantization calibrated on training "
+             "images, with its own validation metrics beside the FP32 ones).")] = None,
 ) -> None:
     """Convert to ONNX (tf2onnx, opset 17), prove parity with Keras, write the bundle."""
     from export.onnx_export import export_run
 
     export_run(run, out, data, name=name, version=version)
+    if int8_out is not None:
+        from export.quantize import quantize_bundle
+
+        quantize_bundle(out, int8_out, run, data, cache_dir=Path.home() / ".cache" / "pneumoscreen")
