@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
+from service.scoring import positive_probability
+
 
 def positive_scores(probabilities: np.ndarray, positive_indices: list[int]) -> np.ndarray:
-    """P(positive finding) per image: the sum of the positive labels' probabilities."""
-    return probabilities[:, positive_indices].sum(axis=1)
+    """P(positive finding) per image, exactly as the service computes it."""
+    return positive_probability(probabilities, positive_indices)
 
 
 def choose_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity: float) -> float:
