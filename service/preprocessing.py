@@ -179,6 +179,11 @@ def _decode_pillow(
         raise ImageTooLarge(str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImage(f"the image could not be decoded: {_short(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes
+        # e.g. a damaged EXIF block makes ImageOps.exif_transpose raise TypeError or
+        # struct.error: still a bad upload (4xx), never a server error.
+        # Only the exception type: the message could quote an EXIF value (e.g. Artist).
+        raise CorruptImage(f"the image could not be decoded ({type(exc).__name__})") from None
 
 
 def _pillow_to_grey(image: Image.Image) -> np.ndarray:
