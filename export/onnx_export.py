@@ -23,16 +23,11 @@ from service.bundle import (
     read_bundle,
     write_bundle,
 )
-from training.data import list_split, load_arrays
+from training.data import DATA_CREDIT, load_arrays, split_samples
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 32
-DATA_CREDIT = (
-    "Kermany, Zhang, Goldbaum. Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "
-    "Images for Classification. Mendeley Data v2, doi:10.17632/rscbjbr9sj.2 (CC BY 4.0); "
-    "Kermany et al., Cell 172(5), 2018."
-)
 
 
 class ParityError(RuntimeError):
@@ -90,17 +85,13 @@ def check_parity(model, onnx_path: Path, images: np.ndarray) -> float:
     return difference
 
 
-def parity_images(run_dir: Path, data_root: Path, run: dict) -> np.ndarray:
-    """Real X-rays for the parity check: the run's validation images (a spread of both labels)."""
-    split = json.loads((run_dir / "split.json").read_text())
-    wanted = set(split["validation"])
-    samples = [s for s in list_split(data_root, "train", len(run["labels"]))
-               if str(s.path.relative_to(data_root)) in wanted]
-    if not samples:
-        raise FileNotFoundError(f"none of the run's validation images are under {data_root}")
+def parity_images(run_dir: Path, data_root: Path, run: dict,
+                  cache_dir: Path | None = None) -> np.ndarray:
+    """Real X-rays for the parity check: a spread of the run's validation images."""
+    samples = split_samples(run_dir, data_root, "validation", len(run["labels"]))
     step = max(1, len(samples) // PARITY_IMAGES)
     size = (run["input_size"], run["input_size"])
-    x, _ = load_arrays(samples[::step][:PARITY_IMAGES], tuple(run["labels"]), size, None)
+    x, _ = load_arrays(samples[::step][:PARITY_IMAGES], tuple(run["labels"]), size, cache_dir)
     return x
 
 
@@ -110,6 +101,8 @@ def export_run(
     data_root: Path,
     name: str | None = None,
     version: str = "1.0.0",
+    data_source: str = DATA_CREDIT,
+    cache_dir: Path | None = None,
 ) -> BundleMeta:
     import keras
 
@@ -121,7 +114,7 @@ def export_run(
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "model.onnx"
         convert_to_onnx(model, size, onnx_path)
-        images = parity_images(run_dir, data_root, run)
+        images = parity_images(run_dir, data_root, run, cache_dir)
         difference = check_parity(model, onnx_path, images)
         print(f"parity: max |keras - onnxruntime| = {difference:.2e} on {len(images)} X-rays")
 
@@ -138,7 +131,7 @@ def export_run(
             onnx_sha256="0" * 64,  # write_bundle fills in the real digest
             backbone=run["backbone"],
             training_data={
-                "source": DATA_CREDIT,
+                "source": data_source,
                 **run["data"],
                 "root": Path(run["data"]["root"]).name,
                 "validation": "carved from train by patient, stratified, seeded "
@@ -158,20 +151,41 @@ def export_run(
         meta = write_bundle(out_dir, onnx_path, meta)
 
     shutil.copytree(run_dir / "report", out_dir / "report", dirs_exist_ok=True)
-    (out_dir / "MODEL_CARD.md").write_text(model_card(meta, run))
+    write_model_card(out_dir, meta, run)
     read_bundle(out_dir)  # what the service will do at start-up
     print(f"bundle written: {out_dir} (sha256 {meta.onnx_sha256[:12]}...)")
     return meta
 
 
+def write_model_card(out_dir: Path, meta: BundleMeta, run: dict) -> None:
+    (out_dir / "MODEL_CARD.md").write_text(model_card(meta, run))
+
+
 def model_card(meta: BundleMeta, run: dict) -> str:
+    """MODEL_CARD.md from the bundle's own metadata (so an INT8 card shows INT8 figures)."""
     v = meta.validation_metrics
     data = meta.training_data
-    others = "".join(
+    others = v.get("other_splits", {})
+    rows = "".join(
         f"| {name} | {m['n']} | {_fmt(m['auc'])} | {m['sensitivity']:.3f} | "
         f"{m['specificity']:.3f} |\n"
-        for name, m in v.get("other_splits", {}).items()
+        for name, m in others.items()
     )
+    small = [f"{name} ({m['n']} images)" for name, m in others.items() if m["n"] < 100]
+    small_note = (f" Too few images to mean much: {', '.join(small)}." if small else "")
+    if data["source"] == DATA_CREDIT:
+        population = ("Pediatric patients (1-5 years) of one hospital (Guangzhou Women and "
+                      "Children's Medical Center), one acquisition pipeline.")
+    else:
+        population = f"Trained on: {data['source']}."
+    conversion = (f"Keras and onnxruntime agree to {v['parity_max_abs_diff']:.1e} (max abs "
+                  "difference of probabilities on real X-rays)."
+                  if "parity_max_abs_diff" in v else
+                  f"{v.get('quantization', '')}; validation AUC {_fmt(v['auc'])} against "
+                  f"{_fmt(v.get('fp32_reference', {}).get('auc'))} for the FP32 model.")
+    weights = run["config"]["weights"]
+    start = {"imagenet": "ImageNet-pretrained", "none": "randomly initialised, no pretraining"}.get(
+        weights, f"ImageNet-pretrained, weights file {Path(weights).name}")
     return f"""# Model card: {meta.name} {meta.version}
 
 ## Intended use
@@ -182,13 +196,12 @@ probabilities of {", ".join(meta.labels)} and a screening label at threshold
 {meta.threshold:.4f} on P({meta.positive_label}).
 
 ## Model
-- Backbone: {meta.backbone} (ImageNet-pretrained), input {meta.input.height} x {meta.input.width}
+- Backbone: {meta.backbone} ({start}), input {meta.input.height} x {meta.input.width}
   greyscale repeated to 3 channels, uint8; global average pooling, dropout, linear softmax head.
 - Fine-tuned in two phases (frozen backbone, then top layers), class-weighted, with
   geometric and exposure augmentation (no flips). {run["epochs_run"]} epochs,
   {run["wall_time_s"] / 60:.0f} min on the training machine.
-- Exported to ONNX (opset {OPSET}); Keras and onnxruntime agree to
-  {v["parity_max_abs_diff"]:.1e} (max abs difference of probabilities on real X-rays).
+- ONNX (opset {OPSET}). {conversion}
 
 ## Data
 {data["source"]}
@@ -196,25 +209,24 @@ probabilities of {", ".join(meta.labels)} and a screening label at threshold
 Training: {data["train_images"]} images of {data["train_patients"]} patients
 {data["train_counts"]}. Validation: {data["validation_images"]} images of
 {data["validation_patients"]} other patients {data["validation_counts"]}, carved from the
-official train split by patient (no patient on both sides).
+training folder by patient (no patient on both sides).
 
-## Metrics (validation split, by patient)
-Threshold: {v["threshold_rule"]}.
+## Metrics
+Threshold: {v.get("threshold_rule", "chosen on the validation split")}.
 
 | split | images | AUC | sensitivity | specificity |
 |---|---|---|---|---|
 | validation (by patient) | {v["n"]} | {_fmt(v["auc"])} | {v["sensitivity"]:.3f} | {v["specificity"]:.3f} |
-{others}
+{rows}
 Accuracy {v["accuracy"]:.3f}, precision {v["precision"]:.3f}, F1 {v["f1"]:.3f};
-confusion matrix {v["confusion_matrix"]}. The official val folder has 16 images: too few to
-mean much. Figures: report/metrics.json, report/roc.png, report/confusion_matrix.png.
+confusion matrix {v["confusion_matrix"]}.{small_note} Figures: report/metrics.json,
+report/roc.png, report/confusion_matrix.png.
 
 ## Limits
-- Pediatric patients (1-5 years) of one hospital (Guangzhou Women and Children's Medical
-  Center), one acquisition pipeline. Performance on adults, other hospitals, other devices
-  or portable films is unknown, and published results on this data set show test-set
-  specificity well below validation specificity.
-- Validation images come from the same hospital and period as training; expect lower
+- {population} Performance on other populations, hospitals, devices or portable films is
+  unknown; published results on the Kermany data set show test-set specificity well below
+  validation specificity.
+- Validation images come from the same source and period as training; expect lower
   figures elsewhere. Sensitivity was fixed on validation, not on the deployment population.
 - Not a diagnosis. Not cleared as a medical device. A clinician reads every image.
 """

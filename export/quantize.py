@@ -8,15 +8,14 @@ carries both figures, so nobody deploys it on faith.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from export.onnx_export import onnx_predict
+from export.onnx_export import onnx_predict, write_model_card
 from service.bundle import INPUT_NAME, BundleMeta, read_bundle, write_bundle
-from training.data import list_split, load_arrays
+from training.data import load_arrays, split_samples
 from training.metrics import binary_metrics, choose_threshold, positive_scores
 
 CALIBRATION_IMAGES = 256
@@ -36,9 +35,7 @@ class _Calibration:
 
 def _split_arrays(run_dir: Path, data_root: Path, run: dict, part: str,
                   cache_dir: Path | None, limit: int | None = None):
-    wanted = set(json.loads((run_dir / "split.json").read_text())[part])
-    samples = [s for s in list_split(data_root, "train", len(run["labels"]))
-               if str(s.path.relative_to(data_root)) in wanted]
+    samples = split_samples(run_dir, data_root, part, len(run["labels"]))
     if limit is not None:
         samples = samples[:: max(1, len(samples) // limit)][:limit]
     size = (run["input_size"], run["input_size"])
@@ -89,7 +86,6 @@ def quantize_bundle(fp32_dir: Path, out_dir: Path, run_dir: Path, data_root: Pat
             },
         })
         meta = write_bundle(out_dir, quantized, meta)
-    if (fp32_dir / "MODEL_CARD.md").is_file():
-        shutil.copy(fp32_dir / "MODEL_CARD.md", out_dir / "MODEL_CARD.md")
+    write_model_card(out_dir, meta, run)
     read_bundle(out_dir)
     return meta

@@ -7,6 +7,13 @@ from typing import Annotated
 
 import typer
 
+from training.data import DEFAULT_CACHE_DIR
+
+CacheDirOption = Annotated[
+    Path,
+    typer.Option(help="Where preprocessed arrays are cached, shared by train, evaluate and "
+                      "export (default ~/.cache/pneumoscreen)."),
+]
 DataOption = Annotated[
     Path,
     typer.Option(help="Data folder in the layout <root>/{train,val,test}/{NORMAL,PNEUMONIA}/.",
@@ -40,8 +47,7 @@ def train_command(
         help="The threshold is the highest one reaching this sensitivity on validation.")] = 0.95,
     augment: Annotated[bool, typer.Option(help="Geometric and exposure augmentation.")] = True,
     seed: int = 42,
-    cache_dir: Annotated[Path | None, typer.Option(
-        help="Where preprocessed arrays are cached (default ~/.cache/pneumoscreen).")] = None,
+    cache_dir: CacheDirOption = DEFAULT_CACHE_DIR,
 ) -> None:
     """Fine-tune an ImageNet CNN on a folder of X-rays, choose the threshold, write a report."""
     from training.train import TrainConfig, train
@@ -52,10 +58,8 @@ def train_command(
         fine_tune_layers=fine_tune_layers, batch_size=batch_size, learning_rate=learning_rate,
         fine_tune_learning_rate=fine_tune_learning_rate, patience=patience,
         val_fraction=val_fraction, target_sensitivity=target_sensitivity, augment=augment,
-        seed=seed,
+        seed=seed, cache_dir=cache_dir,
     )
-    if cache_dir is not None:
-        config.cache_dir = cache_dir
     train(config)
 
 
@@ -64,9 +68,9 @@ def evaluate_command(
                                       file_okay=False)],
     data: DataOption,
     batch_size: int = 32,
+    cache_dir: CacheDirOption = DEFAULT_CACHE_DIR,
 ) -> None:
     """Report AUC, sensitivity, specificity, ... of a run at its threshold (report/)."""
     from training.evaluate import evaluate_run
 
-    evaluate_run(run, data, batch_size=batch_size,
-                 cache_dir=Path.home() / ".cache" / "pneumoscreen")
+    evaluate_run(run, data, batch_size=batch_size, cache_dir=cache_dir)

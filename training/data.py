@@ -23,8 +23,12 @@ BINARY_LABELS = ("NORMAL", "PNEUMONIA")
 SUBTYPE_LABELS = ("NORMAL", "BACTERIAL", "VIRAL")
 POSITIVE_LABEL = "PNEUMONIA"
 NEGATIVE_LABEL = "NORMAL"
-# Bump when the preprocessing changes, so stale caches are not reused.
-CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pneumoscreen"
+DATA_CREDIT = (
+    "Kermany, Zhang, Goldbaum. Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "
+    "Images for Classification. Mendeley Data v2, doi:10.17632/rscbjbr9sj.2 (CC BY 4.0); "
+    "Kermany et al., Cell 172(5), 2018."
+)
 
 # Patient ids as the data set's README documents them:
 #   person1946_bacteria_4874.jpeg -> person1946
@@ -108,6 +112,20 @@ def split_by_patient(
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
+def split_samples(run_dir: Path, data_root: Path, part: str, n_labels: int) -> list[Sample]:
+    """The `train` or `validation` side of a run's patient-level split (its split.json)."""
+    wanted = json.loads((run_dir / "split.json").read_text())[part]
+    by_path = {str(s.path.relative_to(data_root)): s
+               for s in list_split(data_root, "train", n_labels)}
+    missing = [p for p in wanted if p not in by_path]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} {part} images of {run_dir} are not under {data_root}/train "
+            f"(e.g. {missing[0]}): use the data folder the run was trained on"
+        )
+    return [by_path[p] for p in wanted]
+
+
 def label_counts(samples: list[Sample]) -> dict[str, int]:
     return dict(sorted(Counter(s.label for s in samples).items()))
 
@@ -147,8 +165,16 @@ def load_arrays(
 
 
 def _cache_key(samples: list[Sample], size: tuple[int, int]) -> str:
+    """Changes with the files, the size, the preprocessing code and the decoders' versions,
+    so a cache never serves arrays the current pipeline would not produce."""
+    from importlib.metadata import version
+
+    import service.preprocessing
+
     digest = hashlib.sha256()
-    digest.update(json.dumps({"v": CACHE_VERSION, "size": size}).encode())
+    digest.update(Path(service.preprocessing.__file__).read_bytes())
+    decoders = {name: version(name) for name in ("pillow", "numpy", "pydicom")}
+    digest.update(json.dumps({"size": size, "decoders": decoders}).encode())
     for sample in samples:
         stat = sample.path.stat()
         digest.update(f"{sample.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())

@@ -23,6 +23,8 @@ BACKBONE="${BACKBONE:-mobilenet}"
 RUN_DIR="${RUN_DIR:-/runs/${BACKBONE}}"
 BUNDLE_DIR="${BUNDLE_DIR:-/models/custom}"
 MODEL_VERSION="${MODEL_VERSION:-1.0.0}"
+# On the /runs volume, so a second run does not decode the images again.
+CACHE_DIR="${CACHE_DIR:-/runs/.cache}"
 
 if [ ! -d "${DATA_DIR}/train" ]; then
   echo "error: no training data in ${DATA_DIR}: expected ${DATA_DIR}/train/{NORMAL,PNEUMONIA}/." >&2
@@ -39,14 +41,14 @@ case "${WEIGHTS}" in
     ;;
 esac
 
-train_args=(--data "${DATA_DIR}" --backbone "${BACKBONE}" --weights "${WEIGHTS}" --out "${RUN_DIR}")
+train_args=(--data "${DATA_DIR}" --backbone "${BACKBONE}" --weights "${WEIGHTS}" --out "${RUN_DIR}" --cache-dir "${CACHE_DIR}")
 [ -n "${EPOCHS_FROZEN:-}" ] && train_args+=(--epochs-frozen "${EPOCHS_FROZEN}")
 [ -n "${EPOCHS_FINETUNE:-}" ] && train_args+=(--epochs-finetune "${EPOCHS_FINETUNE}")
 [ -n "${BATCH_SIZE:-}" ] && train_args+=(--batch-size "${BATCH_SIZE}")
 # shellcheck disable=SC2206  # word splitting of the free-form options is intended
 train_args+=(${TRAIN_ARGS:-})
 
-export_args=(--run "${RUN_DIR}" --out "${BUNDLE_DIR}" --data "${DATA_DIR}" --version "${MODEL_VERSION}")
+export_args=(--run "${RUN_DIR}" --out "${BUNDLE_DIR}" --data "${DATA_DIR}" --version "${MODEL_VERSION}" --cache-dir "${CACHE_DIR}")
 # shellcheck disable=SC2206
 export_args+=(${EXPORT_ARGS:-})
 

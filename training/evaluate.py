@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import Sample, list_split, load_arrays, patient_id
+from training.data import Sample, list_split, load_arrays, patient_id, split_samples
 from training.metrics import binary_metrics, plot_confusion, plot_roc, positive_scores
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -25,17 +25,7 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 def run_splits(run_dir: Path, data_root: Path, n_labels: int) -> dict[str, list[Sample]]:
     """The splits to report, in order: validation (by patient), official_val, test."""
-    split = json.loads((run_dir / "split.json").read_text())
-    by_path = {}
-    for sample in list_split(data_root, "train", n_labels):
-        by_path[str(sample.path.relative_to(data_root))] = sample
-    missing = [p for p in split["validation"] if p not in by_path]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} validation images of this run are not under {data_root}/train "
-            f"(e.g. {missing[0]}): evaluate with the data folder the run was trained on"
-        )
-    splits = {"validation": [by_path[p] for p in split["validation"]]}
+    splits = {"validation": split_samples(run_dir, data_root, "validation", n_labels)}
     for name, folder in (("official_val", "val"), ("test", "test")):
         samples = list_split(data_root, folder, n_labels)
         if samples:

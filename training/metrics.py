@@ -48,7 +48,7 @@ def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> 
     f1 = _ratio(2 * precision * sensitivity, precision + sensitivity)
     both = 0 < y_true.sum() < len(y_true)
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "n_positive": int(y_true.sum()),
         "threshold": float(threshold),
         "auc": float(roc_auc_score(y_true, scores)) if both else None,

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from training.data import (
+    DEFAULT_CACHE_DIR,
     NEGATIVE_LABEL,
     POSITIVE_LABEL,
     Sample,
@@ -58,15 +59,35 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     augment: bool = True
     seed: int = 42
-    cache_dir: Path | None = field(default_factory=lambda: Path.home() / ".cache" / "pneumoscreen")
+    cache_dir: Path | None = DEFAULT_CACHE_DIR
     verbose: int = 2
 
 
 def train(config: TrainConfig) -> dict:
     import keras
     import tensorflow as tf
+    from sklearn.metrics import roc_auc_score
 
     from training.model import backbone_spec, build_model, unfreeze_top
+
+    class ValidationAUC(keras.callbacks.Callback):
+        """AUC of P(pneumonia) on the validation split, logged as `val_auc` each epoch."""
+
+        def __init__(self, x_val, y_val, positive_indices, batch_size):
+            super().__init__()
+            self.x_val, self.batch_size = x_val, batch_size
+            self.positive_indices = positive_indices
+            self.y_positive = np.isin(y_val, positive_indices)
+            self.best = float("-inf")
+
+        def on_epoch_end(self, epoch, logs=None):
+            probabilities = self.model.predict(self.x_val, batch_size=self.batch_size, verbose=0)
+            scores = positive_scores(probabilities, self.positive_indices)
+            value = float(roc_auc_score(self.y_positive, scores))
+            self.best = max(self.best, value)
+            if logs is not None:
+                logs["val_auc"] = value
+            print(f" - val_auc: {value:.4f}")
 
     started = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
@@ -128,7 +149,9 @@ def train(config: TrainConfig) -> dict:
 
     print(f"phase 1: frozen {config.backbone} backbone, head only")
     epoch = fit(config.learning_rate, config.epochs_frozen, 0)
-    n_layers = config.fine_tune_layers or backbone_spec(config.backbone).fine_tune_layers
+    n_layers = config.fine_tune_layers
+    if n_layers is None:
+        n_layers = backbone_spec(config.backbone).fine_tune_layers
     unfrozen = unfreeze_top(model, n_layers)
     print(f"phase 2: fine-tuning the top {n_layers} backbone layers ({unfrozen} with weights)")
     fit(config.fine_tune_learning_rate, config.epochs_finetune, epoch)
@@ -213,36 +236,6 @@ def augmentation(keras, seed: int):
         ],
         name="augmentation",
     )
-
-
-def _validation_auc_class():
-    import keras
-    from sklearn.metrics import roc_auc_score
-
-    class ValidationAUC(keras.callbacks.Callback):
-        """AUC of P(pneumonia) on the validation split, logged as `val_auc` each epoch."""
-
-        def __init__(self, x_val, y_val, positive_indices, batch_size):
-            super().__init__()
-            self.x_val, self.batch_size = x_val, batch_size
-            self.positive_indices = positive_indices
-            self.y_positive = np.isin(y_val, positive_indices)
-            self.best = float("-inf")
-
-        def on_epoch_end(self, epoch, logs=None):
-            probabilities = self.model.predict(self.x_val, batch_size=self.batch_size, verbose=0)
-            value = float(roc_auc_score(self.y_positive,
-                                        positive_scores(probabilities, self.positive_indices)))
-            self.best = max(self.best, value)
-            if logs is not None:
-                logs["val_auc"] = value
-            print(f" - val_auc: {value:.4f}")
-
-    return ValidationAUC
-
-
-def ValidationAUC(*args, **kwargs):  # noqa: N802 - reads as the class it builds
-    return _validation_auc_class()(*args, **kwargs)
 
 
 def _write_split(config: TrainConfig, train: list[Sample], val: list[Sample]) -> None:

@@ -41,10 +41,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "--cache-dir", str(base / "cache"),
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    result = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--data", str(DATA)])
+    cache = ["--cache-dir", str(base / "cache")]
+    result = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--data", str(DATA), *cache])
     assert result.exit_code == 0, result.output + repr(result.exception)
     result = runner.invoke(app, ["export", "--run", str(run_dir), "--data", str(DATA),
-                                 "--out", str(bundle_dir), "--version", "0.0.1-test"])
+                                 "--out", str(bundle_dir), "--version", "0.0.1-test", *cache])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return {"run": run_dir, "bundle": bundle_dir, "weights": Path(weights)}
 
@@ -115,7 +116,7 @@ def test_three_label_mode_trains_and_exports(tmp_path: Path) -> None:
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
     result = runner.invoke(app, ["export", "--run", str(run_dir), "--data", str(DATA),
-                                 "--out", str(bundle_dir)])
+                                 "--out", str(bundle_dir), "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     meta = read_bundle(bundle_dir)
     assert meta.labels == ["NORMAL", "BACTERIAL", "VIRAL"]

@@ -77,7 +77,7 @@ def test_split_keeps_each_patient_on_one_side_and_is_stratified() -> None:
     assert len(train) + len(val) == len(samples)
     assert not {s.patient for s in train} & {s.patient for s in val}
     assert 0.10 < len(val) / len(samples) < 0.20
-    share = lambda xs: sum(s.label == "PNEUMONIA" for s in xs) / len(xs)  # noqa: E731
+    share = lambda xs: sum(s.label == "PNEUMONIA" for s in xs) / len(xs)
     assert abs(share(val) - share(samples)) < 0.05
 
 
@@ -118,7 +118,9 @@ def test_class_weights_balance_the_classes() -> None:
     assert weights[0] == pytest.approx(2.0)
 
 
-def test_load_arrays_uses_the_service_preprocessing_and_caches(tmp_path: Path) -> None:
+def test_load_arrays_uses_the_service_preprocessing_and_caches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from service.preprocessing import load_model_input
 
     samples = list_split(FIXTURES, "val")
@@ -127,5 +129,12 @@ def test_load_arrays_uses_the_service_preprocessing_and_caches(tmp_path: Path) -
     assert list(y) == [0 if s.label == "NORMAL" else 1 for s in samples]
     np.testing.assert_array_equal(x[0], load_model_input(samples[0].path.read_bytes(), 96, 96))
     assert len(list(tmp_path.glob("inputs-*.npy"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again although the cache holds these images")
+
+    monkeypatch.setattr("training.data.load_model_input", no_decoding)
     again, _ = load_arrays(samples, ("NORMAL", "PNEUMONIA"), (96, 96), tmp_path)
     np.testing.assert_array_equal(x, again)
+    with pytest.raises(AssertionError, match="decoded again"):  # another size: a new entry
+        load_arrays(samples, ("NORMAL", "PNEUMONIA"), (64, 64), tmp_path)
