@@ -188,7 +188,7 @@ def _decode_pillow(
 
 def _pillow_to_grey(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _rescale_to_uint8(np.asarray(image, dtype=np.float64))
+        return _rescale_to_uint8(np.asarray(image))
     if image.mode != "L":
         # Palette, RGB, RGBA, LA and 1-bit all have a defined luminance; alpha is ignored.
         image = image.convert("L")
@@ -233,7 +233,9 @@ def _decode_dicom_dataset(data: bytes, limits: DecodeLimits) -> np.ndarray:
     if "PixelData" not in dataset:
         raise UnsupportedImage("the DICOM file holds no image (no PixelData)")
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
-    _check_pixels(columns, rows, limits)
+    # An RGB DICOM holds (and decodes to) three values per pixel: count them all.
+    samples = max(1, int(dataset.get("SamplesPerPixel", 1) or 1))
+    _check_pixels(columns, rows, limits, samples)
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         raise UnsupportedImage("multi-frame DICOM is not supported; send one frame")
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -253,7 +255,7 @@ def _decode_dicom_dataset(data: bytes, limits: DecodeLimits) -> np.ndarray:
             raise UnsupportedImage(f"unexpected DICOM pixel array shape {pixels.shape}")
         values = apply_modality_lut(pixels, dataset)
         values = apply_voi_lut(values, dataset)
-        grey = _rescale_to_uint8(np.asarray(values, dtype=np.float64))
+        grey = _rescale_to_uint8(np.asarray(values))
         # MONOCHROME1 means the lowest value is white: invert so bone is bright as in training.
         return 255 - grey if photometric == "MONOCHROME1" else grey
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
@@ -261,7 +263,7 @@ def _decode_dicom_dataset(data: bytes, limits: DecodeLimits) -> np.ndarray:
             from pydicom.pixels import convert_color_space
 
             pixels = convert_color_space(pixels, photometric, "RGB")
-        rgb = Image.fromarray(_rescale_to_uint8(np.asarray(pixels, dtype=np.float64)), "RGB")
+        rgb = Image.fromarray(_rescale_to_uint8(np.asarray(pixels)), "RGB")
         return np.asarray(rgb.convert("L"), dtype=np.uint8)
     raise UnsupportedImage(f"DICOM photometric interpretation {photometric} is not supported")
 
@@ -269,23 +271,61 @@ def _decode_dicom_dataset(data: bytes, limits: DecodeLimits) -> np.ndarray:
 # --- helpers --------------------------------------------------------------------------
 
 
-def _check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
+def _check_pixels(width: int, height: int, limits: DecodeLimits, samples: int = 1) -> None:
+    """Reject before decoding. `samples` values per pixel (3 for RGB DICOM) count as that
+    many pixels: the decoded array is that much larger."""
     if width <= 0 or height <= 0:
         raise CorruptImage("the image declares no pixels")
-    if width * height > limits.max_pixels:
+    count = width * height * samples
+    if count > limits.max_pixels:
+        per_pixel = f" x {samples} samples" if samples > 1 else ""
         raise ImageTooLarge(
-            f"image is {width}x{height} px ({width * height:,} pixels); "
-            f"the limit is {limits.max_pixels:,}"
+            f"image is {width}x{height} px{per_pixel} ({count:,} values); "
+            f"the limit is {limits.max_pixels:,} pixels"
         )
 
 
+# Integer images whose value range spans at most this many levels (all 8-16 bit data) are
+# mapped through a lookup table: no float copy of the image at all.
+_LUT_MAX_SPAN = 1 << 16
+
+
 def _rescale_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Map the image's own value range linearly onto 0..255 (12-16 bit data, LUT output)."""
+    """Map the image's own value range linearly onto 0..255 (12-16 bit data, LUT output).
+
+    Memory matters here (MAX_PIXELS allows 40 M pixels): integer data goes through a
+    uint8 lookup table indexed by a uint16 offset array (2 bytes a pixel); other data is
+    scaled in one float32 copy, in place (4 bytes a pixel). The result is
+    rint((v - min) * 255 / (max - min)), as in float64, within one grey level.
+    """
+    if values.size == 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    if values.dtype.kind in "iu":
+        low, high = int(np.min(values)), int(np.max(values))
+        if high <= low:
+            return np.zeros(values.shape, dtype=np.uint8)
+        span = high - low
+        if span < _LUT_MAX_SPAN:
+            lut = np.rint(np.arange(span + 1, dtype=np.float64) * (255.0 / span))
+            lut = lut.astype(np.uint8)
+            offsets = np.empty(values.shape, dtype=np.uint16)
+            # values - low lies in 0..span; a signed dtype may wrap while subtracting, but
+            # the wrapped result cast to uint16 is still exact (arithmetic modulo 2**16).
+            np.subtract(values, values.dtype.type(low), out=offsets, casting="unsafe")
+            return lut[offsets]
     low, high = float(np.min(values)), float(np.max(values))
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise CorruptImage("the image holds non-finite pixel values")
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    # The one working copy. The subtraction runs in float64 a buffer at a time (values
+    # far from zero keep their precision); only its result is stored as float32.
+    scaled = np.empty(values.shape, dtype=np.float32)
+    np.subtract(values, low, out=scaled, casting="unsafe")
+    scaled *= np.float32(255.0 / (high - low))
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def _short(exc: BaseException) -> str:

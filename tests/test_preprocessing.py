@@ -259,6 +259,58 @@ def test_png_16bit_grey_is_rescaled_to_full_range(grey: np.ndarray) -> None:
     assert np.abs(decoded_narrow.astype(np.float64) - stretched).max() <= 1.0
 
 
+def test_png_16bit_4_megapixels_decodes_without_float64_copies() -> None:
+    """A 34 KB 16-bit PNG of 2000x2000 px once peaked at ~128 MB of numpy arrays (float64
+    temporaries); at MAX_PIXELS=40M that is ~1.3 GB per upload."""
+    import tracemalloc
+
+    ramp = np.add.outer(np.arange(2000), np.arange(2000)).astype(np.uint16) * 16
+    data = _encode(Image.fromarray(ramp), "PNG")
+    assert len(data) < 100_000
+    tracemalloc.start()
+    try:
+        decoded = decode_grey(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoded.shape == (2000, 2000) and decoded.dtype == np.uint8
+    assert decoded.min() == 0 and decoded.max() == 255
+    # uint16 pixels (8 MB), a uint16 offset array (8 MB) and the uint8 result (4 MB).
+    assert peak < 24 * 1024 * 1024, f"peak {peak / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(3, 250, dtype=np.uint8).reshape(13, 19),
+        np.arange(0, 65536, 7, dtype=np.uint16).reshape(-1, 1),
+        (np.arange(6000).reshape(60, 100) + 100).astype(">u2"),  # big-endian 16-bit PNG rows
+        np.arange(-32768, 32768, 3, dtype=np.int16).reshape(-1, 1),  # wraps while subtracting
+        (np.arange(4096).reshape(64, 64) + 10**9).astype(np.int32),
+        np.linspace(-(2**31), 2**31 - 1, 5000).astype(np.int64).astype(np.int32).reshape(50, 100),
+        np.linspace(-1000.5, 3000.25, 5000).reshape(50, 100),  # float64 (DICOM LUT output)
+        np.linspace(0, 50, 5000).reshape(50, 100) + 1e9,  # far from zero: no float32 loss
+        np.linspace(-1, 1, 5000, dtype=np.float32).reshape(50, 100),
+        np.arange(3 * 20 * 30, dtype=np.uint16).reshape(20, 30, 3),  # RGB DICOM samples
+    ],
+    ids=["uint8", "uint16-full", "uint16-big-endian", "int16-full", "int32-narrow",
+         "int32-wide", "float64", "float64-offset", "float32", "rgb"],
+)
+def test_rescale_matches_float64_within_one_grey_level(values: np.ndarray) -> None:
+    from service.preprocessing import _rescale_to_uint8
+
+    reference = values.astype(np.float64)
+    low, high = reference.min(), reference.max()
+    expected = np.clip(np.rint((reference - low) * (255.0 / (high - low))), 0, 255)
+    result = _rescale_to_uint8(values)
+    assert result.dtype == np.uint8 and result.shape == values.shape
+    assert result.min() == 0 and result.max() == 255
+    assert np.abs(result.astype(np.float64) - expected).max() <= 1.0
+    assert np.array_equal(_rescale_to_uint8(np.full((4, 4), 7, np.uint16)), np.zeros((4, 4)))
+    with pytest.raises(CorruptImage):
+        _rescale_to_uint8(np.array([[0.0, np.nan]]))
+
+
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "P"])
 def test_png_colour_modes_give_the_grey_source(grey: np.ndarray, mode: str) -> None:
     source = Image.fromarray(grey)
@@ -362,6 +414,28 @@ def test_dicom_rescale_slope_intercept_comes_before_the_window(grey: np.ndarray)
     )
     expected = decode_grey(dicom_bytes(stored, window=(2048, 2048)))
     assert np.abs(windowed.astype(np.int16) - expected.astype(np.int16)).max() <= 1
+
+
+def _rgb_dicom(rgb: np.ndarray) -> bytes:
+    ds = make_dataset(None, rows_columns=rgb.shape[:2])
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.PixelData = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+    ds["PixelData"].VR = "OB"
+    return to_bytes(ds)
+
+
+def test_dicom_rgb_becomes_grey_and_counts_three_samples_per_pixel(grey: np.ndarray) -> None:
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    data = _rgb_dicom(rgb)
+    decoded = decode_grey(data)
+    assert decoded.shape == grey.shape
+    assert np.abs(decoded.astype(np.int16) - grey.astype(np.int16)).max() <= 1
+    # Three values a pixel: an RGB image of N pixels needs a limit of 3 N, not N.
+    with pytest.raises(ImageTooLarge, match="3 samples"):
+        decode_grey(data, limits=DecodeLimits(max_pixels=grey.size * 3 - 1))
+    assert decode_grey(data, limits=DecodeLimits(max_pixels=grey.size * 3)).shape == grey.shape
 
 
 def test_dicom_real_xray_becomes_the_same_model_input_as_its_jpeg() -> None:
