@@ -18,6 +18,7 @@ import numpy as np
 
 from service.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, BundleMeta, read_bundle
 from service.config import Settings
+from service.scoring import normalise, positive_probability
 
 log = logging.getLogger("pneumoscreen.model")
 
@@ -57,19 +58,16 @@ def choose_providers(setting: str, available: list[str]) -> list[str]:
 def score(meta: BundleMeta, row: np.ndarray) -> Scored:
     """One row of model output -> label, screening decision and probabilities.
 
-    Probabilities are renormalised in float64 so they sum to 1 despite float32 rounding.
-    The label follows the threshold: when positive, the most probable positive label
-    (positive_label itself for a two-label model); otherwise the most probable of the
-    others (negative_label for a two-label model).
+    Probabilities and P(positive) come from service.scoring, the same functions training
+    used to choose the threshold (renormalised in float64 so they sum to 1 despite
+    float32 rounding). The label follows the threshold: when positive, the most probable
+    positive label (positive_label itself for a two-label model); otherwise the most
+    probable of the others (negative_label for a two-label model).
     """
-    values = np.clip(np.asarray(row, dtype=np.float64), 0.0, None)
-    total = float(values.sum())
-    if not np.isfinite(total) or total <= 0.0:
-        raise ValueError("the model returned no usable probabilities")
-    values = values / total
+    values = normalise(row)
     positive = meta.positive_indices()
-    positive_probability = float(min(1.0, max(0.0, values[positive].sum())))
-    screen_positive = positive_probability >= meta.threshold
+    p_positive = float(positive_probability(row, positive))
+    screen_positive = p_positive >= meta.threshold
     if len(meta.labels) == 2:
         label = meta.positive_label if screen_positive else meta.negative_label
     else:
@@ -81,7 +79,7 @@ def score(meta: BundleMeta, row: np.ndarray) -> Scored:
         label=label,
         screen_positive=bool(screen_positive),
         probabilities={name: float(p) for name, p in zip(meta.labels, values, strict=True)},
-        positive_probability=positive_probability,
+        positive_probability=p_positive,
     )
 
 

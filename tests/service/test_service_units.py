@@ -18,6 +18,7 @@ from service.config import Settings
 from service.docs import openapi_3_0
 from service.inference import CPU, CUDA, ModelRunner, choose_providers, score
 from service.main import create_app
+from service.scoring import normalise, positive_probability
 from service.security import key_matches
 
 
@@ -41,6 +42,25 @@ def test_score_three_labels(tmp_path: Path) -> None:
     assert positive.positive_probability == pytest.approx(0.55)
     negative = score(meta, np.array([0.6, 0.3, 0.1]))
     assert not negative.screen_positive and negative.label == "NORMAL"
+
+
+@pytest.mark.parametrize("labels", [("NORMAL", "PNEUMONIA"), ("NORMAL", "BACTERIAL", "VIRAL")])
+def test_score_uses_the_training_definition_of_p_positive(
+    tmp_path: Path, labels: tuple[str, ...]
+) -> None:
+    """The service decides with exactly the value the threshold was chosen on."""
+    meta = make_tiny_bundle(tmp_path, labels=labels, threshold=0.5)
+    rows = np.random.default_rng(7).dirichlet(np.ones(len(labels)), 200).astype(np.float32)
+    rows[::3] *= np.float32(1.0000003)  # float32 rows that do not quite sum to 1
+    expected = positive_probability(rows, meta.positive_indices())
+    probabilities = normalise(rows)
+    for row, p_positive, row_probabilities in zip(rows, expected, probabilities, strict=True):
+        scored = score(meta, row)
+        assert scored.positive_probability == float(p_positive)
+        assert list(scored.probabilities.values()) == [float(p) for p in row_probabilities]
+        assert scored.screen_positive == (float(p_positive) >= meta.threshold)
+    with pytest.raises(ValueError, match="no usable probabilities"):
+        score(meta, np.zeros(len(labels), dtype=np.float32))
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
