@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.inference import ModelNotReady
 from service.preprocessing import ImageError
 
 log = logging.getLogger("pneumoscreen.errors")
@@ -98,6 +99,17 @@ async def _image_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(api.status_code, api.code, api.message)
 
 
+# How long a client should wait before asking again while the model is not ready.
+RETRY_AFTER_SECONDS = 5
+
+
+async def _model_not_ready(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ModelNotReady)
+    return error_response(
+        503, "model_not_ready", str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+    )
+
+
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
@@ -141,6 +153,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(ImageError, _image_error)
+    app.add_exception_handler(ModelNotReady, _model_not_ready)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)

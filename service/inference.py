@@ -8,7 +8,6 @@ warm-up inference done) or `failed` (with the reason, shown by /health).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ State = Literal["loading", "ready", "failed"]
 
 
 class ModelNotReady(RuntimeError):
-    pass
+    """The model is still loading or failed to load: the API answers 503 model_not_ready
+    (service/errors.py)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,6 @@ class ModelRunner:
         self.meta: BundleMeta | None = None
         self.providers: list[str] = []
         self._session = None
-        self._lock = threading.Lock()
         self.executor = ThreadPoolExecutor(
             max_workers=settings.inference_threads, thread_name_prefix="pneumoscreen-infer"
         )
@@ -104,12 +103,10 @@ class ModelRunner:
         try:
             self._load()
         except Exception as exc:  # noqa: BLE001 - any failure is reported by /health
-            with self._lock:
-                self.state, self.error = "failed", str(exc) or type(exc).__name__
+            self.state, self.error = "failed", str(exc) or type(exc).__name__
             log.error("model failed to load from %s: %s", self.settings.model_dir, self.error)
             return
-        with self._lock:
-            self.state = "ready"
+        self.state = "ready"
         assert self.meta is not None
         log.info(
             "model %s %s ready in %.0f ms on %s",
@@ -167,8 +164,11 @@ class ModelRunner:
         return self.state == "ready"
 
     def require_ready(self) -> BundleMeta:
+        """The bundle's metadata, or ModelNotReady (503 model_not_ready) while loading or
+        after a failed load."""
         if not self.ready or self.meta is None:
-            raise ModelNotReady(self.error or "the model is still loading")
+            reason = self.error or "the model is still loading"
+            raise ModelNotReady(f"the model is not ready: {reason}")
         return self.meta
 
     def _run(self, batch: np.ndarray) -> np.ndarray:

@@ -87,15 +87,6 @@ def _batch_body(max_files: int) -> dict[str, Any]:
     }
 
 
-def _runner(request: Request) -> ModelRunner:
-    runner: ModelRunner = request.app.state.runner
-    if not runner.ready:
-        reason = runner.error or "the model is still loading"
-        raise ApiError(503, "model_not_ready", f"the model is not ready: {reason}",
-                       headers={"Retry-After": "5"})
-    return runner
-
-
 async def _decode(request: Request, runner: ModelRunner, data: bytes) -> np.ndarray:
     meta = runner.require_ready()
     limits = request.app.state.limits
@@ -142,7 +133,8 @@ def _model_ref(runner: ModelRunner) -> ModelRef:
 
 
 async def predict(request: Request) -> Prediction:
-    runner = _runner(request)
+    runner: ModelRunner = request.app.state.runner
+    runner.require_ready()  # before reading the body: 503 model_not_ready
     settings = request.app.state.settings
     form = await parse_form(request, max_files=1)
     try:
@@ -178,7 +170,8 @@ async def predict(request: Request) -> Prediction:
 
 
 async def predict_batch(request: Request) -> BatchResponse:
-    runner = _runner(request)
+    runner: ModelRunner = request.app.state.runner
+    runner.require_ready()  # before reading the body: 503 model_not_ready
     settings = request.app.state.settings
     metrics = request.app.state.metrics
     form = await parse_form(request, max_files=settings.max_batch_files)

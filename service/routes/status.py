@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.errors import ERROR_CODES, ApiError
+from service.errors import ERROR_CODES, RETRY_AFTER_SECONDS
 from service.inference import ModelRunner
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
@@ -72,7 +72,9 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
             "providers": [],
             "error": {"code": "model_loading", "message": "the model is still loading"},
         }
-    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse(
+        body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+    )
 
 
 @router.get(
@@ -83,10 +85,7 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
 )
 async def model_info(request: Request) -> ModelInfo:
     runner: ModelRunner = request.app.state.runner
-    meta = runner.meta
-    if not runner.ready or meta is None:
-        raise ApiError(503, "model_not_ready",
-                       f"the model is not ready: {runner.error or 'the model is still loading'}")
+    meta = runner.require_ready()
     return ModelInfo(
         name=meta.name,
         version=meta.version,

@@ -16,7 +16,7 @@ from xray_samples import SMALL
 from service.bundle import read_bundle
 from service.config import Settings
 from service.docs import openapi_3_0
-from service.inference import CPU, CUDA, ModelRunner, choose_providers, score
+from service.inference import CPU, CUDA, ModelNotReady, ModelRunner, choose_providers, score
 from service.main import create_app
 from service.scoring import normalise, positive_probability
 from service.security import key_matches
@@ -137,11 +137,45 @@ def test_while_loading_liveness_answers_and_predict_is_503(tiny_bundle: Path) ->
             predict = await client.post(
                 "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
             )
-            assert predict.status_code == 503
-            assert predict.json()["error"]["code"] == "model_not_ready"
-            assert predict.headers["retry-after"]
+            batch = await client.post(
+                "/predict/batch", files={"files": ("a.jpeg", SMALL[0].read_bytes())}
+            )
+            model = await client.get("/model")
+            for response in (predict, batch, model):
+                assert response.status_code == 503, response.request.url
+                assert response.json()["error"]["code"] == "model_not_ready"
+                assert "still loading" in response.json()["error"]["message"]
+                assert response.headers["retry-after"] == "5", response.request.url
 
     asyncio.run(run())
+
+
+def test_model_not_ready_raised_anywhere_is_a_503_not_a_500(tiny_bundle: Path) -> None:
+    """runner.require_ready() is the one readiness check; its ModelNotReady has a handler."""
+    app = create_app(Settings(model_dir=tiny_bundle))
+    runner: ModelRunner = app.state.runner
+    runner.load()
+    assert runner.ready
+
+    def unloaded(images: list[np.ndarray]) -> list:
+        raise ModelNotReady("the model is not ready: unloaded mid-request")
+
+    runner.predict = unloaded  # type: ignore[method-assign]
+
+    async def run() -> None:
+        async with _client(app) as client:
+            response = await client.post(
+                "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
+            )
+            assert response.status_code == 503, response.text
+            assert response.json() == {"error": {
+                "code": "model_not_ready",
+                "message": "the model is not ready: unloaded mid-request",
+            }}
+            assert response.headers["retry-after"] == "5"
+
+    asyncio.run(run())
+    runner.close()
 
 
 def test_unexpected_exception_is_a_json_500_without_traceback(tiny_bundle: Path) -> None:
