@@ -18,15 +18,6 @@ from service.preprocessing import ImageError
 
 log = logging.getLogger("pneumoscreen.errors")
 
-# ImageError.code (service/preprocessing.py) -> HTTP status.
-IMAGE_ERROR_STATUS: dict[str, int] = {
-    "empty_file": 400,
-    "invalid_image": 400,
-    "unsupported_media_type": 415,
-    "image_too_large": 413,
-    "image_too_small": 422,
-}
-
 # Every code the API can answer with, its status and when. docs/api.md mirrors this.
 ERROR_CODES: dict[str, tuple[int, str]] = {
     "empty_file": (400, "The uploaded file is empty."),
@@ -45,6 +36,23 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "validation_error": (422, "The request does not match the documented schema."),
     "internal_error": (500, "An unexpected server error; details are in the server log."),
     "model_not_ready": (503, "The model is still loading, or failed to load (see /health)."),
+}
+
+
+
+def _image_error_codes() -> set[str]:
+    """The codes of ImageError and all its subclasses (service/preprocessing.py)."""
+    codes, pending = set(), [ImageError]
+    while pending:
+        cls = pending.pop()
+        codes.add(cls.code)
+        pending.extend(cls.__subclasses__())
+    return codes
+
+
+# ImageError.code -> HTTP status, from ERROR_CODES (a code missing there fails at import).
+IMAGE_ERROR_STATUS: dict[str, int] = {
+    code: ERROR_CODES[code][0] for code in sorted(_image_error_codes())
 }
 
 

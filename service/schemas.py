@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.bundle import InputSpec
+
 _PROBS_EXAMPLE = {"NORMAL": 0.03, "PNEUMONIA": 0.97}
 
 
@@ -150,14 +152,6 @@ class LivenessResponse(BaseModel):
     status: Literal["alive"] = "alive"
 
 
-class InputInfo(BaseModel):
-    height: int = Field(examples=[224])
-    width: int = Field(examples=[224])
-    channels: int = Field(3, examples=[3])
-    resize: str = Field("stretch", examples=["stretch"])
-    colour: str = Field("greyscale-repeated", examples=["greyscale-repeated"])
-
-
 class ModelInfo(BaseModel):
     name: str = Field(examples=["pneumonia-mobilenet"])
     version: str = Field(examples=["1.0.0"])
@@ -167,7 +161,7 @@ class ModelInfo(BaseModel):
     positive_labels: list[str] = Field(examples=[["PNEUMONIA"]])
     negative_label: str = Field(examples=["NORMAL"])
     threshold: float = Field(examples=[0.41])
-    input: InputInfo
+    input: InputSpec = Field(description="What model.onnx takes, as in the bundle.")
     backbone: str = Field(examples=["mobilenet"])
     validation_metrics: dict[str, Any] = Field(
         examples=[{"roc_auc": 0.97, "sensitivity": 0.95, "specificity": 0.85}]

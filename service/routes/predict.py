@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 
+from service.bundle import BundleMeta
 from service.errors import ERROR_CODES, ApiError, image_error
 from service.inference import ModelRunner, Scored
 from service.preprocessing import ImageError, load_model_input, sniff_format
@@ -45,23 +47,8 @@ _FILE_SCHEMA = {
     "description": "A chest radiograph: JPEG, PNG or DICOM (detected from the content).",
 }
 
-_SINGLE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {"file": _FILE_SCHEMA},
-                }
-            }
-        },
-    }
-}
-
-
-def _batch_body(max_files: int) -> dict[str, Any]:
+def _multipart_body(field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its form by hand (service.uploads)."""
     return {
         "requestBody": {
             "required": True,
@@ -69,17 +56,8 @@ def _batch_body(max_files: int) -> dict[str, Any]:
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "required": ["files"],
-                        "properties": {
-                            "files": {
-                                "type": "array",
-                                "items": _FILE_SCHEMA,
-                                "minItems": 1,
-                                "maxItems": max_files,
-                                "description": f"1 to {max_files} radiographs, the field "
-                                "repeated once per file.",
-                            }
-                        },
+                        "required": [field],
+                        "properties": {field: schema},
                     }
                 }
             },
@@ -127,9 +105,13 @@ def _error_of(item: Upload) -> ApiError:
     return item.error
 
 
-def _model_ref(runner: ModelRunner) -> ModelRef:
-    meta = runner.require_ready()
+def _model_ref(meta: BundleMeta) -> ModelRef:
     return ModelRef(name=meta.name, version=meta.version)
+
+
+def _result_fields(result: Scored, meta: BundleMeta) -> dict[str, Any]:
+    """The fields a single prediction and a batch entry share."""
+    return {**dataclasses.asdict(result), "threshold": meta.threshold}
 
 
 async def predict(request: Request) -> Prediction:
@@ -159,12 +141,8 @@ async def predict(request: Request) -> Prediction:
     (result,), inference_ms = await _infer(request, runner, [image])
     meta = runner.require_ready()
     return Prediction(
-        label=result.label,
-        screen_positive=result.screen_positive,
-        probabilities=result.probabilities,
-        positive_probability=result.positive_probability,
-        threshold=meta.threshold,
-        model=_model_ref(runner),
+        **_result_fields(result, meta),
+        model=_model_ref(meta),
         inference_ms=round(inference_ms, 3),
     )
 
@@ -212,16 +190,9 @@ async def predict_batch(request: Request) -> BatchResponse:
             ))
             continue
         result = next(scores)
-        results.append(BatchItem(
-            filename=item.filename,
-            label=result.label,
-            screen_positive=result.screen_positive,
-            probabilities=result.probabilities,
-            positive_probability=result.positive_probability,
-            threshold=meta.threshold,
-        ))
+        results.append(BatchItem(filename=item.filename, **_result_fields(result, meta)))
     return BatchResponse(
-        results=results, model=_model_ref(runner), inference_ms=round(inference_ms, 3)
+        results=results, model=_model_ref(meta), inference_ms=round(inference_ms, 3)
     )
 
 
@@ -236,7 +207,7 @@ def build_router(max_batch_files: int) -> APIRouter:
         summary="Screen one chest X-ray",
         description="Upload one radiograph (JPEG, PNG or DICOM) as multipart/form-data in "
         "the field `file`. The answer is a screening aid, not a diagnosis.",
-        openapi_extra=_SINGLE_BODY,
+        openapi_extra=_multipart_body("file", _FILE_SCHEMA),
         responses=_errors(
             "empty_file", "invalid_image", "invalid_multipart", "unauthorized",
             "file_too_large", "request_too_large", "too_many_files", "image_too_large",
@@ -254,7 +225,14 @@ def build_router(max_batch_files: int) -> APIRouter:
         "repeating the field `files`. Results come back in request order; a file that "
         "cannot be read gets an `error` entry and does not fail the others. All readable "
         "images run through the model as one batch. A screening aid, not a diagnosis.",
-        openapi_extra=_batch_body(max_batch_files),
+        openapi_extra=_multipart_body("files", {
+            "type": "array",
+            "items": _FILE_SCHEMA,
+            "minItems": 1,
+            "maxItems": max_batch_files,
+            "description": f"1 to {max_batch_files} radiographs, the field repeated once "
+            "per file.",
+        }),
         responses=_errors(
             "invalid_multipart", "unauthorized", "request_too_large", "too_many_files",
             "missing_file", "model_not_ready",

@@ -11,7 +11,6 @@ from service.metrics import CONTENT_TYPE
 from service.schemas import (
     ErrorResponse,
     HealthResponse,
-    InputInfo,
     LivenessResponse,
     ModelInfo,
     ModelRefWithHash,
@@ -86,28 +85,10 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
 async def model_info(request: Request) -> ModelInfo:
     runner: ModelRunner = request.app.state.runner
     meta = runner.require_ready()
+    shared = set(ModelInfo.model_fields) & set(type(meta).model_fields)
     return ModelInfo(
-        name=meta.name,
-        version=meta.version,
+        **meta.model_dump(include=shared),
         sha256=meta.onnx_sha256,
-        labels=meta.labels,
-        positive_label=meta.positive_label,
-        positive_labels=meta.positive_labels,
-        negative_label=meta.negative_label,
-        threshold=meta.threshold,
-        input=InputInfo(
-            height=meta.input.height,
-            width=meta.input.width,
-            channels=meta.input.channels,
-            resize=meta.input.resize,
-            colour=meta.input.colour,
-        ),
-        backbone=meta.backbone,
-        validation_metrics=meta.validation_metrics,
-        training_data=meta.training_data,
-        created_at=meta.created_at,
-        tool_versions=meta.tool_versions,
-        intended_use=meta.intended_use,
         providers=runner.providers,
     )
 

@@ -22,6 +22,18 @@ def test_model_card(server: LiveServer, tiny_bundle: Path) -> None:
     assert "not a diagnosis" in body["intended_use"]
     assert body["sha256"] == meta.onnx_sha256
     assert body["positive_label"] == "PNEUMONIA" and body["negative_label"] == "NORMAL"
+    # Every field of the card is the bundle's own (the card is not copied field by field).
+    card = meta.model_dump(mode="json")
+    for name, value in body.items():
+        if name == "sha256":
+            assert value == card["onnx_sha256"]
+        elif name == "providers":
+            assert value == ["CPUExecutionProvider"]
+        elif name == "created_at":
+            assert value.replace("Z", "+00:00") == card[name].replace("Z", "+00:00")
+        else:
+            assert value == card[name], name
+    assert body["input"] == card["input"]
 
 
 def _value(text: str, name: str) -> float:

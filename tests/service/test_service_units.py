@@ -63,6 +63,20 @@ def test_score_uses_the_training_definition_of_p_positive(
         score(meta, np.zeros(len(labels), dtype=np.float32))
 
 
+def test_every_image_error_code_has_its_documented_status() -> None:
+    from service import preprocessing
+    from service.errors import ERROR_CODES, IMAGE_ERROR_STATUS, image_error
+
+    classes = [obj for obj in vars(preprocessing).values()
+               if isinstance(obj, type) and issubclass(obj, preprocessing.ImageError)]
+    assert {cls.code for cls in classes} == set(IMAGE_ERROR_STATUS)
+    for cls in classes:
+        api = image_error(cls("x"))
+        assert (api.status_code, api.code) == (ERROR_CODES[cls.code][0], cls.code)
+    assert IMAGE_ERROR_STATUS["image_too_large"] == 413
+    assert IMAGE_ERROR_STATUS["unsupported_media_type"] == 415
+
+
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALLOWED_TYPES", " JPG , png ")
     monkeypatch.setenv("api_key", "")
