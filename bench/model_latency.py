@@ -18,17 +18,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from bench.service_bench import find_images
 from service.bundle import INPUT_NAME, read_bundle
 from service.preprocessing import load_model_input
 
-SHARED_FULLRES = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_fullres"
-FIXTURE_FULLRES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "fullres"
-
 
 def xray_bytes(limit: int = 16) -> list[bytes]:
-    folder = SHARED_FULLRES if SHARED_FULLRES.is_dir() else FIXTURE_FULLRES
-    paths = sorted(folder.rglob("*.jpeg"))[:limit]
-    return [p.read_bytes() for p in paths]
+    _, samples = find_images(None)
+    return [sample.data for sample in samples[:limit]]
 
 
 def time_calls(session: ort.InferenceSession, batch: np.ndarray, runs: int) -> list[float]:
@@ -68,7 +65,7 @@ def main() -> None:
         per_image = statistics.median(batch) / 16
         megabytes = (directory / "model.onnx").stat().st_size / 1e6
         baseline = baseline or median
-        print(f"{str(directory):40s} {size:>7d} {median:13.1f} {p90:10.1f} {per_image:11.1f} "
+        print(f"{directory!s:40s} {size:>7d} {median:13.1f} {p90:10.1f} {per_image:11.1f} "
               f"{megabytes:6.1f}  ({median / baseline:.2f}x the first at batch 1)")
 
 

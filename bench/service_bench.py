@@ -48,8 +48,7 @@ for _path in (str(REPO_ROOT), str(TESTS_DIR)):
 
 from service.bundle import INPUT_NAME, MODEL_FILE, BundleError, read_bundle
 from service.preprocessing import decode_grey, load_model_input, to_model_input
-
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
+from training.data import IMAGE_SUFFIXES
 
 
 @dataclass
@@ -59,6 +58,7 @@ class Sample:
 
 
 def find_images(explicit: Path | None) -> tuple[Path, list[Sample]]:
+    """The full-resolution X-rays of `explicit`, else ../shared/data, else the fixtures."""
     for folder in ([explicit] if explicit else [SHARED_FULLRES, FIXTURE_FULLRES]):
         if folder is None or not folder.is_dir():
             continue

@@ -52,6 +52,18 @@ class LiveServer:
         return self.base_url + path
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate a child process we started and reap it; kill it if it will not stop."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -129,13 +141,7 @@ def live_server(
             raise ServerStartError(f"{exc}; server log:\n{server.log()[-4000:]}") from None
         yield server
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_process(process)
         log_file.close()
         with contextlib.suppress(OSError):
             os.unlink(log_file.name)

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from live_server import LiveServer
+from live_server import LiveServer, stop_process
 
 pytestmark = pytest.mark.browser
 
@@ -144,12 +144,7 @@ def headless_chromium() -> Iterator[CDP]:
         if cdp is not None:
             with contextlib.suppress(Exception):
                 cdp.close()
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
         if process.stderr:
             process.stderr.close()
         shutil.rmtree(profile, ignore_errors=True)
