@@ -16,6 +16,9 @@ from service.preprocessing import SUPPORTED_FORMATS, DecodeLimits
 
 MB = 1024 * 1024
 
+# uvicorn's log levels; `trace` is uvicorn's most verbose, the app itself logs at debug then.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -31,7 +34,9 @@ class Settings(BaseSettings):
     workers: int = Field(
         1, ge=1, description="Worker processes (`pneumoscreen serve`); each loads the model."
     )
-    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_level: str = Field(
+        "info", description=f"Log level: {', '.join(LOG_LEVELS)} (trace: uvicorn only)."
+    )
     api_key: SecretStr | None = Field(
         None,
         description="When set, /predict and /predict/batch need this value in header "
@@ -106,8 +111,8 @@ class Settings(BaseSettings):
     @classmethod
     def _log_level(cls, value: str) -> str:
         value = value.strip().lower()
-        if value not in {"critical", "error", "warning", "info", "debug", "trace"}:
-            raise ValueError("log_level must be one of critical, error, warning, info, debug")
+        if value not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         return value
 
     def decode_limits(self) -> DecodeLimits:

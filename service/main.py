@@ -49,7 +49,8 @@ TAGS = [
 
 def _configure_logging(level: str) -> None:
     logger = logging.getLogger("pneumoscreen")
-    numeric = logging.getLevelName(level.upper())
+    # "trace" is uvicorn's own level below debug; the app's most verbose is debug.
+    numeric = logging.DEBUG if level == "trace" else logging.getLevelName(level.upper())
     logger.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)

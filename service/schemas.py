@@ -164,7 +164,7 @@ class ModelInfo(BaseModel):
     input: InputSpec = Field(description="What model.onnx takes, as in the bundle.")
     backbone: str = Field(examples=["mobilenet"])
     validation_metrics: dict[str, Any] = Field(
-        examples=[{"roc_auc": 0.97, "sensitivity": 0.95, "specificity": 0.85}]
+        examples=[{"auc": 0.97, "sensitivity": 0.95, "specificity": 0.85}]
     )
     training_data: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import httpx
@@ -92,14 +93,45 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
 
 
-def test_every_setting_is_documented() -> None:
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("doc", ["docs/api.md", "README.md"])
+def test_every_setting_is_documented(doc: str) -> None:
+    """Each setting has a row `| `NAME` | default | description... |` in the docs, whose
+    text includes the description in service/config.py."""
+    text = (REPO / doc).read_text()
     for name, field in Settings.model_fields.items():
         assert field.description, name
-    docs = Path(__file__).resolve().parents[2] / "docs" / "api.md"
-    if docs.exists():
-        text = docs.read_text()
-        for name in Settings.model_fields:
-            assert f"`{name.upper()}`" in text, name
+        row = re.search(rf"^\| `{name.upper()}` \|[^|]*\|(.*)\|$", text, re.MULTILINE)
+        assert row, f"{doc} has no row for {name.upper()}"
+        assert field.description in row.group(1), (doc, name, row.group(1))
+
+
+def test_log_levels_accepted_are_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.config import LOG_LEVELS
+
+    for doc in ("docs/api.md", "README.md"):
+        row = re.search(r"^\| `LOG_LEVEL` \|.*$", (REPO / doc).read_text(), re.MULTILINE)
+        assert row, doc
+        documented = set(re.findall(r"\b(critical|error|warning|info|debug|trace)\b",
+                                    row.group(0)))
+        assert documented == set(LOG_LEVELS), doc
+    for level in LOG_LEVELS:
+        monkeypatch.setenv("LOG_LEVEL", level.upper())
+        assert Settings().log_level == level
+    monkeypatch.setenv("LOG_LEVEL", "verbose")
+    with pytest.raises(ValidationError, match="trace"):
+        Settings()
+
+
+def test_model_card_example_uses_the_bundle_metric_names() -> None:
+    from service.schemas import ModelInfo
+
+    [example] = ModelInfo.model_fields["validation_metrics"].examples
+    # export/onnx_export.py writes training.metrics.binary_metrics' names.
+    assert set(example) <= {"auc", "sensitivity", "specificity", "accuracy", "precision",
+                            "f1", "n", "n_positive", "confusion_matrix"}
 
 
 def test_providers_choice() -> None:
