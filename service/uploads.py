@@ -10,11 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import Request
-from starlette.requests import ClientDisconnect
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.errors import ApiError
+
+# The multipart parser's own cap on file parts (Starlette's default). Our limit is counted
+# on the parsed form below, so it never depends on the wording of the parser's error; the
+# request size itself is bounded by MAX_REQUEST_BYTES (service.middleware).
+_PARSER_MAX_FILES = 1000
 
 
 @dataclass
@@ -33,17 +38,21 @@ async def parse_form(request: Request, max_files: int) -> FormData:
             "send the image as multipart/form-data (field 'file' for /predict, "
             "repeated field 'files' for /predict/batch)",
         )
+    too_many = ApiError(413, "too_many_files", f"at most {max_files} file(s) per request")
     try:
-        return await request.form(max_files=max_files, max_fields=100)
+        form = await request.form(max_files=max(max_files, _PARSER_MAX_FILES), max_fields=100)
     except ClientDisconnect:
         raise ApiError(400, "invalid_multipart", "the client disconnected mid-upload") from None
     except StarletteHTTPException as exc:
         detail = str(exc.detail)
-        if detail.startswith("Too many files"):
-            raise ApiError(
-                413, "too_many_files", f"at most {max_files} file(s) per request"
-            ) from None
+        if detail.startswith("Too many files"):  # only past the parser's cap of 1000
+            raise too_many from None
         raise ApiError(400, "invalid_multipart", f"malformed multipart body: {detail}") from None
+    files = sum(isinstance(value, UploadFile) for _, value in form.multi_items())
+    if files > max_files:
+        await form.close()
+        raise too_many
+    return form
 
 
 def files_in(form: FormData, field: str) -> list[UploadFile]:

@@ -254,9 +254,27 @@ def test_unexpected_exception_is_a_json_500_without_traceback(tiny_bundle: Path)
 
 
 def test_many_apps_in_one_process(tiny_bundle: Path) -> None:
-    # Per-app registries: no "Duplicated timeseries" errors.
+    # Per-app registries: creating several apps raises no "Duplicated timeseries", and one
+    # app's requests never show in another's counters.
     apps = [create_app(Settings(model_dir=tiny_bundle)) for _ in range(3)]
-    assert len({id(app.state.metrics.registry) for app in apps}) == 3
+    line = 'pneumoscreen_http_requests_total{method="GET",route="/livez",status="200"}'
+
+    def livez_count(metrics_text: str) -> float:
+        for row in metrics_text.splitlines():
+            if row.startswith(line):
+                return float(row.split()[-1])
+        return 0.0
+
+    async def run() -> list[float]:
+        counts = []
+        for index, app in enumerate(apps):
+            async with _client(app) as client:
+                for _ in range(index + 1):
+                    assert (await client.get("/livez")).status_code == 200
+                counts.append(livez_count((await client.get("/metrics")).text))
+        return counts
+
+    assert asyncio.run(run()) == [1.0, 2.0, 3.0]
     for app in apps:
         app.state.runner.close()
 
@@ -272,5 +290,14 @@ def test_logs_hold_no_filenames_or_contents(server: LiveServer) -> None:
     assert '"route": "/predict"' in log and '"n_files": 1' in log
 
 
-def test_meta_read_matches(tiny_bundle: Path) -> None:
-    assert read_bundle(tiny_bundle).input.height == 64
+def test_runner_serves_the_bundle_it_verified(tiny_bundle: Path) -> None:
+    runner = ModelRunner(Settings(model_dir=tiny_bundle, providers="cpu"))
+    with pytest.raises(ModelNotReady, match="still loading"):
+        runner.require_ready()
+    runner.load()
+    try:
+        assert runner.state == "ready" and runner.error is None
+        assert runner.require_ready() == read_bundle(tiny_bundle, verify=True)
+        assert runner.providers == [CPU]
+    finally:
+        runner.close()
