@@ -25,8 +25,9 @@ $(VENV)/.all: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 run: $(VENV)/.serve
 	$(BIN)/pneumoscreen serve --model-dir $(MODEL_DIR) --port $(PORT)
 
-## test: install everything and run the whole test suite
+## test: install everything, lint, and run the whole test suite
 test: $(VENV)/.all
+	$(BIN)/ruff check service training export tests bench
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.all
