@@ -83,7 +83,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
            title="ROC: pneumonia vs normal", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -101,7 +101,7 @@ def plot_confusion(metrics: dict, path: Path, title: str,
     ax.set_yticks([0, 1], [f"true {labels[0]}", f"true {labels[1]}"])
     ax.set_title(f"{title}\nthreshold {metrics['threshold']:.3f}")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
