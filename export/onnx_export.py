@@ -85,14 +85,14 @@ def check_parity(model, onnx_path: Path, images: np.ndarray) -> float:
     return difference
 
 
-def parity_images(run_dir: Path, data_root: Path, run: dict,
-                  cache_dir: Path | None = None) -> np.ndarray:
-    """Real X-rays for the parity check: a spread of the run's validation images."""
-    samples = split_samples(run_dir, data_root, "validation", len(run["labels"]))
-    step = max(1, len(samples) // PARITY_IMAGES)
+def split_arrays(run_dir: Path, data_root: Path, run: dict, part: str,
+                 cache_dir: Path | None = None, limit: int | None = None):
+    """Model inputs and labels of one side of the run's split, evenly thinned to `limit`."""
+    samples = split_samples(run_dir, data_root, part, len(run["labels"]))
+    if limit is not None:
+        samples = samples[:: max(1, len(samples) // limit)][:limit]
     size = (run["input_size"], run["input_size"])
-    x, _ = load_arrays(samples[::step][:PARITY_IMAGES], tuple(run["labels"]), size, cache_dir)
-    return x
+    return load_arrays(samples, tuple(run["labels"]), size, cache_dir)
 
 
 def export_run(
@@ -114,7 +114,9 @@ def export_run(
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "model.onnx"
         convert_to_onnx(model, size, onnx_path)
-        images = parity_images(run_dir, data_root, run, cache_dir)
+        # Real X-rays for the parity check: a spread of the run's validation images.
+        images, _ = split_arrays(run_dir, data_root, run, "validation", cache_dir,
+                                 PARITY_IMAGES)
         difference = check_parity(model, onnx_path, images)
         print(f"parity: max |keras - onnxruntime| = {difference:.2e} on {len(images)} X-rays")
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx_export import onnx_predict, write_model_card
+from export.onnx_export import onnx_predict, split_arrays, write_model_card
 from service.bundle import INPUT_NAME, BundleMeta, read_bundle, write_bundle
-from training.data import load_arrays, split_samples
 from training.metrics import binary_metrics, choose_threshold, positive_scores
 
 CALIBRATION_IMAGES = 256
@@ -33,15 +32,6 @@ class _Calibration:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def _split_arrays(run_dir: Path, data_root: Path, run: dict, part: str,
-                  cache_dir: Path | None, limit: int | None = None):
-    samples = split_samples(run_dir, data_root, part, len(run["labels"]))
-    if limit is not None:
-        samples = samples[:: max(1, len(samples) // limit)][:limit]
-    size = (run["input_size"], run["input_size"])
-    return load_arrays(samples, tuple(run["labels"]), size, cache_dir)
-
-
 def quantize_bundle(fp32_dir: Path, out_dir: Path, run_dir: Path, data_root: Path,
                     cache_dir: Path | None = None) -> BundleMeta:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -49,9 +39,9 @@ def quantize_bundle(fp32_dir: Path, out_dir: Path, run_dir: Path, data_root: Pat
 
     fp32 = read_bundle(fp32_dir)
     run = json.loads((run_dir / "run.json").read_text())
-    calibration, _ = _split_arrays(run_dir, data_root, run, "train", cache_dir,
+    calibration, _ = split_arrays(run_dir, data_root, run, "train", cache_dir,
                                    CALIBRATION_IMAGES)
-    x_val, y_val = _split_arrays(run_dir, data_root, run, "validation", cache_dir)
+    x_val, y_val = split_arrays(run_dir, data_root, run, "validation", cache_dir)
 
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
