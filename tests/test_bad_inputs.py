@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from damaged_images import damaged_exif_jpeg
 from dicom_factory import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, dicom_bytes
 from live_server import LiveServer, live_server
 from PIL import Image
@@ -130,20 +131,6 @@ def jpeg_magic_then_garbage() -> bytes:
     return b"\xff\xd8\xff\xe0" + np.random.default_rng(99).bytes(20_000)
 
 
-def jpeg_damaged_exif() -> bytes:
-    """A 64x64 JPEG with EXIF orientation 6 whose first EXIF tag (Make) is damaged so that
-    Pillow's exif_transpose raises TypeError while re-encoding the EXIF block."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    exif[0x010F] = "Acme"
-    exif[0x011A] = 72.0
-    exif[0x0131] = "x"
-    data = bytearray(_save(Image.new("L", (64, 64), 128), "JPEG", exif=exif.tobytes()))
-    for offset, value in ((41, 63), (67, 41), (167, 111)):
-        data[offset] = value
-    return bytes(data)
-
-
 def _dicom_pixels() -> np.ndarray:
     return np.asarray(xray_grey(), dtype=np.uint8)
 
@@ -214,7 +201,7 @@ FILE_CASES: list[FileCase] = [
              "chest.tiff", "image/tiff"),
     FileCase("webp", lambda: _save(xray_grey(), "WEBP"), 415, "unsupported_media_type",
              "chest.webp", "image/webp"),
-    FileCase("jpeg-damaged-exif", jpeg_damaged_exif, 400, "invalid_image", "chest.jpeg",
+    FileCase("jpeg-damaged-exif", damaged_exif_jpeg, 400, "invalid_image", "chest.jpeg",
              "image/jpeg"),
     FileCase("cmyk-jpeg", cmyk_jpeg, 415, "unsupported_media_type", "chest.jpeg", "image/jpeg"),
     FileCase("png-decompression-bomb-30000px", png_bomb, 413, "image_too_large", "chest.png",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from damaged_images import TYPE_ERROR_EDITS, damaged_exif_jpeg
 from dicom_factory import (
     CR,
     DX,
@@ -176,28 +177,14 @@ def test_exif_orientation_6_is_honoured(grey: np.ndarray) -> None:
         assert _mad(a, b) < 1.5
 
 
-def _damaged_exif_jpeg(edits: tuple[tuple[int, int], ...]) -> bytes:
-    """A 64x64 JPEG with EXIF orientation 6 (and Make, XResolution, Software), then bytes
-    overwritten: offset 41 is the low byte of the first IFD entry's tag (Make)."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    exif[0x010F] = "Acme"
-    exif[0x011A] = 72.0
-    exif[0x0131] = "x"
-    data = bytearray(_encode(Image.new("L", (64, 64), 128), "JPEG", exif=exif.tobytes()))
-    for offset, value in edits:
-        data[offset] = value
-    return bytes(data)
-
-
 @pytest.mark.parametrize(
     "edits",
-    [((41, 63), (67, 41), (167, 111)),  # Make becomes tag 0x013F: TypeError on re-encoding
+    [TYPE_ERROR_EDITS,  # Make becomes tag 0x013F: TypeError on re-encoding
      ((41, 28),)],  # Make becomes PlanarConfiguration, a SHORT holding text: struct.error
     ids=["exif-typeerror", "exif-struct-error"],
 )
 def test_damaged_exif_is_a_corrupt_image_not_a_crash(edits: tuple[tuple[int, int], ...]) -> None:
-    data = _damaged_exif_jpeg(edits)
+    data = damaged_exif_jpeg(edits)
     with pytest.raises(CorruptImage) as raised:
         decode_grey(data)
     assert raised.value.code == "invalid_image"
