@@ -77,6 +77,12 @@ def evaluate_run(
     return write_report(run_dir / "report", run, results)
 
 
+def validation_name(run: dict) -> str:
+    """How a run's validation split was carved (runs before issue 13 used random patients)."""
+    return {"patient": "patient-level", "acquisition": "acquisition-order (most recent ids)",
+            "kfold": "k-fold (by patient)"}.get(run.get("validation", "patient"), "patient-level")
+
+
 def write_report(report_dir: Path, run: dict, results: dict) -> dict:
     report_dir.mkdir(parents=True, exist_ok=True)
     report = {
@@ -84,7 +90,7 @@ def write_report(report_dir: Path, run: dict, results: dict) -> dict:
                   "labels": run["labels"]},
         "threshold": run["threshold"],
         "threshold_rule": (f"highest threshold with sensitivity >= {run['target_sensitivity']} "
-                           "on the patient-level validation split"),
+                           f"on the {validation_name(run)} validation split"),
         "splits": {name: metrics for name, (metrics, _, _) in results.items()},
     }
     (report_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
