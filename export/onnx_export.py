@@ -24,6 +24,7 @@ from service.bundle import (
     write_bundle,
 )
 from training.data import DATA_CREDIT, load_arrays, split_samples
+from training.evaluate import validation_name
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -110,6 +111,11 @@ def export_run(
     report = json.loads((run_dir / "report" / "metrics.json").read_text())
     model = keras.models.load_model(run_dir / "model.keras")
     size = run["input_size"]
+    calibration = run.get("calibration")
+    threshold = run["threshold"]
+    if calibration:
+        fold_temperature(model, calibration["temperature"])
+        threshold = calibration["threshold"]
 
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "model.onnx"
@@ -128,7 +134,7 @@ def export_run(
             positive_label=run["positive_label"],
             positive_labels=run["positive_labels"],
             negative_label=run["negative_label"],
-            threshold=run["threshold"],
+            threshold=threshold,
             input=InputSpec(height=size, width=size),
             onnx_sha256="0" * 64,  # write_bundle fills in the real digest
             backbone=run["backbone"],
@@ -136,15 +142,16 @@ def export_run(
                 "source": data_source,
                 **run["data"],
                 "root": Path(run["data"]["root"]).name,
-                "validation": "carved from train by patient, stratified, seeded "
-                              f"(seed {run['config']['seed']})",
+                "validation": _validation_text(run),
             },
             validation_metrics={
                 **{k: validation[k] for k in ("auc", "sensitivity", "specificity", "accuracy",
                                               "precision", "f1", "n", "n_positive",
                                               "confusion_matrix")},
                 "threshold_rule": report["threshold_rule"],
+                "intervals_95": validation.get("intervals_95"),
                 "other_splits": {k: v for k, v in report["splits"].items() if k != "validation"},
+                "calibration": _calibration_record(calibration, run["threshold"]),
                 "parity_max_abs_diff": difference,
             },
             created_at=datetime.now(UTC),
@@ -157,6 +164,33 @@ def export_run(
     read_bundle(out_dir)  # what the service will do at start-up
     print(f"bundle written: {out_dir} (sha256 {meta.onnx_sha256[:12]}...)")
     return meta
+
+
+def fold_temperature(model, temperature: float, layer: str = OUTPUT_NAME) -> None:
+    """Divide the softmax head's logits by T by dividing its kernel and bias by T: the graph
+    keeps its shape and its outputs become the calibrated probabilities."""
+    dense = model.get_layer(layer)
+    dense.set_weights([weight / temperature for weight in dense.get_weights()])
+
+
+def _calibration_record(calibration: dict | None, uncalibrated_threshold: float) -> dict | None:
+    if not calibration:
+        return None
+    keep = ("method", "temperature", "fitted_on", "n", "nll_before", "nll_after", "ece_before",
+            "ece_after")
+    return {**{k: calibration[k] for k in keep}, "folded_into": "the Dense head's weights",
+            "uncalibrated_threshold": uncalibrated_threshold}
+
+
+def _validation_text(run: dict) -> str:
+    scheme = run.get("validation", "patient")
+    if scheme == "acquisition":
+        return (f"carved from train by acquisition order: the most recent "
+                f"{run['config']['val_fraction']:.0%} of patients of each id series")
+    if scheme == "kfold":
+        return (f"fold {run['config']['fold']} of {run['config']['folds']} (by patient, "
+                f"stratified, seed {run['config']['seed']})")
+    return f"carved from train by patient, stratified, seeded (seed {run['config']['seed']})"
 
 
 def write_model_card(out_dir: Path, meta: BundleMeta, run: dict) -> None:
@@ -210,16 +244,16 @@ probabilities of {", ".join(meta.labels)} and a screening label at threshold
 
 Training: {data["train_images"]} images of {data["train_patients"]} patients
 {data["train_counts"]}. Validation: {data["validation_images"]} images of
-{data["validation_patients"]} other patients {data["validation_counts"]}, carved from the
-training folder by patient (no patient on both sides).
+{data["validation_patients"]} other patients {data["validation_counts"]},
+{data["validation"]} (no patient on both sides).
 
 ## Metrics
 Threshold: {v.get("threshold_rule", "chosen on the validation split")}.
 
 | split | images | AUC | sensitivity | specificity |
 |---|---|---|---|---|
-| validation (by patient) | {v["n"]} | {_fmt(v["auc"])} | {v["sensitivity"]:.3f} | {v["specificity"]:.3f} |
-{rows}
+| validation ({validation_name(run)}) | {v["n"]} | {_fmt(v["auc"])} | {v["sensitivity"]:.3f} | {v["specificity"]:.3f} |
+{rows}{_intervals_text(v)}{_calibration_text(v)}
 Accuracy {v["accuracy"]:.3f}, precision {v["precision"]:.3f}, F1 {v["f1"]:.3f};
 confusion matrix {v["confusion_matrix"]}.{small_note} Figures: report/metrics.json,
 report/roc.png, report/confusion_matrix.png.
@@ -232,6 +266,28 @@ report/roc.png, report/confusion_matrix.png.
   figures elsewhere. Sensitivity was fixed on validation, not on the deployment population.
 - Not a diagnosis. Not cleared as a medical device. A clinician reads every image.
 """
+
+
+def _intervals_text(v: dict) -> str:
+    ci = v.get("intervals_95")
+    if not ci:
+        return ""
+    parts = [f"{name} [{low:.3f}, {high:.3f}]" for name, bounds in ci.items() if bounds
+             for low, high in [bounds]]
+    return ("\n95% intervals on the validation split (1000 bootstrap resamples of patients): "
+            + ", ".join(parts) + ".\n")
+
+
+def _calibration_text(v: dict) -> str:
+    c = v.get("calibration")
+    if not c:
+        return ""
+    return (f"\nCalibration: {c['method']}, T = {c['temperature']:.3f}, fitted on "
+            f"{c['fitted_on']} and folded into {c['folded_into']}; expected calibration error "
+            f"{c['ece_before']:.4f} -> {c['ece_after']:.4f} (10 bins), NLL "
+            f"{c['nll_before']:.4f} -> {c['nll_after']:.4f}. The threshold "
+            f"{c['uncalibrated_threshold']:.4f} on the uncalibrated scale is the same decision. "
+            "Reliability diagram: report/reliability.png.\n")
 
 
 def _fmt(value) -> str:
