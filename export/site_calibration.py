@@ -30,17 +30,21 @@ from typing import Any
 import numpy as np
 
 from export.patient_bootstrap import DEFAULT_REPLICATES, DEFAULT_SEED, bootstrap_figures
-from export.sample_size import DEFAULT_MARGIN, Sufficiency, assess
+from export.sample_size import DEFAULT_MARGIN, Sufficiency, assess, check_target
 from export.site_data import AUTO, SiteData, SiteDataError, find_site_data
 from service.bundle import META_FILE, MODEL_FILE, BundleError, BundleMeta, read_bundle, write_bundle
 from service.preprocessing import ImageError, load_model_input
 from service.scoring import choose_threshold
+from training.data import NEGATIVE_LABEL, POSITIVE_LABEL
 
 REPORT_DIR = "report"
 REPORT_JSON = "metrics.json"
 REPORT_MD = "site_calibration.md"
 MODEL_CARD = "MODEL_CARD.md"
 BATCH_SIZE = 16
+# The site folders are NORMAL and PNEUMONIA whatever the model's labels (a three-label
+# model's BACTERIAL and VIRAL both count as PNEUMONIA: their probabilities add up).
+_POSITIVE, _NEGATIVE = POSITIVE_LABEL, NEGATIVE_LABEL
 
 
 class CalibrationRefused(RuntimeError):
@@ -75,7 +79,7 @@ def calibrate_site(request: CalibrationRequest,
     """Score the site's X-rays, choose the threshold, write the new bundle. Raises
     CalibrationRefused (nothing written) when the request or the data cannot support it."""
     try:
-        assess(request.target_sensitivity, request.margin, 0, 0)
+        check_target(request.target_sensitivity, request.margin)
     except ValueError as exc:
         raise CalibrationRefused(str(exc)) from None
     if request.min_negatives is not None and request.min_negatives < 1:
@@ -127,11 +131,6 @@ def calibrate_site(request: CalibrationRequest,
     })
     meta = _write(request, meta, record)
     return CalibrationResult(request.out, meta, record)
-
-
-# The site folders are NORMAL and PNEUMONIA whatever the model's labels (a three-label
-# model's BACTERIAL and VIRAL both count as PNEUMONIA: their probabilities add up).
-_POSITIVE, _NEGATIVE = "PNEUMONIA", "NORMAL"
 
 
 def site_version(source_version: str, site_name: str) -> str:
@@ -311,7 +310,7 @@ def _copy_extra_files(source: Path, target: Path) -> None:
             shutil.copy2(path, destination)
 
 
-def _percent(estimate: dict[str, float]) -> str:
+def _with_interval(estimate: dict[str, float]) -> str:
     return (f"{estimate['value']:.3f} (95% CI {estimate['ci95_low']:.3f}-"
             f"{estimate['ci95_high']:.3f})")
 
@@ -334,12 +333,12 @@ def _report_markdown(meta: BundleMeta, record: dict[str, Any]) -> str:
         "",
         "| threshold | sensitivity | specificity |",
         "|---|---|---|",
-        (f"| new {record['threshold']:.4f} | {_percent(metrics['sensitivity'])} | "
-         f"{_percent(metrics['specificity'])} |"),
-        (f"| old {record['old_threshold']:.4f} | {_percent(old['sensitivity'])} | "
-         f"{_percent(old['specificity'])} |"),
+        (f"| new {record['threshold']:.4f} | {_with_interval(metrics['sensitivity'])} | "
+         f"{_with_interval(metrics['specificity'])} |"),
+        (f"| old {record['old_threshold']:.4f} | {_with_interval(old['sensitivity'])} | "
+         f"{_with_interval(old['specificity'])} |"),
         "",
-        (f"AUC {_percent(metrics['auc'])}. Confusion matrix at the new threshold: "
+        (f"AUC {_with_interval(metrics['auc'])}. Confusion matrix at the new threshold: "
          f"{metrics['confusion_matrix']}."),
         "",
         (f"Intervals: patient-level bootstrap ({record['bootstrap']['replicates']} replicates, "
@@ -365,8 +364,8 @@ def _model_card_section(meta: BundleMeta, record: dict[str, Any]) -> str:
         f"re-chosen by `pneumoscreen calibrate` on `{record['data']}` ({record['date']}): it "
         f"screens positive at P({meta.positive_label}) >= {record['threshold']:.4f} (was "
         f"{record['old_threshold']:.4f}). On the site's {images} images of {patients} "
-        f"patients: sensitivity {_percent(metrics['sensitivity'])}, specificity "
-        f"{_percent(metrics['specificity'])}, AUC {_percent(metrics['auc'])} (patient-level "
+        f"patients: sensitivity {_with_interval(metrics['sensitivity'])}, specificity "
+        f"{_with_interval(metrics['specificity'])}, AUC {_with_interval(metrics['auc'])} (patient-level "
         "bootstrap). The figures in the sections above are the training validation's, at "
         "the old threshold. Details: report/site_calibration.md, and `site_calibration` "
         "in model.json.\n"
@@ -401,6 +400,7 @@ def _write(request: CalibrationRequest, meta: BundleMeta, record: dict[str, Any]
         (report / REPORT_JSON).write_text(json.dumps(record, indent=2) + "\n")
         (report / REPORT_MD).write_text(_report_markdown(meta, record))
         read_bundle(staging, verify=True)
+        _check_out(request.model_dir, out, request.force)  # again: scoring took a while
         if out.exists():
             retired = _fresh_folder(out, "replaced")
             os.replace(out, retired / out.name)
