@@ -62,6 +62,9 @@ class BundleMeta(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     tool_versions: dict[str, str] = Field(default_factory=dict)
     intended_use: str = INTENDED_USE
+    # Written by `pneumoscreen calibrate` when the threshold was re-chosen on a site's own
+    # labelled X-rays (docs/site-calibration.md); None for a bundle as exported.
+    site_calibration: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _labels_consistent(self) -> BundleMeta:

@@ -171,3 +171,6 @@ class ModelInfo(BaseModel):
     tool_versions: dict[str, str] = Field(default_factory=dict)
     intended_use: str
     providers: list[str] = Field(default_factory=list)
+    site_calibration: dict[str, Any] | None = Field(
+        None, description="How `pneumoscreen calibrate` re-chose the threshold on a site's "
+        "own X-rays (docs/site-calibration.md); null for a bundle as exported.")
