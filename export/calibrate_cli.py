@@ -11,9 +11,9 @@ from typing import Annotated
 
 import typer
 
-from export.patient_bootstrap import DEFAULT_REPLICATES, DEFAULT_SEED
 from export.sample_size import DEFAULT_MARGIN
 from export.site_data import AUTO
+from service.patient_bootstrap import DEFAULT_REPLICATES, DEFAULT_SEED
 
 REFUSED_EXIT_CODE = 2
 

@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from export.patient_bootstrap import DEFAULT_REPLICATES, DEFAULT_SEED, bootstrap_figures
 from export.sample_size import DEFAULT_MARGIN, Sufficiency, assess, check_target
 from export.site_data import AUTO, SiteData, SiteDataError, find_site_data
 from service.bundle import META_FILE, MODEL_FILE, BundleError, BundleMeta, read_bundle, write_bundle
+from service.patient_bootstrap import DEFAULT_REPLICATES, DEFAULT_SEED, bootstrap_figures
 from service.preprocessing import ImageError, load_model_input
 from service.scoring import choose_threshold
 from training.data import NEGATIVE_LABEL, POSITIVE_LABEL

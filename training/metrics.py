@@ -13,6 +13,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 # The threshold rule lives beside P(positive), so site calibration in the serving install
 # (no scikit-learn) applies the very same rule; re-exported here for training's callers.
+from service.patient_bootstrap import bootstrap_figures
 from service.scoring import choose_threshold, positive_probability  # noqa: F401
 
 
@@ -103,44 +104,16 @@ BOOTSTRAP_RESAMPLES = 1000
 
 def bootstrap_intervals(y_true: np.ndarray, scores: np.ndarray, threshold: float,
                         groups: list[str], resamples: int = BOOTSTRAP_RESAMPLES,
-                        seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
-    """Percentile intervals of AUC, sensitivity and specificity at `threshold`, resampling
-    PATIENTS with replacement (images of one patient are not independent)."""
+                        seed: int = 0) -> dict[str, list[float] | None]:
+    """95% intervals [low, high] of AUC, sensitivity and specificity at `threshold`,
+    resampling PATIENTS (service.patient_bootstrap, the one the site calibration uses);
+    None for all three when the split lacks a class."""
     y_true = np.asarray(y_true).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    patients = sorted(set(groups))
-    index = {p: i for i, p in enumerate(patients)}
-    rows_of = [[] for _ in patients]
-    for row, group in enumerate(groups):
-        rows_of[index[group]].append(row)
-    rows_of = [np.array(rows) for rows in rows_of]
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
-    for _ in range(resamples):
-        rows = np.concatenate([rows_of[i] for i in rng.integers(0, len(patients),
-                                                                 len(patients))])
-        y, s = y_true[rows], scores[rows]
-        flagged = s >= threshold
-        if y.any() and not y.all():
-            draws["auc"].append(_rank_auc(y, s))
-        if y.any():
-            draws["sensitivity"].append(float(flagged[y].mean()))
-        if not y.all():
-            draws["specificity"].append(float((~flagged[~y]).mean()))
-    tail = (1.0 - level) / 2 * 100
-    return {name: ([float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]
-                   if v else None) for name, v in draws.items()}
-
-
-def _rank_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney statistic (ties count half): roc_auc_score's value,
-    without its input checks, which dominate 1000 bootstrap resamples."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores)
-    n_pos = int(y_true.sum())
-    n_neg = len(y_true) - n_pos
-    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    if y_true.all() or not y_true.any():
+        return {"auc": None, "sensitivity": None, "specificity": None}
+    figures = bootstrap_figures(y_true, scores, groups, threshold, resamples, seed)
+    return {name: [figures[name].low, figures[name].high]
+            for name in ("auc", "sensitivity", "specificity")}
 
 
 def plot_reliability(curves: dict[str, list[tuple[float, float, int]]], path: Path) -> None:

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from export.patient_bootstrap import auc, bootstrap_figures
 from export.sample_size import Z, assess, kept_positives, positives_needed, wilson_interval
+from service.patient_bootstrap import auc, bootstrap_figures
 from service.scoring import choose_threshold
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
 
 from training.calibration import (
     calibrate,
@@ -15,7 +14,6 @@ from training.calibration import (
     scale_probabilities,
 )
 from training.metrics import (
-    _rank_auc,
     binary_metrics,
     bootstrap_intervals,
     choose_threshold,
@@ -75,13 +73,6 @@ def test_report_figures_are_written(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rank_auc_equals_scikit_learn_with_ties() -> None:
-    rng = np.random.default_rng(5)
-    y = rng.random(300) < 0.4
-    scores = np.round(rng.random(300) + 0.3 * y, 1)  # rounding makes many ties
-    assert _rank_auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
-
-
 def test_bootstrap_intervals_contain_the_estimate_and_narrow_with_more_patients() -> None:
     rng = np.random.default_rng(1)
 
@@ -100,14 +91,10 @@ def test_bootstrap_intervals_contain_the_estimate_and_narrow_with_more_patients(
         assert high - low < small[name][1] - small[name][0]
 
 
-def test_bootstrap_resamples_patients_not_images() -> None:
-    # One patient with 50 identical positive images: resampling patients keeps them together,
-    # so sensitivity is either 0 or 1 in every draw of that patient alone.
+def test_bootstrap_intervals_are_none_without_both_classes() -> None:
     y = np.ones(50, bool)
-    scores = np.full(50, 0.9)
-    intervals = bootstrap_intervals(y, scores, 0.5, ["one"] * 50, resamples=50)
-    assert intervals["sensitivity"] == [1.0, 1.0]
-    assert intervals["auc"] is None and intervals["specificity"] is None
+    intervals = bootstrap_intervals(y, np.full(50, 0.9), 0.5, ["one"] * 50, resamples=50)
+    assert intervals == {"auc": None, "sensitivity": None, "specificity": None}
 
 
 def test_temperature_scaling_recovers_a_known_temperature() -> None:
