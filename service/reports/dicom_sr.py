@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import io
+import uuid
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -73,10 +74,9 @@ def _codes() -> SimpleNamespace:
 
 
 def device_uid(meta: BundleMeta) -> str:
-    """A stable UID for the model (2.25 form, from its sha256): one model, one device."""
-    from pydicom.uid import generate_uid
-
-    return str(generate_uid(prefix=None, entropy_srcs=["pneumoscreen", meta.onnx_sha256]))
+    """A stable UID for the model, from its sha256: one model, one device. The 2.25 form
+    (PS3.5 B.2) of a name-based UUID, so no UID root of our own is needed."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, 'pneumoscreen:' + meta.onnx_sha256).int}"
 
 
 def check_source(header: Dataset) -> None:

@@ -31,7 +31,7 @@ from service.reports.negotiation import MediaType, choose
 JSON = MediaType("application", "json")
 DICOM = MediaType("application", "dicom")
 DICOM_MULTIPART = MediaType("multipart", "related", {"type": "application/dicom"})
-FHIR = MediaType("application", "fhir+json")
+FHIR = MediaType("application", "fhir+json", {"fhirversion": "4.0"})
 
 SINGLE_OFFERS: tuple[MediaType, ...] = (JSON, DICOM, FHIR)
 BATCH_OFFERS: tuple[MediaType, ...] = (JSON, DICOM_MULTIPART, FHIR)
