@@ -10,6 +10,8 @@ import email.parser
 import email.policy
 import io
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -297,3 +299,31 @@ def test_openapi_shows_the_accept_variants(server: LiveServer) -> None:
         "$ref": "#/components/schemas/Prediction"}
     assert "406" in single and "422" in single and "406" in batch
     assert "dicom_input_required" in single["422"]["description"]
+
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy absent (Debian: apt-get install "
+                    "dicom3tools; .ci/run installs it)")
+def test_sr_passes_the_dicom_iod_validator(server: LiveServer, tmp_path: Path) -> None:
+    anonymised = _xray_dataset()
+    for name in ("PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber"):
+        delattr(anonymised, name)
+    for index, source in enumerate((_xray_dataset(), _bright_dataset(), anonymised)):
+        response = _post(server, to_bytes(source), SR)
+        assert response.status_code == 200, response.text
+        path = tmp_path / f"sr{index}.dcm"
+        path.write_bytes(response.content)
+        assert DCIODVFY is not None
+        result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True,
+                                timeout=60, check=False)
+        report = (result.stdout + result.stderr).strip()
+        # dciodvfy names the IOD it recognised, with a line per error or warning.
+        assert "ComprehensiveSR" in report.splitlines(), report
+        # The test images have no StudyTime or StudyID: the SR copies them as empty
+        # (Type 2), which dciodvfy only notes as too little for a DICOMDIR.
+        problems = [line for line in report.splitlines()
+                    if line.startswith(("Error", "Warning"))
+                    and "needed to build DICOMDIR - Study " not in line]
+        assert not problems, report
