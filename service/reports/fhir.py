@@ -68,7 +68,7 @@ def _text(header: Dataset | None, name: str) -> str | None:
     return text or None
 
 
-def _study_datetime(header: Dataset | None) -> str | None:
+def _study_date(header: Dataset | None) -> str | None:
     """StudyDate as a FHIR date when it parses, else None. Only the date: a FHIR dateTime
     with a time needs a time zone, which DICOM's StudyTime does not carry."""
     raw = _text(header, "StudyDate")
@@ -155,7 +155,7 @@ def _add_context(resource: dict[str, Any], header: Dataset | None) -> None:
     subject = _subject(header)
     if subject is not None:
         resource["subject"] = subject
-    effective = _study_datetime(header)
+    effective = _study_date(header)
     if effective is not None:
         resource["effectiveDateTime"] = effective
 
@@ -175,7 +175,7 @@ def report_resource(
         "result": [{"reference": observation_url}],
         "conclusion": (
             f"Screen {decision} for pneumonia: probability "
-            f"{result.positive_probability:.4f}, threshold {meta.threshold}. {DISCLAIMER}"
+            f"{result.positive_probability:.4f}, threshold {meta.threshold:.4f}. {DISCLAIMER}"
         ),
     }
     if result.screen_positive:
