@@ -36,6 +36,11 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "validation_error": (422, "The request does not match the documented schema."),
     "internal_error": (500, "An unexpected server error; details are in the server log."),
     "model_not_ready": (503, "The model is still loading, or failed to load (see /health)."),
+    "not_acceptable": (406, "The Accept header names no media type this route answers with."),
+    "dicom_input_required": (422, "A DICOM SR (Accept: application/dicom) needs a DICOM input."),
+    "dicom_header_incomplete": (
+        422, "The DICOM input lacks identifiers a DICOM SR must copy (study, series, instance)."
+    ),
 }
 
 

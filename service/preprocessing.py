@@ -17,9 +17,13 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 # Stretch resize: the published 224 px training images were stretched, not letterboxed.
 RESIZE_FILTER = Image.Resampling.BILINEAR
@@ -109,6 +113,17 @@ def decode_grey(
     scale that is still at least that large (Pillow's draft mode), which halves decode time
     for full-resolution radiographs without changing what the model sees at its size.
     """
+    return decode_grey_with_header(data, target_size, limits)[0]
+
+
+def decode_grey_with_header(
+    data: bytes,
+    target_size: tuple[int, int] | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> tuple[np.ndarray, Dataset | None]:
+    """`decode_grey`, plus the DICOM file's header (its dataset without the pixel data)
+    from the same parse; None for JPEG and PNG. Reports (service/reports) need the
+    patient, study and instance identifiers of the source image."""
     if not data:
         raise EmptyImage("the file is empty")
     kind = sniff_format(data)
@@ -118,8 +133,9 @@ def decode_grey(
         if kind in SUPPORTED_FORMATS:
             raise UnsupportedImage(f"{kind.upper()} files are not accepted by this server")
         raise UnsupportedImage(f"{kind.upper()} files are not supported; send JPEG, PNG or DICOM")
+    header = None
     if kind == DICOM:
-        grey = _decode_dicom(data, limits)
+        grey, header = _decode_dicom(data, limits)
     else:
         grey = _decode_pillow(data, target_size, limits)
     height, width = grey.shape
@@ -127,7 +143,7 @@ def decode_grey(
         raise ImageTooSmall(
             f"image is {width}x{height} px; at least {limits.min_side} px per side is needed"
         )
-    return grey
+    return grey, header
 
 
 def to_model_input(grey: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -146,6 +162,14 @@ def load_model_input(
 ) -> np.ndarray:
     """Bytes of one image -> the uint8 (height, width, 3) array the model takes."""
     return to_model_input(decode_grey(data, (height, width), limits), height, width)
+
+
+def load_model_input_with_header(
+    data: bytes, height: int, width: int, limits: DecodeLimits = DEFAULT_LIMITS
+) -> tuple[np.ndarray, Dataset | None]:
+    """`load_model_input`, plus the DICOM header (None for JPEG/PNG), decoded once."""
+    grey, header = decode_grey_with_header(data, (height, width), limits)
+    return to_model_input(grey, height, width), header
 
 
 # --- Pillow: JPEG and PNG -------------------------------------------------------------
@@ -198,7 +222,7 @@ def _pillow_to_grey(image: Image.Image) -> np.ndarray:
 # --- DICOM ----------------------------------------------------------------------------
 
 
-def _decode_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
+def _decode_dicom(data: bytes, limits: DecodeLimits) -> tuple[np.ndarray, Dataset]:
     # Imported here: pydicom is only needed when a DICOM file actually arrives.
     import pydicom
 
@@ -218,10 +242,18 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
             ) from None
 
 
-def _decode_dicom_dataset(data: bytes, limits: DecodeLimits) -> np.ndarray:
+def _decode_dicom_dataset(data: bytes, limits: DecodeLimits) -> tuple[np.ndarray, Dataset]:
+    dataset = _read_dicom(data, limits)
+    grey = _dicom_grey(dataset)
+    # The header outlives the request's decode: drop the pixels (and pydicom's cached
+    # array of them) so only the attributes stay in memory.
+    del dataset.PixelData
+    return grey, dataset
+
+
+def _read_dicom(data: bytes, limits: DecodeLimits) -> Dataset:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
@@ -238,6 +270,12 @@ def _decode_dicom_dataset(data: bytes, limits: DecodeLimits) -> np.ndarray:
     _check_pixels(columns, rows, limits, samples)
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         raise UnsupportedImage("multi-frame DICOM is not supported; send one frame")
+    return dataset
+
+
+def _dicom_grey(dataset: Dataset) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     try:
         pixels = dataset.pixel_array

@@ -9,12 +9,15 @@ import time
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
+from pydicom.dataset import Dataset
 
 from service.bundle import BundleMeta
 from service.errors import ERROR_CODES, ApiError, image_error
 from service.inference import ModelRunner, Scored
-from service.preprocessing import ImageError, load_model_input, sniff_format
+from service.preprocessing import ImageError, load_model_input_with_header, sniff_format
+from service.reports import responses as reports
+from service.reports.items import ReportItem
 from service.schemas import (
     BatchItem,
     BatchResponse,
@@ -65,14 +68,18 @@ def _multipart_body(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _decode(request: Request, runner: ModelRunner, data: bytes) -> np.ndarray:
+async def _decode(
+    request: Request, runner: ModelRunner, data: bytes
+) -> tuple[np.ndarray, Dataset | None]:
+    """The model input, and the DICOM header (no pixels; None for JPEG/PNG) for reports."""
     meta = runner.require_ready()
     limits = request.app.state.limits
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     try:
         return await loop.run_in_executor(
-            runner.executor, load_model_input, data, meta.input.height, meta.input.width, limits
+            runner.executor, load_model_input_with_header, data, meta.input.height,
+            meta.input.width, limits,
         )
     except ImageError as exc:
         # Size, sniffed format and code only: never the bytes, the filename or DICOM tags.
@@ -114,9 +121,10 @@ def _result_fields(result: Scored, meta: BundleMeta) -> dict[str, Any]:
     return {**dataclasses.asdict(result), "threshold": meta.threshold}
 
 
-async def predict(request: Request) -> Prediction:
+async def predict(request: Request) -> Prediction | Response:
     runner: ModelRunner = request.app.state.runner
     runner.require_ready()  # before reading the body: 503 model_not_ready
+    answer = reports.negotiate(request, reports.SINGLE_OFFERS)  # 406 before the body too
     settings = request.app.state.settings
     form = await parse_form(request, max_files=1)
     try:
@@ -133,13 +141,17 @@ async def predict(request: Request) -> Prediction:
         metrics.image_errors.labels(upload.error.code).inc()
         raise upload.error
     assert upload.data is not None
+    if reports.wants_dicom(answer) and (error := reports.dicom_input_required(upload.data)):
+        raise error
     try:
-        image = await _decode(request, runner, upload.data)
+        image, header = await _decode(request, runner, upload.data)
     except ImageError as exc:
         metrics.image_errors.labels(exc.code).inc()
         raise image_error(exc) from None
     (result,), inference_ms = await _infer(request, runner, [image])
     meta = runner.require_ready()
+    if answer != reports.JSON:
+        return await reports.single_report(answer, ReportItem(result, header=header), meta)
     return Prediction(
         **_result_fields(result, meta),
         model=_model_ref(meta),
@@ -147,9 +159,10 @@ async def predict(request: Request) -> Prediction:
     )
 
 
-async def predict_batch(request: Request) -> BatchResponse:
+async def predict_batch(request: Request) -> BatchResponse | Response:
     runner: ModelRunner = request.app.state.runner
     runner.require_ready()  # before reading the body: 503 model_not_ready
+    answer = reports.negotiate(request, reports.BATCH_OFFERS)  # 406 before the body too
     settings = request.app.state.settings
     metrics = request.app.state.metrics
     form = await parse_form(request, max_files=settings.max_batch_files)
@@ -165,7 +178,9 @@ async def predict_batch(request: Request) -> BatchResponse:
     finally:
         await form.close()
 
-    async def decode_one(data: bytes) -> np.ndarray | ApiError:
+    async def decode_one(data: bytes) -> tuple[np.ndarray, Dataset | None] | ApiError:
+        if reports.wants_dicom(answer) and (error := reports.dicom_input_required(data)):
+            return error
         try:
             return await _decode(request, runner, data)
         except ImageError as exc:
@@ -173,14 +188,15 @@ async def predict_batch(request: Request) -> BatchResponse:
 
     pending = [decode_one(item.data) for item in read if item.data is not None]
     decoded = iter(await asyncio.gather(*pending))
-    outcomes: list[np.ndarray | ApiError] = [
+    outcomes: list[tuple[np.ndarray, Dataset | None] | ApiError] = [
         next(decoded) if item.data is not None else _error_of(item) for item in read
     ]
-    images = [outcome for outcome in outcomes if isinstance(outcome, np.ndarray)]
+    images = [outcome[0] for outcome in outcomes if not isinstance(outcome, ApiError)]
     scored, inference_ms = await _infer(request, runner, images) if images else ([], 0.0)
     meta = runner.require_ready()
     scores = iter(scored)
     results: list[BatchItem] = []
+    report_items: list[ReportItem] = []
     for item, outcome in zip(read, outcomes, strict=True):
         if isinstance(outcome, ApiError):
             metrics.image_errors.labels(outcome.code).inc()
@@ -188,9 +204,13 @@ async def predict_batch(request: Request) -> BatchResponse:
                 filename=item.filename,
                 error=ErrorDetail(code=outcome.code, message=outcome.message),
             ))
+            report_items.append(ReportItem(error=outcome, filename=item.filename))
             continue
         result = next(scores)
         results.append(BatchItem(filename=item.filename, **_result_fields(result, meta)))
+        report_items.append(ReportItem(result, header=outcome[1], filename=item.filename))
+    if answer != reports.JSON:
+        return await reports.batch_report(answer, report_items, meta)
     return BatchResponse(
         results=results, model=_model_ref(meta), inference_ms=round(inference_ms, 3)
     )
@@ -208,11 +228,12 @@ def build_router(max_batch_files: int) -> APIRouter:
         description="Upload one radiograph (JPEG, PNG or DICOM) as multipart/form-data in "
         "the field `file`. The answer is a screening aid, not a diagnosis.",
         openapi_extra=_multipart_body("file", _FILE_SCHEMA),
-        responses=_errors(
+        responses={**reports.openapi_responses(batch=False), **_errors(
             "empty_file", "invalid_image", "invalid_multipart", "unauthorized",
             "file_too_large", "request_too_large", "too_many_files", "image_too_large",
             "unsupported_media_type", "missing_file", "image_too_small", "model_not_ready",
-        ),
+            "not_acceptable", "dicom_input_required", "dicom_header_incomplete",
+        )},
     )
     router.add_api_route(
         "/predict/batch",
@@ -233,9 +254,9 @@ def build_router(max_batch_files: int) -> APIRouter:
             "description": f"1 to {max_batch_files} radiographs, the field repeated once "
             "per file.",
         }),
-        responses=_errors(
+        responses={**reports.openapi_responses(batch=True), **_errors(
             "invalid_multipart", "unauthorized", "request_too_large", "too_many_files",
-            "missing_file", "model_not_ready",
-        ),
+            "missing_file", "model_not_ready", "not_acceptable",
+        )},
     )
     return router
