@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from training.data import DEFAULT_CACHE_DIR
+from training.distribute import DISTRIBUTE_CHOICES
 
 CacheDirOption = Annotated[
     Path,
@@ -48,8 +49,15 @@ def train_command(
     augment: Annotated[bool, typer.Option(help="Geometric and exposure augmentation.")] = True,
     seed: int = 42,
     cache_dir: CacheDirOption = DEFAULT_CACHE_DIR,
+    distribute: Annotated[str, typer.Option(
+        help="none: one device; mirrored: tf.distribute.MirroredStrategy over every visible "
+             "GPU (one replica on a CPU-only machine). --batch-size stays the global batch, "
+             "split across the replicas.")] = "none",
 ) -> None:
     """Fine-tune an ImageNet CNN on a folder of X-rays, choose the threshold, write a report."""
+    if distribute not in DISTRIBUTE_CHOICES:
+        raise typer.BadParameter(f"{distribute!r} is not one of {', '.join(DISTRIBUTE_CHOICES)}",
+                                 param_hint="--distribute")
     from training.train import TrainConfig, train
 
     config = TrainConfig(
@@ -58,7 +66,7 @@ def train_command(
         fine_tune_layers=fine_tune_layers, batch_size=batch_size, learning_rate=learning_rate,
         fine_tune_learning_rate=fine_tune_learning_rate, patience=patience,
         val_fraction=val_fraction, target_sensitivity=target_sensitivity, augment=augment,
-        seed=seed, cache_dir=cache_dir,
+        seed=seed, cache_dir=cache_dir, distribute=distribute,
     )
     train(config)
 
