@@ -28,9 +28,13 @@ def make_strategy(tf: Any, name: str) -> Any:
 def describe(strategy: Any, model: Any) -> dict[str, Any]:
     """What run.json records: the strategy asked for and the one the model was built under
     (Keras captures the strategy in scope when the model is created)."""
+    try:
+        devices = [str(device) for device in strategy.extended.worker_devices]
+    except RuntimeError:  # the default strategy keeps no device list: TensorFlow places ops
+        devices = []
     return {
         "strategy": type(strategy).__name__,
         "replicas": int(strategy.num_replicas_in_sync),
-        "devices": [str(device) for device in strategy.extended.worker_devices],
+        "devices": devices,
         "model_strategy": type(model.distribute_strategy).__name__,
     }

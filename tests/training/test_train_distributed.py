@@ -45,6 +45,24 @@ def test_mirrored_strategy_trains_one_replica_on_cpu(tmp_path: Path) -> None:
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_run_record_of_the_default_strategy() -> None:
+    """`--distribute none` (the default): TensorFlow's default strategy, which keeps no
+    device list; run.json still records it."""
+    import keras
+    import tensorflow as tf
+
+    from training.distribute import describe, make_strategy
+
+    strategy = make_strategy(tf, "none")
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    record = describe(strategy, model)
+    assert record["replicas"] == 1 and record["devices"] == []
+    assert record["strategy"] == record["model_strategy"] == "_DefaultDistributionStrategy"
+    json.dumps(record)
+
+
 def test_unknown_distribute_strategy_is_refused_before_tensorflow_loads(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [
         "train", "--data", str(DATA), "--out", str(tmp_path / "run"), "--distribute", "tpu",
