@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from training.data import DEFAULT_CACHE_DIR
+from training.distribute import DISTRIBUTE_CHOICES
 
 CacheDirOption = Annotated[
     Path,
@@ -58,8 +59,15 @@ def train_command(
         help="Phase 2: one warm-up epoch, then cosine decay of the learning rate.")] = False,
     seed: int = 42,
     cache_dir: CacheDirOption = DEFAULT_CACHE_DIR,
+    distribute: Annotated[str, typer.Option(
+        help="none: one device; mirrored: tf.distribute.MirroredStrategy over every visible "
+             "GPU (one replica on a CPU-only machine). --batch-size stays the global batch, "
+             "split across the replicas.")] = "none",
 ) -> None:
     """Fine-tune an ImageNet CNN on a folder of X-rays, choose the threshold, write a report."""
+    if distribute not in DISTRIBUTE_CHOICES:
+        raise typer.BadParameter(f"{distribute!r} is not one of {', '.join(DISTRIBUTE_CHOICES)}",
+                                 param_hint="--distribute")
     from training.train import TrainConfig, train
 
     config = TrainConfig(
@@ -70,7 +78,7 @@ def train_command(
         val_fraction=val_fraction, validation=validation, folds=folds, fold=fold,
         target_sensitivity=target_sensitivity, augment=augment, strong_augment=strong_augment,
         label_smoothing=label_smoothing, cosine_decay=cosine_decay,
-        seed=seed, cache_dir=cache_dir,
+        seed=seed, cache_dir=cache_dir, distribute=distribute,
     )
     train(config)
 

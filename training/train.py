@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = 42
     cache_dir: Path | None = DEFAULT_CACHE_DIR
     verbose: int = 2
+    distribute: str = "none"  # training.distribute.DISTRIBUTE_CHOICES
 
 
 def train(config: TrainConfig) -> dict:
@@ -76,6 +77,7 @@ def train(config: TrainConfig) -> dict:
     import tensorflow as tf
     from sklearn.metrics import roc_auc_score
 
+    from training.distribute import describe, make_strategy
     from training.model import backbone_spec, build_model, unfreeze_top
 
     class ValidationAUC(keras.callbacks.Callback):
@@ -124,9 +126,14 @@ def train(config: TrainConfig) -> dict:
     val_ds = tf.data.Dataset.from_tensor_slices((x_val, _targets(y_val, labels, config))
                                                 ).batch(config.batch_size)
 
-    # 3. Two-phase fine-tuning, best checkpoint on validation AUC.
-    model = build_model(config.backbone, config.input_size, len(labels), config.weights,
-                        config.dropout)
+    # 3. Two-phase fine-tuning, best checkpoint on validation AUC. The model and each
+    # compile (its optimizer's variables) are created in the strategy's scope.
+    strategy = make_strategy(tf, config.distribute)
+    print(f"distribute: {config.distribute} ({type(strategy).__name__}, "
+          f"{strategy.num_replicas_in_sync} replica(s))")
+    with strategy.scope():
+        model = build_model(config.backbone, config.input_size, len(labels), config.weights,
+                            config.dropout)
     checkpoint_path = config.out / "model.keras"
     auc = ValidationAUC(x_val, y_val, [labels.index(p) for p in positive_labels],
                         config.batch_size)
@@ -140,12 +147,13 @@ def train(config: TrainConfig) -> dict:
     def fit(learning_rate: float, epochs: int, initial_epoch: int, cosine: bool = False) -> int:
         if epochs <= 0:
             return initial_epoch
-        model.compile(
-            optimizer=keras.optimizers.Adam(_learning_rate(keras, learning_rate, epochs,
-                                                           len(train_ds), cosine)),
-            loss=_loss(keras, config),
-            metrics=["accuracy"],
-        )
+        with strategy.scope():
+            model.compile(
+                optimizer=keras.optimizers.Adam(_learning_rate(keras, learning_rate, epochs,
+                                                               len(train_ds), cosine)),
+                loss=_loss(keras, config),
+                metrics=["accuracy"],
+            )
         stop = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
                                              patience=config.patience, verbose=1)
         result = model.fit(
@@ -201,6 +209,7 @@ def train(config: TrainConfig) -> dict:
             "train_counts": label_counts(train_samples),
             "validation_counts": label_counts(val_samples),
         },
+        "distribute": describe(strategy, model),
         "epochs_run": len(history),
         "best_val_auc": auc.best,
         "history": history,
