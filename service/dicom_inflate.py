@@ -82,6 +82,70 @@ def transfer_syntax(data: bytes) -> str | None:
     return None
 
 
+def inflated_head(data: bytes, nbytes: int) -> bytes:
+    """The first (at most) `nbytes` of a deflated file's inflated data set; b"" when the
+    stream is broken."""
+    try:
+        _, dataset_start = _meta_elements(data)
+    except BadFileMeta:
+        return b""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = bytearray()
+    stream = memoryview(data)[dataset_start:]
+    try:
+        for offset in range(0, len(stream), _CHUNK):
+            head += inflater.decompress(stream[offset : offset + _CHUNK], nbytes - len(head))
+            if len(head) >= nbytes or inflater.eof:
+                break
+    except zlib.error:
+        return b""
+    return bytes(head)
+
+
+# The Image Pixel module attributes (group 0028) that size the pixel data, US values but
+# NumberOfFrames (IS, a decimal string).
+_IMAGE_TAGS = {(0x0028, 0x0002): "samples", (0x0028, 0x0008): "frames",
+               (0x0028, 0x0010): "rows", (0x0028, 0x0011): "columns",
+               (0x0028, 0x0100): "bits_allocated"}
+
+
+def image_attributes(head: bytes) -> dict[str, int] | None:
+    """Rows, columns, samples, bits allocated and frames from the start of an Explicit VR
+    Little Endian data set, read before anything is inflated in full; None when they are
+    not all found before the data ends or an element of undefined length (a sequence) is
+    met. Tags are in ascending order, so reading stops at group 0028's end."""
+    found: dict[str, int] = {"samples": 1, "frames": 1}
+    position = 0
+    while position + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, position)
+        if group > 0x0028:
+            break
+        vr = head[position + 4 : position + 6]
+        if vr in _LONG_VRS:
+            if position + 12 > len(head):
+                return None
+            (length,) = struct.unpack_from("<I", head, position + 8)
+            start = position + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, position + 6)
+            start = position + 8
+        if length == 0xFFFFFFFF or start + length > len(head):
+            return None
+        name = _IMAGE_TAGS.get((group, element))
+        value = head[start : start + length]
+        try:
+            if name == "frames":
+                found[name] = int(value.strip(b"\x00 ") or b"1")
+            elif name is not None and length >= 2:
+                found[name] = struct.unpack_from("<H", value)[0]
+        except ValueError:
+            return None
+        position = start + length
+    if not {"rows", "columns", "bits_allocated"} <= found.keys():
+        return None
+    return found
+
+
 def _encode(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
     if vr in _LONG_VRS:
         return struct.pack("<HH2sHI", *tag, vr, 0, len(value)) + value

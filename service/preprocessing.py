@@ -39,7 +39,9 @@ from service.dicom_inflate import (
     MAX_DEFLATE_RATIO,
     BadFileMeta,
     InflateLimitExceeded,
+    image_attributes,
     inflate_dicom,
+    inflated_head,
     transfer_syntax,
 )
 from service.jpeg_markers import count_jpeg_scans
@@ -117,6 +119,8 @@ class DecoderBusy(ImageError):
 MiB = 1024 * 1024
 # A deflated DICOM may inflate to its image plus this much of other elements.
 DICOM_HEADER_ALLOWANCE = 1 * MiB
+# How much of a deflated data set is inflated first, to read its image attributes.
+DICOM_HEAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -223,9 +227,11 @@ def _decode_pillow(
                 raise UnsupportedImage("animated or multi-frame images are not supported")
             if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                 raise UnsupportedImage(f"colour mode {image.mode} is not supported for radiographs")
-            orientation = image.getexif().get(0x0112, 1)
             full_size = image.size
             if image.format == "JPEG" and target_size is not None:
+                # Only for JPEG: its EXIF is in the header, whereas Pillow decodes a whole
+                # PNG to look for an eXIf chunk after the image data.
+                orientation = image.getexif().get(0x0112, 1)
                 height, width = target_size
                 if orientation in _TRANSPOSED_ORIENTATIONS:
                     height, width = width, height
@@ -267,7 +273,7 @@ def _pillow_cost(
 def _pillow_failure(exc: BaseException, kind: str) -> str:
     if isinstance(exc, Image.UnidentifiedImageError):
         return f"the file starts like a {kind.upper()} but its header cannot be read"
-    if "truncated" in str(exc):
+    if "truncated" in str(exc).lower():
         return "the image could not be decoded: the file is truncated"
     return "the image could not be decoded: its data is damaged"
 
@@ -313,16 +319,29 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
 
 def _decode_deflated_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
     """Inflate under a cap (service.dicom_inflate), holding memory for the inflated data
-    set and the copy pydicom makes of it; then decode as any other DICOM."""
+    set and the copy pydicom makes of it; then decode as any other DICOM.
+
+    The image attributes normally sit in the first kilobytes: when they can be read from
+    there, a too large image is refused before anything else is inflated, and the cap and
+    the reservation are that image's own size instead of the limit."""
     cap = limits.max_decoded_bytes + DICOM_HEADER_ALLOWANCE
+    attributes = image_attributes(inflated_head(data, DICOM_HEAD_BYTES))
+    if attributes is not None:
+        rows, columns = attributes["rows"], attributes["columns"]
+        _check_pixels(columns, rows, limits, max(1, attributes["samples"]))
+        cost = dicom_cost(rows, columns, max(1, attributes["samples"]),
+                          attributes["bits_allocated"] or 16, max(1, attributes["frames"]),
+                          encapsulated=False)
+        _check_decoded_bytes(cost, limits)
+        cap = min(cap, cost.decoded_bytes + DICOM_HEADER_ALLOWANCE)
     bound = min(cap, MAX_DEFLATE_RATIO * len(data))
     with _reserved(limits, 2 * bound):
         try:
             inflated = inflate_dicom(data, cap)
         except InflateLimitExceeded:
             raise ImageTooLarge(
-                f"the deflated DICOM data set inflates to more than {cap:,} bytes; the "
-                f"limit is {limits.max_decoded_bytes:,} bytes of image plus "
+                f"the deflated DICOM data set inflates to more than {cap:,} bytes: more "
+                f"than its image (at most {limits.max_decoded_bytes:,} bytes) plus "
                 f"{DICOM_HEADER_ALLOWANCE:,} of other elements"
             ) from None
         except (zlib.error, BadFileMeta):
@@ -340,7 +359,7 @@ def _read_dicom(data: bytes) -> Dataset:
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(io.BytesIO(data))
+        dataset = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError:
         raise CorruptImage(
             "the DICOM file could not be read: its file meta information is missing or "
@@ -351,6 +370,11 @@ def _read_dicom(data: bytes) -> Dataset:
             f"the DICOM file could not be read: its data set is damaged "
             f"({type(exc).__name__})"
         ) from None
+    # pydicom keeps the stream it read (for deferred reads, which are not used): let an
+    # inflated copy go as soon as the caller drops it.
+    if hasattr(dataset, "buffer"):
+        dataset.buffer = None
+    return dataset
 
 
 def _decode_dicom_dataset(source: bytes | Dataset, limits: DecodeLimits) -> np.ndarray:

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from attack_images import black_png, png
 from damaged_images import damaged_exif_jpeg
 from dicom_factory import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, dicom_bytes
 from live_server import LiveServer, live_server
@@ -56,37 +57,14 @@ def _save(image: Image.Image, fmt: str, **params) -> bytes:
     return buffer.getvalue()
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-def _png(width: int, height: int, idat: bytes, bit_depth: int = 8) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # greyscale
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
-
-
-@functools.cache
-def png_bomb(side: int = 30000, rows_per_block: int = 1000) -> bytes:
-    """A valid side x side 8-bit grey PNG (900 MB of pixels at 30000) in under 1 MB.
-
-    One block of all-black rows is deflated once with a full flush (so it has no back
-    references out of itself) and repeated; the Adler-32 is computed over the whole."""
-    block = b"\x00" * (side + 1) * rows_per_block  # filter byte 0 + a black row, repeated
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
-    piece = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
-    end = zlib.compressobj(9, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)
-    repeats, adler = side // rows_per_block, 1
-    for _ in range(repeats):
-        adler = zlib.adler32(block, adler)
-    stream = b"\x78\xda" + piece * repeats + end + struct.pack(">I", adler)
-    return _png(side, side, stream)
+def png_bomb(side: int = 30000) -> bytes:
+    """A valid side x side 8-bit grey PNG (900 MB of pixels at 30000) in under 1 MB."""
+    return black_png(side, side, rows_per_block=1000)
 
 
 def png_declares_20000() -> bytes:
     """A PNG header that declares 20000x20000 followed by a few bytes of image data."""
-    return _png(20000, 20000, zlib.compress(b"\x00" * 20001))
+    return png(20000, 20000, zlib.compress(b"\x00" * 20001))
 
 
 def png_1x1() -> bytes:
