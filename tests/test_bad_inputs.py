@@ -15,6 +15,7 @@ import io
 import json
 import struct
 import uuid
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,9 +25,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from attack_images import black_png, png
+from attack_images import black_png, png, twenty_byte_jpeg
 from damaged_images import damaged_exif_jpeg
-from dicom_factory import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, dicom_bytes
+from dicom_factory import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, dicom_bytes, make_dataset, to_bytes
+from leaks import leaks
 from live_server import LiveServer, live_server
 from PIL import Image
 from pydicom.uid import JPEGLSLossless
@@ -127,6 +129,21 @@ def dicom_jpeg_ls_declared() -> bytes:
                        encapsulated_frames=[b"\x00" * 256])
 
 
+def dicom_path_as_photometric() -> bytes:
+    """A value that looks like a path and an address where a code string belongs."""
+    ds = make_dataset(_dicom_pixels())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom: too long for a CS value
+        ds.PhotometricInterpretation = "/etc/passwd 0x7fff"
+        return to_bytes(ds)
+
+
+def dicom_unknown_transfer_syntax() -> bytes:
+    ds = make_dataset(_dicom_pixels())
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"
+    return to_bytes(ds)
+
+
 def dicom_garbage() -> bytes:
     return b"\x00" * 128 + b"DICM" + np.random.default_rng(5).bytes(4000)
 
@@ -198,6 +215,13 @@ FILE_CASES: list[FileCase] = [
              "application/dicom"),
     FileCase("long-filename-text", lambda: b"not an image", 415, "unsupported_media_type",
              "x" * 2_000 + ".jpeg", "image/jpeg"),
+    # Pillow's message for it was "cannot identify image file <_io.BytesIO object at 0x...>".
+    FileCase("jpeg-20-bytes", twenty_byte_jpeg, 400, "invalid_image", "chest.jpeg",
+             "image/jpeg"),
+    FileCase("dicom-path-as-photometric", dicom_path_as_photometric, 400, "invalid_image",
+             "chest.dcm", "application/dicom"),
+    FileCase("dicom-unknown-transfer-syntax", dicom_unknown_transfer_syntax, 415,
+             "unsupported_media_type", "chest.dcm", "application/dicom"),
 ]
 
 
@@ -311,6 +335,7 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict:
     assert isinstance(error.get("code"), str) and error["code"], body
     assert isinstance(error.get("message"), str) and error["message"], body
     assert (response.status_code, error["code"]) == (status, code), body
+    assert not leaks(error["message"]), error["message"]  # no repr, address, path, traceback
     return error
 
 
@@ -384,7 +409,7 @@ def test_batch_of_every_bad_file_plus_one_good_xray(client: httpx.Client,
         assert result.get("error"), (case.id, result)
         assert result.get("label") is None, (case.id, result)
         assert (result["error"]["code"], case.id) == (case.code, case.id), result
-        assert result["error"]["message"]
+        assert result["error"]["message"] and not leaks(result["error"]["message"]), result
     assert FAKE_PATIENT_NAME not in response.text and FAKE_PATIENT_ID not in response.text
     assert_healthy(client)
 
