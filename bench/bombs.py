@@ -107,7 +107,7 @@ def _post(base_url: str, path: str, files: list, timeout: float) -> tuple[list[s
 
 
 def _normal_files(field: str = "file") -> list:
-    path = sorted(FULLRES.glob("*.jpeg"))[0]
+    path = min(FULLRES.glob("*.jpeg"))
     return [(field, (path.name, path.read_bytes(), "image/jpeg"))]
 
 
@@ -173,11 +173,11 @@ def report(results: dict[str, Any]) -> str:
     setup = results["setup"]
     lines = [
         f"bomb corpus, {setup['when']}, {setup['machine']}, bundle: {setup['bundle']}",
-        f"server env: {setup['server_env'] or '(defaults)'}; load average before "
-        f"{setup['load_before']}, after {setup['load_after']}",
+        (f"server env: {setup['server_env'] or '(defaults)'}; load average before "
+         f"{setup['load_before']}, after {setup['load_after']}"),
         "",
-        f"{'attack':28s} {'mode':10s} {'upload':>9s} {'imgs':>4s} {'time s':>7s} "
-        f"{'peak MB':>8s} {'after MB':>8s} {'normal s':>8s}  answers",
+        (f"{'attack':28s} {'mode':10s} {'upload':>9s} {'imgs':>4s} {'time s':>7s} "
+         f"{'peak MB':>8s} {'after MB':>8s} {'normal s':>8s}  answers"),
     ]
     for row in results["attacks"]:
         peak = f"{row['peak_mb']:8.0f}" if row["peak_mb"] is not None else f"{'n/a':>8s}"
