@@ -29,7 +29,7 @@ from dicom_factory import (
 )
 from leaks import leaks
 from PIL import Image, ImageFile
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from service.decode_budget import DecodeMemoryBudget
 from service.dicom_inflate import DEFLATED, inflate_dicom, transfer_syntax
@@ -116,6 +116,14 @@ def test_scan_limit_is_a_setting_and_real_progressive_jpegs_pass(grey: np.ndarra
     with pytest.raises(ImageTooComplex):
         decode_grey(data, limits=DecodeLimits(max_jpeg_scans=5))
     assert decode_grey(progressive_jpeg(512, 32), (224, 224)).shape == (256, 256)
+
+
+def test_a_progressive_jpeg_inside_a_dicom_is_counted_too(no_pixel_decoding: None) -> None:
+    frame = progressive_jpeg(512, 200)
+    data = dicom_bytes(None, rows_columns=(512, 512), transfer_syntax=JPEGBaseline8Bit,
+                       encapsulated_frames=[frame])
+    with pytest.raises(ImageTooComplex, match="in the DICOM file"):
+        decode_grey(data)
 
 
 # --- decoded bytes --------------------------------------------------------------------
