@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.inference import ModelNotReady
 from service.preprocessing import ImageError
+from service.safe_text import redact
 
 log = logging.getLogger("pneumoscreen.errors")
 
@@ -29,7 +30,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "file_too_large": (413, "One file is larger than MAX_FILE_BYTES."),
     "request_too_large": (413, "The request body is larger than MAX_REQUEST_BYTES."),
     "too_many_files": (413, "A batch has more than MAX_BATCH_FILES files."),
-    "image_too_large": (413, "The image has more than MAX_PIXELS pixels."),
+    "image_too_large": (413, "Over MAX_PIXELS pixels, or decodes to over MAX_DECODED_BYTES."),
     "unsupported_media_type": (415, "Not a JPEG, PNG or DICOM (or not in ALLOWED_TYPES)."),
     "missing_file": (422, "No file in the form field `file` (or `files` for a batch)."),
     "image_too_small": (422, "An image side is shorter than MIN_IMAGE_SIDE."),
@@ -41,6 +42,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "dicom_header_incomplete": (
         422, "The DICOM input lacks identifiers a DICOM SR must copy (study, series, instance)."
     ),
+    "image_too_complex": (422, "A JPEG with more than MAX_JPEG_SCANS scans."),
+    "server_busy": (503, "No decode memory free within DECODE_BUDGET_WAIT_S; see Retry-After."),
 }
 
 
@@ -75,7 +78,8 @@ class ApiError(Exception):
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+    # The last guard: no object repr, address, path or traceback text in any answer.
+    return {"error": {"code": code, "message": redact(message)}}
 
 
 def error_response(
@@ -84,8 +88,14 @@ def error_response(
     return JSONResponse(error_body(code, message), status_code=status_code, headers=headers)
 
 
+# When to try again after 503 server_busy (the decode memory budget was taken).
+BUSY_RETRY_AFTER_SECONDS = 2
+
+
 def image_error(exc: ImageError) -> ApiError:
-    return ApiError(IMAGE_ERROR_STATUS.get(exc.code, 400), exc.code, exc.message)
+    status = IMAGE_ERROR_STATUS.get(exc.code, 400)
+    headers = {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)} if status == 503 else None
+    return ApiError(status, exc.code, exc.message, headers)
 
 
 _HTTP_CODES = {
@@ -109,7 +119,7 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 async def _image_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageError)
     api = image_error(exc)
-    return error_response(api.status_code, api.code, api.message)
+    return error_response(api.status_code, api.code, api.message, api.headers)
 
 
 # How long a client should wait before asking again while the model is not ready.

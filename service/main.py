@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service import allocator
 from service.config import Settings
 from service.docs import install_openapi, install_swagger_ui
 from service.errors import install_error_handlers
@@ -65,6 +66,7 @@ def _configure_logging(level: str) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     _configure_logging(settings.log_level)
+    allocator.tune()  # large decodes give their memory back (service/allocator.py)
     metrics = Metrics()
     runner = ModelRunner(settings)
 

@@ -84,7 +84,11 @@ class Prediction(BaseModel):
 class BatchItem(BaseModel):
     """One file of a batch: either a prediction or an error, never both."""
 
-    filename: str | None = Field(None, description="The name the client gave the file.")
+    filename: str | None = Field(
+        None,
+        description="The name the client gave the file, without control or bidirectional "
+        "formatting characters, at most 255 characters.",
+    )
     label: str | None = None
     screen_positive: bool | None = None
     probabilities: dict[str, float] | None = None

@@ -101,7 +101,9 @@ def live_server(
     child_env = dict(os.environ)
     # Settings from the developer's shell must not leak into tests.
     for name in ("API_KEY", "PROVIDERS", "MAX_FILE_BYTES", "MAX_REQUEST_BYTES",
-                 "MAX_BATCH_FILES", "MAX_PIXELS", "MIN_IMAGE_SIDE", "ALLOWED_TYPES"):
+                 "MAX_BATCH_FILES", "MAX_PIXELS", "MIN_IMAGE_SIDE", "ALLOWED_TYPES",
+                 "MAX_DECODED_BYTES", "MAX_JPEG_SCANS", "DECODE_MEMORY_BUDGET_BYTES",
+                 "DECODE_BUDGET_WAIT_S"):
         child_env.pop(name, None)
     child_env.update({
         "MODEL_DIR": str(model_dir),
