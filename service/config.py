@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         description="onnxruntime execution providers: auto (CUDA when available, else CPU), "
         "cpu, or cuda (fail if CUDA is not available).",
     )
+    gate_enabled: bool = Field(
+        True,
+        description="Input gate on (422 not_chest_xray, unsupported_view, rotated_image "
+        "before scoring) for bundles that carry one (format 2); false scores every "
+        "decodable image as format 1 bundles are.",
+    )
 
     @field_validator("allowed_types", mode="before")
     @classmethod

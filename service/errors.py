@@ -34,6 +34,10 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "missing_file": (422, "No file in the form field `file` (or `files` for a batch)."),
     "image_too_small": (422, "An image side is shorter than MIN_IMAGE_SIDE."),
     "validation_error": (422, "The request does not match the documented schema."),
+    "not_chest_xray": (422, "The input gate judged the image not a chest X-ray; not scored."),
+    "unsupported_view": (422, "DICOM ViewPosition is lateral or oblique; frontal only."),
+    "rotated_image": (422, "The X-ray looks rotated by 90, 180 or 270 degrees; not scored."),
+    "explain_unavailable": (422, "explain=true, but the bundle (format 1) has no heatmap output."),
     "internal_error": (500, "An unexpected server error; details are in the server log."),
     "model_not_ready": (503, "The model is still loading, or failed to load (see /health)."),
 }
