@@ -78,8 +78,9 @@ class GateStats:
         return np.sqrt(np.clip(squared, 0.0, None))
 
     def save(self, path: Path) -> None:
-        np.savez(path, classes=np.array(self.classes), means=self.means.astype(np.float32),
-                 precision=self.precision.astype(np.float32))
+        # float64: a precision matrix of small-valued features overflows float32.
+        np.savez(path, classes=np.array(self.classes), means=self.means.astype(np.float64),
+                 precision=self.precision.astype(np.float64))
 
     @classmethod
     def load(cls, path: Path) -> GateStats:

@@ -101,7 +101,8 @@ def live_server(
     child_env = dict(os.environ)
     # Settings from the developer's shell must not leak into tests.
     for name in ("API_KEY", "PROVIDERS", "MAX_FILE_BYTES", "MAX_REQUEST_BYTES",
-                 "MAX_BATCH_FILES", "MAX_PIXELS", "MIN_IMAGE_SIDE", "ALLOWED_TYPES"):
+                 "MAX_BATCH_FILES", "MAX_PIXELS", "MIN_IMAGE_SIDE", "ALLOWED_TYPES",
+                 "GATE_ENABLED"):
         child_env.pop(name, None)
     child_env.update({
         "MODEL_DIR": str(model_dir),
