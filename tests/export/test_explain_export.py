@@ -14,11 +14,11 @@ and report (training's own code), and exported with `export_run`. What is checke
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from run_factory import make_untrained_run
 
 from service.bundle import GATE_FILE, BundleError, read_bundle
 
@@ -31,47 +31,14 @@ SHARED_WEIGHTS = (Path(__file__).parents[2].parent / "shared" / "weights"
 SIZE = 96
 
 
-def _fake_run(run_dir: Path, cache: Path) -> None:
-    """A run folder as `train` writes it, around an untrained head (no fitting)."""
-    import keras
-
-    from training.data import label_counts, list_split, split_by_patient
-    from training.evaluate import evaluate_run
-    from training.model import build_model
-    from training.train import tool_versions
-
-    run_dir.mkdir(parents=True)
-    weights = str(SHARED_WEIGHTS) if SHARED_WEIGHTS.is_file() else "none"
-    keras.utils.set_random_seed(3)
-    model = build_model("mobilenet", SIZE, 2, weights=weights)
-    model.save(run_dir / "model.keras")
-    train, val = split_by_patient(list_split(DATA, "train"), 0.25, seed=1)
-    rel = [str(s.path.relative_to(DATA)) for s in train]
-    (run_dir / "split.json").write_text(json.dumps({
-        "seed": 1, "val_fraction": 0.25, "train": rel,
-        "validation": [str(s.path.relative_to(DATA)) for s in val]}))
-    run = {
-        "config": {"seed": 1, "weights": weights}, "backbone": "mobilenet",
-        "input_size": SIZE, "labels": ["NORMAL", "PNEUMONIA"], "positive_label": "PNEUMONIA",
-        "positive_labels": ["PNEUMONIA"], "negative_label": "NORMAL", "threshold": 0.5,
-        "target_sensitivity": 0.95,
-        "data": {"root": str(DATA), "train_images": len(train), "validation_images": len(val),
-                 "train_patients": len({s.patient for s in train}),
-                 "validation_patients": len({s.patient for s in val}),
-                 "train_counts": label_counts(train), "validation_counts": label_counts(val)},
-        "epochs_run": 0, "wall_time_s": 0.0, "tool_versions": tool_versions(),
-    }
-    (run_dir / "run.json").write_text(json.dumps(run))
-    evaluate_run(run_dir, DATA, batch_size=16, cache_dir=cache, model=model)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from export.onnx_export import export_run
 
     base = tmp_path_factory.mktemp("explain")
     run_dir, bundle = base / "run", base / "bundle"
-    _fake_run(run_dir, base / "cache")
+    weights = str(SHARED_WEIGHTS) if SHARED_WEIGHTS.is_file() else "none"
+    make_untrained_run(run_dir, DATA, SIZE, base / "cache", weights)
     export_run(run_dir, bundle, DATA, version="0.0.1-test", cache_dir=base / "cache",
                gate_rotation_images=64)
     return {"run": run_dir, "bundle": bundle, "cache": base / "cache"}
