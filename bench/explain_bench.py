@@ -83,6 +83,28 @@ def measure(base_url: str, images: list, rounds: int, warmup: int) -> dict:
     return {"plain": plain, "explain": explain, "ratio_p50": ratio, "pairs_not_200": refused}
 
 
+def gate_cost(images: list, feature_dim: int = 1024) -> dict[str, float]:
+    """In process, median ms per image: the gate's header/thumbnail read, and its
+    Mahalanobis distances to 5 classes of `feature_dim` features (the MobileNet gate)."""
+    from service.gate import GateStats
+    from service.image_facts import read_facts
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(feature_dim, feature_dim)) / np.sqrt(feature_dim)
+    stats = GateStats(tuple(f"C{i}" for i in range(5)), rng.normal(size=(5, feature_dim)),
+                      a @ a.T + np.eye(feature_dim))
+    facts_ms, distance_ms = [], []
+    for sample in images:
+        started = time.perf_counter()
+        read_facts(sample.data)
+        facts_ms.append((time.perf_counter() - started) * 1000)
+        features = rng.normal(size=(1, feature_dim))
+        started = time.perf_counter()
+        stats.distances(features)
+        distance_ms.append((time.perf_counter() - started) * 1000)
+    return {"facts": statistics.median(facts_ms), "distances": statistics.median(distance_ms)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "default")
@@ -114,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
               f"p95 {r.get('p95', float('nan')):7.1f} ms")
     print(f"  explain / plain p50: {results['ratio_p50']:.2f}   (pairs not answered 200: "
           f"{results['pairs_not_200']})")
+    cost = gate_cost(images)
+    print(f"  in process, median per image: gate facts (header, colour thumbnail) "
+          f"{cost['facts']:.2f} ms, Mahalanobis to 5 classes x 1024 features "
+          f"{cost['distances']:.2f} ms")
     return 0
 
 

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from service.bundle import BundleMeta
 from service.errors import ERROR_CODES, ApiError, image_error
@@ -54,6 +54,10 @@ _FILE_SCHEMA = {
     "format": "binary",
     "description": "A chest radiograph: JPEG, PNG or DICOM (detected from the content).",
 }
+
+_EXPLAIN = Query(False, description="Add `heatmap`: the class activation map of the "
+                 "positive class as a PNG sized to the original image (and `preview` for "
+                 "DICOM). Needs a format 2 bundle (else 422 `explain_unavailable`).")
 
 _GATE_NOTE = (
     "With a format 2 bundle an input gate runs first (GATE_ENABLED): an image that is not "
@@ -150,7 +154,7 @@ def _result_fields(result: Judged, meta: BundleMeta) -> dict[str, Any]:
             **result.extras}
 
 
-async def predict(request: Request, explain: bool = False) -> Prediction:
+async def predict(request: Request, explain: bool = _EXPLAIN) -> Prediction:
     runner: ModelRunner = request.app.state.runner
     meta = runner.require_ready()  # before reading the body: 503 model_not_ready
     if explain and not meta.has_explain_outputs:
@@ -191,7 +195,7 @@ async def predict(request: Request, explain: bool = False) -> Prediction:
     )
 
 
-async def predict_batch(request: Request, explain: bool = False) -> BatchResponse:
+async def predict_batch(request: Request, explain: bool = _EXPLAIN) -> BatchResponse:
     runner: ModelRunner = request.app.state.runner
     meta = runner.require_ready()  # before reading the body: 503 model_not_ready
     if explain and not meta.has_explain_outputs:
