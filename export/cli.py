@@ -31,6 +31,9 @@ def export_command(
     gate_rotation_images: Annotated[int, typer.Option(
         help="Training X-rays (evenly thinned) turned by 90, 180 and 270 degrees to fit "
              "the gate's rotated classes.", min=8)] = 1024,
+    gate_components: Annotated[int, typer.Option(
+        help="Principal components of the features the gate's Gaussians are fitted in.",
+        min=2)] = 64,
     int8_out: Annotated[Path | None, typer.Option(
         help="Also write an INT8 bundle here (static quantization calibrated on training "
              "images, with its own validation metrics beside the FP32 ones).")] = None,
@@ -41,7 +44,7 @@ def export_command(
 
     export_run(run, out, data, name=name, version=version, data_source=data_source,
                cache_dir=cache_dir, gate_acceptance=gate_acceptance,
-               gate_rotation_images=gate_rotation_images)
+               gate_rotation_images=gate_rotation_images, gate_components=gate_components)
     if int8_out is not None:
         from export.quantize import quantize_bundle
 

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from export.gate_fit import ROTATION_IMAGES, TARGET_ACCEPTANCE, fit_gate, onnx_features
+from export.gate_fit import (
+    COMPONENTS,
+    ROTATION_IMAGES,
+    TARGET_ACCEPTANCE,
+    fit_gate,
+    onnx_features,
+)
 from service.bundle import (
     CAM_NAME,
     EXPLAIN_OUTPUTS,
@@ -156,6 +162,7 @@ def export_run(
     cache_dir: Path | None = None,
     gate_acceptance: float = TARGET_ACCEPTANCE,
     gate_rotation_images: int = ROTATION_IMAGES,
+    gate_components: int = COMPONENTS,
 ) -> BundleMeta:
     import keras
     import onnxruntime as ort
@@ -188,7 +195,7 @@ def export_run(
         x_train, y_train = split_arrays(run_dir, data_root, run, "train", cache_dir)
         x_val, _ = split_arrays(run_dir, data_root, run, "validation", cache_dir)
         stats, gate = fit_gate(onnx_features(session), x_train, y_train, run["labels"],
-                               x_val, gate_acceptance, gate_rotation_images)
+                               x_val, gate_acceptance, gate_rotation_images, gate_components)
         gate_path = Path(scratch) / GATE_FILE
         stats.save(gate_path)
         accepted = gate.acceptance["validation"]

@@ -84,7 +84,8 @@ def quantize_bundle(fp32_dir: Path, out_dir: Path, run_dir: Path, data_root: Pat
             session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
             x_train, y_train = split_arrays(run_dir, data_root, run, "train", cache_dir)
             stats, gate = fit_gate(onnx_features(session), x_train, y_train, fp32.labels,
-                                   x_val, fp32.gate.target_acceptance)
+                                   x_val, fp32.gate.target_acceptance,
+                                   components=fp32.gate.components)
             gate_path = Path(scratch) / GATE_FILE
             stats.save(gate_path)
             meta = meta.model_copy(update={"gate": gate})

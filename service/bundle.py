@@ -69,6 +69,8 @@ class GateInfo(BaseModel):
                                      "rotated class for `rotated_image`.")
     target_acceptance: float = Field(gt=0, le=1, examples=[0.995])
     feature_dim: int = Field(gt=0, examples=[1024])
+    components: int = Field(gt=0, examples=[64], description="Principal components of the "
+                            "features the Gaussians live in.")
     fitted_on: dict[str, Any] = Field(default_factory=dict)
     acceptance: dict[str, Any] = Field(
         default_factory=dict, description="Measured at export: share of the validation "

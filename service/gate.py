@@ -6,10 +6,10 @@ Checks, cheapest first; the first that fails answers 422 with its code:
    not the chest -> `not_chest_xray`; a lateral or oblique ViewPosition -> `unsupported_view`.
 2. The decoded image: strongly coloured, blank or near-uniform, or an extreme aspect
    ratio -> `not_chest_xray`.
-3. The model's own pooled features (the `features` output of the same forward pass):
-   Mahalanobis distance to Gaussian classes fitted at export on the training X-rays
-   (one per label) and on the same X-rays turned by 90, 180 and 270 degrees, with one
-   shared covariance. Nearest class upright and within `threshold` -> scored; nearest
+3. The model's own pooled features (the `features` output of the same forward pass),
+   projected on their top principal components (fitted at export): Mahalanobis distance
+   to Gaussian classes fitted at export on the training X-rays (one per label) and on the
+   same X-rays turned by 90, 180 and 270 degrees, with one shared covariance. Nearest class upright and within `threshold` -> scored; nearest
    class rotated and within `rotated_threshold` -> `rotated_image`; otherwise
    `not_chest_xray`. The thresholds were set at export so that the target share of the
    validation X-rays (and of their rotations) fall within them (model.json `gate`).
@@ -60,35 +60,41 @@ class GateRefusal(ValueError):
 
 @dataclass(frozen=True)
 class GateStats:
-    """Gaussian classes with a shared precision matrix (gate.npz)."""
+    """Gaussian classes with a shared precision matrix, in the principal subspace of the
+    features (gate.npz): z = (features - center) @ basis."""
 
     classes: tuple[str, ...]
-    means: np.ndarray  # (K, D) float64
-    precision: np.ndarray  # (D, D) float64, symmetric positive definite
+    center: np.ndarray  # (D,) float64
+    basis: np.ndarray  # (D, k) float64, orthonormal columns
+    means: np.ndarray  # (K, k) float64
+    precision: np.ndarray  # (k, k) float64, symmetric positive definite
 
     @property
     def upright(self) -> np.ndarray:
         return np.array([not c.startswith(ROTATED_PREFIX) for c in self.classes])
 
+    def project(self, features: np.ndarray) -> np.ndarray:
+        return (np.asarray(features, dtype=np.float64) - self.center) @ self.basis
+
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distances (N, K) of features (N, D) to every class mean."""
-        x = np.asarray(features, dtype=np.float64)
-        diff = x[:, None, :] - self.means[None, :, :]
+        z = self.project(features)
+        diff = z[:, None, :] - self.means[None, :, :]
         squared = np.einsum("nkd,nkd->nk", diff @ self.precision, diff)
         return np.sqrt(np.clip(squared, 0.0, None))
 
     def save(self, path: Path) -> None:
         # float64: a precision matrix of small-valued features overflows float32.
-        np.savez(path, classes=np.array(self.classes), means=self.means.astype(np.float64),
-                 precision=self.precision.astype(np.float64))
+        np.savez(path, classes=np.array(self.classes), center=self.center,
+                 basis=self.basis, means=self.means, precision=self.precision)
 
     @classmethod
     def load(cls, path: Path) -> GateStats:
         with np.load(path, allow_pickle=False) as arrays:
             return cls(
                 classes=tuple(str(c) for c in arrays["classes"]),
-                means=np.asarray(arrays["means"], dtype=np.float64),
-                precision=np.asarray(arrays["precision"], dtype=np.float64),
+                **{name: np.asarray(arrays[name], dtype=np.float64)
+                   for name in ("center", "basis", "means", "precision")},
             )
 
 
@@ -171,9 +177,12 @@ class InputGate:
     """The gate of one bundle: its statistics, thresholds and whether it is switched on."""
 
     def __init__(self, info: GateInfo, stats: GateStats, enabled: bool) -> None:
-        if stats.means.shape != (len(info.classes), info.feature_dim):
-            raise BundleError(f"gate statistics have shape {stats.means.shape}; model.json "
-                              f"says {len(info.classes)} classes of {info.feature_dim}")
+        k = stats.basis.shape[1]
+        if (stats.basis.shape[0] != info.feature_dim or stats.center.shape != (info.feature_dim,)
+                or stats.means.shape != (len(info.classes), k)
+                or stats.precision.shape != (k, k)):
+            raise BundleError(f"gate statistics do not fit model.json: {len(info.classes)} "
+                              f"classes of {info.feature_dim} features")
         if stats.classes != tuple(info.classes):
             raise BundleError("gate.npz and model.json list different gate classes")
         self.info = info
@@ -221,8 +230,9 @@ def describe_checks() -> list[str]:
         f"more than {MAX_COLOUR_SHARE:.0%} clearly coloured pixels: not_chest_xray",
         f"aspect ratio above {MAX_ASPECT_RATIO:.0f}:1: not_chest_xray",
         f"grey level standard deviation below {MIN_GREY_STD:.0f} (blank): not_chest_xray",
-        ("Mahalanobis distance of the model's pooled features to the nearest training "
-         "class above threshold: not_chest_xray; nearest class rotated: rotated_image"),
+        ("Mahalanobis distance of the model's pooled features (principal subspace) to the "
+         "nearest training class above threshold: not_chest_xray; nearest class rotated: "
+         "rotated_image"),
     ]
 
 

@@ -94,7 +94,8 @@ def test_bundle_is_format_2_with_a_verified_gate(exported: dict[str, Path]) -> N
     assert "## Input gate" in card
 
     gate = InputGate.load(exported["bundle"], meta, enabled=True)
-    assert gate is not None and gate.stats.means.shape == (5, 1024)
+    assert gate is not None and gate.stats.means.shape == (5, meta.gate.components)
+    assert gate.stats.basis.shape == (1024, meta.gate.components)
 
     # gate.npz is covered by the bundle's sha256 check.
     with (exported["bundle"] / GATE_FILE).open("ab") as handle:
@@ -106,3 +107,16 @@ def test_bundle_is_format_2_with_a_verified_gate(exported: dict[str, Path]) -> N
         data = (exported["bundle"] / GATE_FILE).read_bytes()[:-1]
         (exported["bundle"] / GATE_FILE).write_bytes(data)
     read_bundle(exported["bundle"])
+
+
+def test_int8_bundle_gets_its_own_gate(exported: dict[str, Path], tmp_path: Path) -> None:
+    from export.quantize import quantize_bundle
+
+    fp32 = read_bundle(exported["bundle"])
+    int8 = quantize_bundle(exported["bundle"], tmp_path / "int8", exported["run"], DATA,
+                           cache_dir=exported["cache"])
+    assert read_bundle(tmp_path / "int8") == int8
+    assert int8.format_version == 2 and int8.gate is not None and fp32.gate is not None
+    assert set(int8.files_sha256) == {"model.onnx", GATE_FILE}
+    # Refitted on the INT8 model's own features, not copied from the FP32 bundle.
+    assert int8.files_sha256[GATE_FILE] != fp32.files_sha256[GATE_FILE]

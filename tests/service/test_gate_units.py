@@ -27,7 +27,7 @@ from service.image_facts import DicomTags, ImageFacts, read_facts
 def _info(threshold: float = 3.0, rotated: float = 3.0) -> GateInfo:
     return GateInfo(method="test", classes=["NORMAL", "PNEUMONIA", "ROTATED_90"],
                     threshold=threshold, rotated_threshold=rotated, target_acceptance=0.995,
-                    feature_dim=2)
+                    feature_dim=2, components=2)
 
 
 def test_mahalanobis_distances_match_a_direct_computation() -> None:
@@ -36,15 +36,19 @@ def test_mahalanobis_distances_match_a_direct_computation() -> None:
     covariance = a @ a.T + np.eye(4)
     precision = np.linalg.inv(covariance)
     means = rng.normal(size=(3, 4))
-    stats = GateStats(("NORMAL", "PNEUMONIA", "ROTATED_90"), means, precision)
-    x = rng.normal(size=(5, 4))
-    expected = np.array([[np.sqrt((xi - m) @ precision @ (xi - m)) for m in means] for xi in x])
+    center = rng.normal(size=6)
+    basis = np.linalg.qr(rng.normal(size=(6, 4)))[0]
+    stats = GateStats(("NORMAL", "PNEUMONIA", "ROTATED_90"), center, basis, means, precision)
+    x = rng.normal(size=(5, 6))
+    z = (x - center) @ basis
+    expected = np.array([[np.sqrt((zi - m) @ precision @ (zi - m)) for m in means] for zi in z])
     np.testing.assert_allclose(stats.distances(x), expected, rtol=1e-12)
     assert stats.upright.tolist() == [True, True, False]
 
 
 def test_decision_rules() -> None:
-    stats = GateStats(("NORMAL", "PNEUMONIA", "ROTATED_90"), np.zeros((3, 2)), np.eye(2))
+    stats = GateStats(("NORMAL", "PNEUMONIA", "ROTATED_90"), np.zeros(2), np.eye(2),
+                      np.zeros((3, 2)), np.eye(2))
     info = _info()
     assert decide(stats, info, np.array([1.0, 2.0, 4.0])).accepted
     far = decide(stats, info, np.array([5.0, 6.0, 7.0]))
