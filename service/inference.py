@@ -163,7 +163,7 @@ class ModelRunner:
             raise RuntimeError("PROVIDERS=cuda but the session fell back to CPU")
         # Warm-up: the first run allocates and optimises; do it before reporting ready.
         warm = np.zeros((meta.input.height, meta.input.width, 3), dtype=np.uint8)
-        (first,) = self.predict_outputs([warm], meta)
+        (first,) = self._per_image([warm])
         output = first[OUTPUT_NAME]
         if output.shape != (len(meta.labels),):
             raise RuntimeError(
@@ -195,17 +195,18 @@ class ModelRunner:
         return {name: np.asarray(value) for name, value in zip(self.output_names, values,
                                                                strict=True)}
 
-    def predict_outputs(
-        self, images: list[np.ndarray], meta: BundleMeta | None = None
-    ) -> list[dict[str, np.ndarray]]:
-        """Run uint8 (H, W, 3) images as one batch (blocking): every output, per image."""
-        if meta is None:
-            self.require_ready()
+    def _per_image(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         if not images:
             return []
         batch = np.ascontiguousarray(np.stack(images).astype(np.uint8, copy=False))
         outputs = self._run(batch)
         return [{name: value[i] for name, value in outputs.items()} for i in range(len(images))]
+
+    def predict_outputs(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Run uint8 (H, W, 3) images as one batch (blocking): every output
+        (`output_names`) by name, per image."""
+        self.require_ready()
+        return self._per_image(images)
 
     def predict(self, images: list[np.ndarray]) -> list[Scored]:
         """Run uint8 (H, W, 3) images through the model as one batch (blocking)."""
