@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         description="Seconds a decode waits for its share of DECODE_MEMORY_BUDGET_BYTES "
         "before the image is answered 503 server_busy (with Retry-After).",
     )
+    gate_enabled: bool = Field(
+        True,
+        description="Input gate on (422 not_chest_xray, unsupported_view, rotated_image "
+        "before scoring) for bundles that carry one (format 2); false scores every "
+        "decodable image as format 1 bundles are.",
+    )
 
     @field_validator("allowed_types", mode="before")
     @classmethod

@@ -15,8 +15,16 @@ from typing import Literal
 
 import numpy as np
 
-from service.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, BundleMeta, read_bundle
+from service.bundle import (
+    EXPLAIN_OUTPUTS,
+    INPUT_NAME,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    BundleMeta,
+    read_bundle,
+)
 from service.config import Settings
+from service.gate import InputGate
 from service.scoring import normalise, positive_probability
 
 log = logging.getLogger("pneumoscreen.model")
@@ -90,6 +98,9 @@ class ModelRunner:
         self.error: str | None = None
         self.meta: BundleMeta | None = None
         self.providers: list[str] = []
+        # The outputs asked of every run: probabilities, and features + cam (format 2).
+        self.output_names: list[str] = [OUTPUT_NAME]
+        self.gate: InputGate | None = None
         self._session = None
         self.executor = ThreadPoolExecutor(
             max_workers=settings.inference_threads, thread_name_prefix="pneumoscreen-infer"
@@ -138,24 +149,31 @@ class ModelRunner:
             ) from None
         inputs = {i.name for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
-        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        wanted_outputs = [OUTPUT_NAME, *(EXPLAIN_OUTPUTS if meta.has_explain_outputs else ())]
+        if INPUT_NAME not in inputs or not set(wanted_outputs) <= outputs:
             raise RuntimeError(
-                f"model.onnx must have input '{INPUT_NAME}' and output '{OUTPUT_NAME}' "
+                f"model.onnx must have input '{INPUT_NAME}' and outputs {wanted_outputs} "
                 f"(has inputs {sorted(inputs)}, outputs {sorted(outputs)})"
             )
+        self.output_names = wanted_outputs
+        self.gate = InputGate.load(directory, meta, self.settings.gate_enabled)
         self._session = session
         self.providers = list(session.get_providers())
         if self.settings.providers == "cuda" and CUDA not in self.providers:
             raise RuntimeError("PROVIDERS=cuda but the session fell back to CPU")
         # Warm-up: the first run allocates and optimises; do it before reporting ready.
-        warm = np.zeros((1, meta.input.height, meta.input.width, 3), dtype=np.uint8)
-        output = self._run(warm)
-        if output.shape != (1, len(meta.labels)):
+        warm = np.zeros((meta.input.height, meta.input.width, 3), dtype=np.uint8)
+        (first,) = self._per_image([warm])
+        output = first[OUTPUT_NAME]
+        if output.shape != (len(meta.labels),):
             raise RuntimeError(
-                f"model output has shape {output.shape}; expected (batch, {len(meta.labels)}) "
-                "to match the labels in model.json"
+                f"model output has shape {(1, *output.shape)}; expected (batch, "
+                f"{len(meta.labels)}) to match the labels in model.json"
             )
-        score(meta, output[0])
+        score(meta, output)
+        if self.gate is not None and first["features"].shape != (meta.gate.feature_dim,):
+            raise RuntimeError(f"features output has shape {first['features'].shape}; the "
+                               f"gate expects {meta.gate.feature_dim} values")
 
     # --- running ----------------------------------------------------------------------
 
@@ -171,19 +189,29 @@ class ModelRunner:
             raise ModelNotReady(f"the model is not ready: {reason}")
         return self.meta
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         assert self._session is not None
-        (output,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})
-        return np.asarray(output)
+        values = self._session.run(self.output_names, {INPUT_NAME: batch})
+        return {name: np.asarray(value) for name, value in zip(self.output_names, values,
+                                                               strict=True)}
+
+    def _per_image(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        if not images:
+            return []
+        batch = np.ascontiguousarray(np.stack(images).astype(np.uint8, copy=False))
+        outputs = self._run(batch)
+        return [{name: value[i] for name, value in outputs.items()} for i in range(len(images))]
+
+    def predict_outputs(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Run uint8 (H, W, 3) images as one batch (blocking): every output
+        (`output_names`) by name, per image."""
+        self.require_ready()
+        return self._per_image(images)
 
     def predict(self, images: list[np.ndarray]) -> list[Scored]:
         """Run uint8 (H, W, 3) images through the model as one batch (blocking)."""
         meta = self.require_ready()
-        if not images:
-            return []
-        batch = np.ascontiguousarray(np.stack(images).astype(np.uint8, copy=False))
-        output = self._run(batch)
-        return [score(meta, row) for row in output]
+        return [score(meta, row[OUTPUT_NAME]) for row in self.predict_outputs(images)]
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

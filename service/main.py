@@ -24,6 +24,7 @@ from service.inference import ModelRunner
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.routes import predict, status, v2
+from service.ui import install_ui
 
 log = logging.getLogger("pneumoscreen")
 
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router)
     install_swagger_ui(app)
+    install_ui(app)
     install_openapi(app)
     known_paths.update(
         route.path for router in routers for route in router.routes if hasattr(route, "path")

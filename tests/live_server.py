@@ -103,7 +103,7 @@ def live_server(
     for name in ("API_KEY", "PROVIDERS", "MAX_FILE_BYTES", "MAX_REQUEST_BYTES",
                  "MAX_BATCH_FILES", "MAX_PIXELS", "MIN_IMAGE_SIDE", "ALLOWED_TYPES",
                  "MAX_DECODED_BYTES", "MAX_JPEG_SCANS", "DECODE_MEMORY_BUDGET_BYTES",
-                 "DECODE_BUDGET_WAIT_S"):
+                 "DECODE_BUDGET_WAIT_S", "GATE_ENABLED"):
         child_env.pop(name, None)
     child_env.update({
         "MODEL_DIR": str(model_dir),

@@ -8,14 +8,13 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
-from pydicom.dataset import Dataset
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.bundle import BundleMeta
 from service.errors import ERROR_CODES, ApiError, image_error
-from service.inference import ModelRunner, Scored
-from service.preprocessing import ImageError, load_model_input_with_header, sniff_format
+from service.gate import GATE_CODES, GateRefusal
+from service.inference import ModelRunner
+from service.preprocessing import ImageError, sniff_format
 from service.reports import responses as reports
 from service.reports.items import ReportItem
 from service.schemas import (
@@ -25,6 +24,14 @@ from service.schemas import (
     ErrorResponse,
     ModelRef,
     Prediction,
+)
+from service.screening import (
+    Judged,
+    Prepared,
+    explain_unavailable,
+    judge,
+    prepare,
+    refusal_error,
 )
 from service.security import require_api_key
 from service.uploads import Upload, files_in, parse_form, read_upload
@@ -50,6 +57,18 @@ _FILE_SCHEMA = {
     "description": "A chest radiograph: JPEG, PNG or DICOM (detected from the content).",
 }
 
+_EXPLAIN = Query(False, description="Add `heatmap`: the class activation map of the "
+                 "positive class as a PNG sized to the original image (and `preview` for "
+                 "DICOM). Needs a format 2 bundle (else 422 `explain_unavailable`).")
+
+_GATE_NOTE = (
+    "With a format 2 bundle an input gate runs first (GATE_ENABLED): an image that is not "
+    "an upright frontal chest X-ray is refused with 422 `not_chest_xray`, "
+    "`unsupported_view` or `rotated_image` and a message saying why; see GET /model "
+    "`gate`. `explain=true` adds `heatmap` (and `preview` for DICOM)."
+)
+
+
 def _multipart_body(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI request body of a route that reads its form by hand (service.uploads)."""
     return {
@@ -68,43 +87,59 @@ def _multipart_body(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _decode(
-    request: Request, runner: ModelRunner, data: bytes
-) -> tuple[np.ndarray, Dataset | None]:
-    """The model input, and the DICOM header (no pixels; None for JPEG/PNG) for reports."""
+async def _decode(request: Request, runner: ModelRunner, data: bytes,
+                  explain: bool = False) -> Prepared:
+    """The model input, the gate's image facts, and the DICOM header (no pixels; None for
+    JPEG/PNG) for reports."""
     meta = runner.require_ready()
     limits = request.app.state.limits
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     try:
         return await loop.run_in_executor(
-            runner.executor, load_model_input_with_header, data, meta.input.height,
-            meta.input.width, limits,
+            runner.executor, prepare, data, meta, limits, runner.gate, explain
         )
-    except ImageError as exc:
+    except (ImageError, GateRefusal) as exc:
         # Size, sniffed format and code only: never the bytes, the filename or DICOM tags.
         log.info('{"event": "image_rejected", "code": "%s", "bytes": %d, "format": "%s"}',
                  exc.code, len(data), sniff_format(data) or "unknown")
+        if isinstance(exc, GateRefusal):
+            raise refusal_error(exc) from None
         raise
     finally:
         request.app.state.metrics.decode.observe(time.perf_counter() - started)
 
 
+def _run_and_judge(runner: ModelRunner, prepared: list[Prepared],
+                   explain: bool) -> tuple[list[Judged], float]:
+    """Blocking: one model run for all images, then the gate and heatmaps per image."""
+    meta = runner.require_ready()
+    started = time.perf_counter()
+    outputs = runner.predict_outputs([item.model_input for item in prepared])
+    elapsed = time.perf_counter() - started
+    judged = [judge(meta, runner.gate, row, item, explain)
+              for row, item in zip(outputs, prepared, strict=True)]
+    return judged, elapsed
+
+
 async def _infer(
-    request: Request, runner: ModelRunner, images: list[np.ndarray]
-) -> tuple[list[Scored], float]:
+    request: Request, runner: ModelRunner, prepared: list[Prepared], explain: bool = False
+) -> tuple[list[Judged], float]:
     metrics = request.app.state.metrics
     loop = asyncio.get_running_loop()
-    started = time.perf_counter()
-    scored = await loop.run_in_executor(runner.executor, runner.predict, images)
-    elapsed = time.perf_counter() - started
+    judged, elapsed = await loop.run_in_executor(
+        runner.executor, _run_and_judge, runner, prepared, explain)
     metrics.inference.observe(elapsed)
-    metrics.batch_size.observe(len(images))
-    for result in scored:
-        metrics.images.labels(result.label).inc()
-        if result.screen_positive:
+    metrics.batch_size.observe(len(prepared))
+    for item in judged:
+        if item.refusal is not None:
+            log.info('{"event": "image_rejected", "code": "%s"}', item.refusal.code)
+            continue
+        assert item.scored is not None
+        metrics.images.labels(item.scored.label).inc()
+        if item.scored.screen_positive:
             metrics.screen_positive.inc()
-    return scored, elapsed * 1000
+    return judged, elapsed * 1000
 
 
 def _error_of(item: Upload) -> ApiError:
@@ -116,15 +151,19 @@ def _model_ref(meta: BundleMeta) -> ModelRef:
     return ModelRef(name=meta.name, version=meta.version)
 
 
-def _result_fields(result: Scored, meta: BundleMeta) -> dict[str, Any]:
+def _result_fields(result: Judged, meta: BundleMeta) -> dict[str, Any]:
     """The fields a single prediction and a batch entry share."""
-    return {**dataclasses.asdict(result), "threshold": meta.threshold}
+    assert result.scored is not None
+    return {**dataclasses.asdict(result.scored), "threshold": meta.threshold,
+            **result.extras}
 
 
-async def predict(request: Request) -> Prediction | Response:
+async def predict(request: Request, explain: bool = _EXPLAIN) -> Prediction | Response:
     runner: ModelRunner = request.app.state.runner
-    runner.require_ready()  # before reading the body: 503 model_not_ready
+    meta = runner.require_ready()  # before reading the body: 503 model_not_ready
     answer = reports.negotiate(request, reports.SINGLE_OFFERS)  # 406 before the body too
+    if explain and not meta.has_explain_outputs:
+        raise explain_unavailable(meta)
     settings = request.app.state.settings
     form = await parse_form(request, max_files=1)
     try:
@@ -144,14 +183,21 @@ async def predict(request: Request) -> Prediction | Response:
     if reports.wants_dicom(answer) and (error := reports.dicom_input_required(upload.data)):
         raise error
     try:
-        image, header = await _decode(request, runner, upload.data)
+        image = await _decode(request, runner, upload.data, explain)
     except ImageError as exc:
         metrics.image_errors.labels(exc.code).inc()
         raise image_error(exc) from None
-    (result,), inference_ms = await _infer(request, runner, [image])
+    except ApiError as exc:
+        metrics.image_errors.labels(exc.code).inc()
+        raise
+    (result,), inference_ms = await _infer(request, runner, [image], explain)
     meta = runner.require_ready()
+    if result.refusal is not None:
+        metrics.image_errors.labels(result.refusal.code).inc()
+        raise refusal_error(result.refusal)
     if answer != reports.JSON:
-        return await reports.single_report(answer, ReportItem(result, header=header), meta)
+        return await reports.single_report(
+            answer, ReportItem(result.scored, header=image.header), meta)
     return Prediction(
         **_result_fields(result, meta),
         model=_model_ref(meta),
@@ -159,10 +205,12 @@ async def predict(request: Request) -> Prediction | Response:
     )
 
 
-async def predict_batch(request: Request) -> BatchResponse | Response:
+async def predict_batch(request: Request, explain: bool = _EXPLAIN) -> BatchResponse | Response:
     runner: ModelRunner = request.app.state.runner
-    runner.require_ready()  # before reading the body: 503 model_not_ready
+    meta = runner.require_ready()  # before reading the body: 503 model_not_ready
     answer = reports.negotiate(request, reports.BATCH_OFFERS)  # 406 before the body too
+    if explain and not meta.has_explain_outputs:
+        raise explain_unavailable(meta)
     settings = request.app.state.settings
     metrics = request.app.state.metrics
     form = await parse_form(request, max_files=settings.max_batch_files)
@@ -178,21 +226,24 @@ async def predict_batch(request: Request) -> BatchResponse | Response:
     finally:
         await form.close()
 
-    async def decode_one(data: bytes) -> tuple[np.ndarray, Dataset | None] | ApiError:
+    async def decode_one(data: bytes) -> Prepared | ApiError:
         if reports.wants_dicom(answer) and (error := reports.dicom_input_required(data)):
             return error
         try:
-            return await _decode(request, runner, data)
+            return await _decode(request, runner, data, explain)
         except ImageError as exc:
             return image_error(exc)
+        except ApiError as exc:
+            return exc
 
     pending = [decode_one(item.data) for item in read if item.data is not None]
     decoded = iter(await asyncio.gather(*pending))
-    outcomes: list[tuple[np.ndarray, Dataset | None] | ApiError] = [
+    outcomes: list[Prepared | ApiError] = [
         next(decoded) if item.data is not None else _error_of(item) for item in read
     ]
-    images = [outcome[0] for outcome in outcomes if not isinstance(outcome, ApiError)]
-    scored, inference_ms = await _infer(request, runner, images) if images else ([], 0.0)
+    images = [outcome for outcome in outcomes if isinstance(outcome, Prepared)]
+    scored, inference_ms = (await _infer(request, runner, images, explain) if images
+                            else ([], 0.0))
     meta = runner.require_ready()
     scores = iter(scored)
     results: list[BatchItem] = []
@@ -207,8 +258,16 @@ async def predict_batch(request: Request) -> BatchResponse | Response:
             report_items.append(ReportItem(error=outcome, filename=item.filename))
             continue
         result = next(scores)
+        if result.refusal is not None:
+            metrics.image_errors.labels(result.refusal.code).inc()
+            refusal = refusal_error(result.refusal)
+            results.append(BatchItem(filename=item.filename, error=ErrorDetail(
+                code=refusal.code, message=refusal.message)))
+            report_items.append(ReportItem(error=refusal, filename=item.filename))
+            continue
         results.append(BatchItem(filename=item.filename, **_result_fields(result, meta)))
-        report_items.append(ReportItem(result, header=outcome[1], filename=item.filename))
+        report_items.append(ReportItem(result.scored, header=outcome.header,
+                                       filename=item.filename))
     if answer != reports.JSON:
         return await reports.batch_report(answer, report_items, meta)
     return BatchResponse(
@@ -224,15 +283,17 @@ def build_router(max_batch_files: int) -> APIRouter:
         predict,
         methods=["POST"],
         response_model=Prediction,
+        response_model_exclude_none=True,
         summary="Screen one chest X-ray",
         description="Upload one radiograph (JPEG, PNG or DICOM) as multipart/form-data in "
-        "the field `file`. The answer is a screening aid, not a diagnosis.",
+        "the field `file`. The answer is a screening aid, not a diagnosis. " + _GATE_NOTE,
         openapi_extra=_multipart_body("file", _FILE_SCHEMA),
         responses={**reports.openapi_responses(batch=False), **_errors(
             "empty_file", "invalid_image", "invalid_multipart", "unauthorized",
             "file_too_large", "request_too_large", "too_many_files", "image_too_large",
             "unsupported_media_type", "missing_file", "image_too_small", "model_not_ready",
             "not_acceptable", "dicom_input_required", "dicom_header_incomplete",
+            *GATE_CODES, "explain_unavailable",
         )},
     )
     router.add_api_route(
@@ -245,7 +306,8 @@ def build_router(max_batch_files: int) -> APIRouter:
         description=f"Upload 1 to {max_batch_files} radiographs as multipart/form-data, "
         "repeating the field `files`. Results come back in request order; a file that "
         "cannot be read gets an `error` entry and does not fail the others. All readable "
-        "images run through the model as one batch. A screening aid, not a diagnosis.",
+        "images run through the model as one batch. A screening aid, not a diagnosis. "
+        + _GATE_NOTE + " In a batch a refused image is that entry's `error`.",
         openapi_extra=_multipart_body("files", {
             "type": "array",
             "items": _FILE_SCHEMA,
@@ -256,7 +318,7 @@ def build_router(max_batch_files: int) -> APIRouter:
         }),
         responses={**reports.openapi_responses(batch=True), **_errors(
             "invalid_multipart", "unauthorized", "request_too_large", "too_many_files",
-            "missing_file", "model_not_ready", "not_acceptable",
+            "missing_file", "model_not_ready", "not_acceptable", "explain_unavailable",
         )},
     )
     return router

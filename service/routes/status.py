@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.errors import ERROR_CODES, RETRY_AFTER_SECONDS
+from service.gate import unavailable_card
 from service.inference import ModelRunner
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
@@ -58,6 +59,8 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
             status="ok",
             model=ModelRefWithHash(name=meta.name, version=meta.version, sha256=meta.onnx_sha256),
             providers=runner.providers,
+            gate=_gate_status(runner),
+            heatmaps="available" if meta.has_explain_outputs else "unavailable",
         )
     if runner.state == "failed":
         body = {
@@ -85,12 +88,20 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
 async def model_info(request: Request) -> ModelInfo:
     runner: ModelRunner = request.app.state.runner
     meta = runner.require_ready()
-    shared = set(ModelInfo.model_fields) & set(type(meta).model_fields)
+    shared = set(ModelInfo.model_fields) & set(type(meta).model_fields) - {"gate"}
     return ModelInfo(
         **meta.model_dump(include=shared),
         sha256=meta.onnx_sha256,
         providers=runner.providers,
+        gate=runner.gate.card() if runner.gate is not None else unavailable_card(meta),
+        heatmaps="available" if meta.has_explain_outputs else "unavailable",
     )
+
+
+def _gate_status(runner: ModelRunner) -> str:
+    if runner.gate is None:
+        return "unavailable"
+    return "on" if runner.gate.enabled else "off"
 
 
 @router.get(

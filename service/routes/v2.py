@@ -33,6 +33,7 @@ from service.errors import ERROR_CODES, RETRY_AFTER_SECONDS, ApiError, image_err
 from service.inference import ModelNotReady, ModelRunner
 from service.preprocessing import ImageError
 from service.routes.predict import _decode, _infer
+from service.screening import refusal_error
 from service.security import require_api_key
 
 log = logging.getLogger("pneumoscreen.v2")
@@ -171,6 +172,13 @@ async def version_infer(request: Request, name: str, version: str) -> Response:
     return await _infer_v2(request, name, version)
 
 
+def _element_error(index: int, api: ApiError) -> oip.ProtocolError:
+    """The whole request fails (the protocol has no per-element errors); the element and
+    our stable code say which file and why."""
+    return oip.ProtocolError(
+        f"input '{oip.INPUT}' element {index}: {api.code}: {api.message}", api.status_code)
+
+
 async def _infer_v2(request: Request, name: str, version: str | None) -> Response:
     meta = _model(request, name, version)
     runner = _runner(request)
@@ -187,19 +195,19 @@ async def _infer_v2(request: Request, name: str, version: str | None) -> Respons
         *(_decode(request, runner, data) for data in parsed.images), return_exceptions=True
     )
     for index, outcome in enumerate(decoded):
-        if isinstance(outcome, ImageError):
-            metrics.image_errors.labels(outcome.code).inc()
-            api = image_error(outcome)
-            # The whole request fails (the protocol has no per-element errors); the
-            # element and our stable code say which file and why.
-            raise oip.ProtocolError(
-                f"input '{oip.INPUT}' element {index}: {api.code}: {api.message}",
-                api.status_code,
-            )
+        if isinstance(outcome, ImageError | ApiError):
+            api = image_error(outcome) if isinstance(outcome, ImageError) else outcome
+            metrics.image_errors.labels(api.code).inc()
+            raise _element_error(index, api)
         if isinstance(outcome, BaseException):
             raise outcome
-    images = [outcome[0] for outcome in decoded if not isinstance(outcome, BaseException)]
-    scored, _ = await _infer(request, runner, images)
+    images = [outcome for outcome in decoded if not isinstance(outcome, BaseException)]
+    judged, _ = await _infer(request, runner, images)
+    for index, result in enumerate(judged):
+        if result.refusal is not None:  # the input gate: not a chest X-ray, rotated, ...
+            metrics.image_errors.labels(result.refusal.code).inc()
+            raise _element_error(index, refusal_error(result.refusal))
+    scored = [result.scored for result in judged if result.scored is not None]
     tensors = oip.output_tensors(
         meta.labels,
         [result.probabilities for result in scored],

@@ -206,7 +206,7 @@ def test_model_not_ready_raised_anywhere_is_a_503_not_a_500(tiny_bundle: Path) -
     def unloaded(images: list[np.ndarray]) -> list:
         raise ModelNotReady("the model is not ready: unloaded mid-request")
 
-    runner.predict = unloaded  # type: ignore[method-assign]
+    runner.predict_outputs = unloaded  # type: ignore[method-assign]
 
     async def run() -> None:
         async with _client(app) as client:
@@ -233,7 +233,7 @@ def test_unexpected_exception_is_a_json_500_without_traceback(tiny_bundle: Path)
     def explode(images: list[np.ndarray]) -> list:
         raise RuntimeError("secret internal detail")
 
-    runner.predict = explode  # type: ignore[method-assign]
+    runner.predict_outputs = explode  # type: ignore[method-assign]
 
     async def run() -> None:
         async with _client(app) as client:
