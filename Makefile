@@ -51,16 +51,21 @@ bench: $(VENV)/.all
 DATA ?= ../shared/data/chest_xray
 WEIGHTS ?= ../shared/weights/mobilenet_1_0_224_tf_no_top.h5
 RUN_DIR ?= runs/mobilenet-224
+MODEL_VERSION ?= 2.0.0
 
 ## train / evaluate / export: the documented recipe of the shipped model
 train: $(VENV)/.all
-	$(BIN)/pneumoscreen train --data $(DATA) --backbone mobilenet --weights $(WEIGHTS) --out $(RUN_DIR)
+	$(BIN)/pneumoscreen train --data $(DATA) --backbone mobilenet --weights $(WEIGHTS) \
+		--validation acquisition --epochs-frozen 2 --epochs-finetune 6 --patience 3 \
+		--strong-augment --label-smoothing 0.05 --cosine-decay --fine-tune-layers 36 \
+		--out $(RUN_DIR)
 
 evaluate: $(VENV)/.all
 	$(BIN)/pneumoscreen evaluate --run $(RUN_DIR) --data $(DATA)
 
 export: $(VENV)/.all
-	$(BIN)/pneumoscreen export --run $(RUN_DIR) --out $(MODEL_DIR) --data $(DATA)
+	$(BIN)/pneumoscreen export --run $(RUN_DIR) --out $(MODEL_DIR) --data $(DATA) \
+		--version $(MODEL_VERSION)
 
 clean:
 	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache
