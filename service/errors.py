@@ -13,8 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.inference import ModelNotReady
+from service.admission import BUSY_RETRY_AFTER_SECONDS, ServerBusy
+from service.inference import ModelNotReady, ReloadInProgress
 from service.preprocessing import ImageError
+from service.scheduler import DeadlineExceeded
 
 log = logging.getLogger("pneumoscreen.errors")
 
@@ -36,6 +38,37 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "validation_error": (422, "The request does not match the documented schema."),
     "internal_error": (500, "An unexpected server error; details are in the server log."),
     "model_not_ready": (503, "The model is still loading, or failed to load (see /health)."),
+    # The serving engine (service/admission.py, scheduler.py, http_protocol.py, admin).
+    "server_busy": (503, (
+        "MAX_QUEUE images (or MAX_CONNECTIONS connections) are already in; "
+        "retry after Retry-After seconds."
+    )),
+    "deadline_exceeded": (504, (
+        "Not answered within REQUEST_TIMEOUT_S of the body arriving; "
+        "its queued work was dropped."
+    )),
+    "client_disconnected": (499, (
+        "The client went away before the answer; its queued images "
+        "were dropped (logged and counted only: nobody receives it)."
+    )),
+    "invalid_http": (400, (
+        "Malformed HTTP; answered by the server, never by the app, and the "
+        "connection is closed."
+    )),
+    "request_timeout": (408, (
+        "Headers not in within HEADER_TIMEOUT_S, or the body not within "
+        "BODY_TIMEOUT_S; the connection is closed."
+    )),
+    "headers_too_large": (431, (
+        "The request head is over MAX_HEADER_BYTES, or has more than "
+        "MAX_HEADERS fields."
+    )),
+    "admin_disabled": (403, "Admin routes need API_KEY to be set on the server."),
+    "reload_in_progress": (409, "A model load or reload is already running."),
+    "reload_failed": (422, (
+        "The new bundle could not be loaded or warmed up; the old one keeps "
+        "serving (the reason is in the message and in /health)."
+    )),
 }
 
 
@@ -118,6 +151,29 @@ async def _model_not_ready(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _server_busy(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServerBusy)
+    return error_response(
+        503, "server_busy", str(exc), headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)}
+    )
+
+
+async def _deadline_exceeded(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DeadlineExceeded)
+    return error_response(504, "deadline_exceeded", deadline_message(request))
+
+
+def deadline_message(request: Request) -> str:
+    seconds = request.app.state.settings.request_timeout_s
+    return (f"the request was not answered within its deadline ({seconds:g} s after its body "
+            "arrived); its queued work was dropped")
+
+
+async def _reload_in_progress(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ReloadInProgress)
+    return error_response(409, "reload_in_progress", str(exc))
+
+
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
@@ -162,6 +218,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(ImageError, _image_error)
     app.add_exception_handler(ModelNotReady, _model_not_ready)
+    app.add_exception_handler(ServerBusy, _server_busy)
+    app.add_exception_handler(DeadlineExceeded, _deadline_exceeded)
+    app.add_exception_handler(ReloadInProgress, _reload_in_progress)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -20,9 +20,10 @@ from service.config import Settings
 from service.docs import install_openapi, install_swagger_ui
 from service.errors import install_error_handlers
 from service.inference import ModelRunner
+from service.lifecycle import Lifecycle, install_reload_signal
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
-from service.routes import predict, status
+from service.routes import admin, predict, status
 
 log = logging.getLogger("pneumoscreen")
 
@@ -63,31 +64,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     _configure_logging(settings.log_level)
     metrics = Metrics()
-    runner = ModelRunner(settings)
+    runner = ModelRunner(settings, metrics)
+    lifecycle = Lifecycle()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("loading model bundle from %s", settings.model_dir)
         loop = asyncio.get_running_loop()
-
-        def load() -> None:
-            runner.load()
-            if runner.ready and runner.meta is not None:
-                meta = runner.meta
-                metrics.model_info.info({
-                    "name": meta.name,
-                    "version": meta.version,
-                    "sha256": meta.onnx_sha256,
-                    "backbone": meta.backbone,
-                    "providers": ",".join(runner.providers),
-                    "threshold": str(meta.threshold),
-                })
-                metrics.model_ready.set(1)
-
-        app.state.load_task = loop.run_in_executor(runner.executor, load)
+        app.state.load_task = loop.run_in_executor(runner.executor, runner.load)
+        remove_hup = install_reload_signal(loop, lambda: runner.start_reload("sighup"))
         try:
             yield
         finally:
+            remove_hup()
             runner.close()
 
     app = FastAPI(
@@ -104,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.runner = runner
+    app.state.lifecycle = lifecycle
     app.state.limits = settings.decode_limits()
     metrics.model_ready.set(0)
 
@@ -115,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_request_bytes=settings.max_request_bytes,
         known_paths=known_paths,
     )
-    routers = [predict.build_router(settings.max_batch_files), status.router]
+    routers = [predict.build_router(settings.max_batch_files), status.router, admin.router]
     for router in routers:
         app.include_router(router)
     install_swagger_ui(app)

@@ -12,8 +12,9 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 
 from service.bundle import BundleMeta
+from service.deadline import bounded, deadline_from_now
 from service.errors import ERROR_CODES, ApiError, image_error
-from service.inference import ModelRunner, Scored
+from service.inference import LoadedModel, ModelRunner, Scored
 from service.preprocessing import ImageError, load_model_input, sniff_format
 from service.schemas import (
     BatchItem,
@@ -65,8 +66,10 @@ def _multipart_body(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _decode(request: Request, runner: ModelRunner, data: bytes) -> np.ndarray:
-    meta = runner.require_ready()
+async def _decode(
+    request: Request, runner: ModelRunner, model: LoadedModel, data: bytes
+) -> np.ndarray:
+    meta = model.meta
     limits = request.app.state.limits
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
@@ -84,20 +87,20 @@ async def _decode(request: Request, runner: ModelRunner, data: bytes) -> np.ndar
 
 
 async def _infer(
-    request: Request, runner: ModelRunner, images: list[np.ndarray]
+    request: Request, runner: ModelRunner, model: LoadedModel, images: list[np.ndarray],
+    deadline: float,
 ) -> tuple[list[Scored], float]:
+    """Scores of `images` and the model time spent on them (ms; the runs they were part
+    of, each counted once, shared with the other requests in those runs)."""
     metrics = request.app.state.metrics
-    loop = asyncio.get_running_loop()
-    started = time.perf_counter()
-    scored = await loop.run_in_executor(runner.executor, runner.predict, images)
-    elapsed = time.perf_counter() - started
-    metrics.inference.observe(elapsed)
-    metrics.batch_size.observe(len(images))
+    outputs = await runner.predict(images, deadline=deadline, model=model)
+    scored = [output.score() for output in outputs]
+    runs = {output.run_id: output.run_ms for output in outputs}
     for result in scored:
         metrics.images.labels(result.label).inc()
         if result.screen_positive:
             metrics.screen_positive.inc()
-    return scored, elapsed * 1000
+    return scored, sum(runs.values())
 
 
 def _error_of(item: Upload) -> ApiError:
@@ -116,30 +119,37 @@ def _result_fields(result: Scored, meta: BundleMeta) -> dict[str, Any]:
 
 async def predict(request: Request) -> Prediction:
     runner: ModelRunner = request.app.state.runner
-    runner.require_ready()  # before reading the body: 503 model_not_ready
+    model = runner.require_model()  # before reading the body: 503 model_not_ready
     settings = request.app.state.settings
-    form = await parse_form(request, max_files=1)
-    try:
-        uploads = files_in(form, "file")
-        request.state.n_files = len(uploads)
-        if not uploads:
-            raise ApiError(422, "missing_file",
-                           "send the image as multipart/form-data in the field 'file'")
-        upload = await read_upload(uploads[0], settings.max_file_bytes)
-    finally:
-        await form.close()
-    metrics = request.app.state.metrics
-    if upload.error is not None:
-        metrics.image_errors.labels(upload.error.code).inc()
-        raise upload.error
-    assert upload.data is not None
-    try:
-        image = await _decode(request, runner, upload.data)
-    except ImageError as exc:
-        metrics.image_errors.labels(exc.code).inc()
-        raise image_error(exc) from None
-    (result,), inference_ms = await _infer(request, runner, [image])
-    meta = runner.require_ready()
+    with runner.admission.enter():  # before reading the body: 503 server_busy
+        form = await parse_form(request, max_files=1)
+        try:
+            uploads = files_in(form, "file")
+            request.state.n_files = len(uploads)
+            if not uploads:
+                raise ApiError(422, "missing_file",
+                               "send the image as multipart/form-data in the field 'file'")
+            upload = await read_upload(uploads[0], settings.max_file_bytes)
+        finally:
+            await form.close()
+        metrics = request.app.state.metrics
+        if upload.error is not None:
+            metrics.image_errors.labels(upload.error.code).inc()
+            raise upload.error
+        assert upload.data is not None
+        data = upload.data
+        deadline = deadline_from_now(request)
+
+        async def work() -> tuple[list[Scored], float]:
+            try:
+                image = await _decode(request, runner, model, data)
+            except ImageError as exc:
+                metrics.image_errors.labels(exc.code).inc()
+                raise image_error(exc) from None
+            return await _infer(request, runner, model, [image], deadline)
+
+        (result,), inference_ms = await bounded(request, work(), deadline)
+    meta = model.meta
     return Prediction(
         **_result_fields(result, meta),
         model=_model_ref(meta),
@@ -149,36 +159,45 @@ async def predict(request: Request) -> Prediction:
 
 async def predict_batch(request: Request) -> BatchResponse:
     runner: ModelRunner = request.app.state.runner
-    runner.require_ready()  # before reading the body: 503 model_not_ready
+    model = runner.require_model()  # before reading the body: 503 model_not_ready
     settings = request.app.state.settings
     metrics = request.app.state.metrics
-    form = await parse_form(request, max_files=settings.max_batch_files)
-    try:
-        uploads = files_in(form, "files")
-        request.state.n_files = len(uploads)
-        if not uploads:
-            raise ApiError(
-                422, "missing_file",
-                "send the images as multipart/form-data, repeating the field 'files'",
-            )
-        read = [await read_upload(item, settings.max_file_bytes) for item in uploads]
-    finally:
-        await form.close()
-
-    async def decode_one(data: bytes) -> np.ndarray | ApiError:
+    with runner.admission.enter() as ticket:  # before reading the body: 503 server_busy
+        form = await parse_form(request, max_files=settings.max_batch_files)
         try:
-            return await _decode(request, runner, data)
-        except ImageError as exc:
-            return image_error(exc)
+            uploads = files_in(form, "files")
+            request.state.n_files = len(uploads)
+            if not uploads:
+                raise ApiError(
+                    422, "missing_file",
+                    "send the images as multipart/form-data, repeating the field 'files'",
+                )
+            ticket.grow(len(uploads))
+            read = [await read_upload(item, settings.max_file_bytes) for item in uploads]
+        finally:
+            await form.close()
+        deadline = deadline_from_now(request)
 
-    pending = [decode_one(item.data) for item in read if item.data is not None]
-    decoded = iter(await asyncio.gather(*pending))
-    outcomes: list[np.ndarray | ApiError] = [
-        next(decoded) if item.data is not None else _error_of(item) for item in read
-    ]
-    images = [outcome for outcome in outcomes if isinstance(outcome, np.ndarray)]
-    scored, inference_ms = await _infer(request, runner, images) if images else ([], 0.0)
-    meta = runner.require_ready()
+        async def decode_one(data: bytes) -> np.ndarray | ApiError:
+            try:
+                return await _decode(request, runner, model, data)
+            except ImageError as exc:
+                return image_error(exc)
+
+        async def work() -> tuple[list[np.ndarray | ApiError], list[Scored], float]:
+            pending = [decode_one(item.data) for item in read if item.data is not None]
+            decoded = iter(await asyncio.gather(*pending))
+            outcomes: list[np.ndarray | ApiError] = [
+                next(decoded) if item.data is not None else _error_of(item) for item in read
+            ]
+            images = [outcome for outcome in outcomes if isinstance(outcome, np.ndarray)]
+            if not images:
+                return outcomes, [], 0.0
+            scored, inference_ms = await _infer(request, runner, model, images, deadline)
+            return outcomes, scored, inference_ms
+
+        outcomes, scored, inference_ms = await bounded(request, work(), deadline)
+    meta = model.meta
     scores = iter(scored)
     results: list[BatchItem] = []
     for item, outcome in zip(read, outcomes, strict=True):
@@ -212,6 +231,7 @@ def build_router(max_batch_files: int) -> APIRouter:
             "empty_file", "invalid_image", "invalid_multipart", "unauthorized",
             "file_too_large", "request_too_large", "too_many_files", "image_too_large",
             "unsupported_media_type", "missing_file", "image_too_small", "model_not_ready",
+            "server_busy", "deadline_exceeded",
         ),
     )
     router.add_api_route(
@@ -223,8 +243,9 @@ def build_router(max_batch_files: int) -> APIRouter:
         summary="Screen several chest X-rays in one request",
         description=f"Upload 1 to {max_batch_files} radiographs as multipart/form-data, "
         "repeating the field `files`. Results come back in request order; a file that "
-        "cannot be read gets an `error` entry and does not fail the others. All readable "
-        "images run through the model as one batch. A screening aid, not a diagnosis.",
+        "cannot be read gets an `error` entry and does not fail the others. The readable "
+        "images go to the model together (the scheduler may merge them with other "
+        "requests' images). A screening aid, not a diagnosis.",
         openapi_extra=_multipart_body("files", {
             "type": "array",
             "items": _FILE_SCHEMA,
@@ -235,7 +256,7 @@ def build_router(max_batch_files: int) -> APIRouter:
         }),
         responses=_errors(
             "invalid_multipart", "unauthorized", "request_too_large", "too_many_files",
-            "missing_file", "model_not_ready",
+            "missing_file", "model_not_ready", "server_busy", "deadline_exceeded",
         ),
     )
     return router

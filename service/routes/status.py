@@ -6,17 +6,36 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.errors import ERROR_CODES, RETRY_AFTER_SECONDS
-from service.inference import ModelRunner
+from service.inference import ModelRunner, ReloadOutcome
+from service.lifecycle import Lifecycle
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
+    ErrorDetail,
     ErrorResponse,
     HealthResponse,
     LivenessResponse,
     ModelInfo,
     ModelRefWithHash,
+    ReloadReport,
 )
 
 router = APIRouter(tags=["operations"])
+
+
+def reload_report(outcome: ReloadOutcome | None) -> ReloadReport | None:
+    if outcome is None:
+        return None
+    serving = outcome.serving
+    return ReloadReport(
+        ok=outcome.ok,
+        trigger=outcome.trigger,  # type: ignore[arg-type]
+        finished_at=outcome.finished_at,
+        duration_ms=round(outcome.duration_ms, 1),
+        serving=ModelRefWithHash(
+            name=serving.name, version=serving.version, sha256=serving.onnx_sha256
+        ) if serving is not None else None,
+        error=outcome.error,
+    )
 
 
 @router.get(
@@ -36,8 +55,9 @@ async def livez() -> LivenessResponse:
     responses={
         503: {
             "model": HealthResponse,
-            "description": "The model is still loading (`status: loading`) or failed to "
-            "load (`status: failed`, with the reason in `error`).",
+            "description": "The model is still loading (`status: loading`), failed to "
+            "load (`status: failed`, with the reason in `error`), or the server is shutting "
+            "down (`status: draining`: in-flight requests finish, send new ones elsewhere).",
             "content": {"application/json": {"example": {
                 "status": "failed",
                 "providers": [],
@@ -52,12 +72,26 @@ async def livez() -> LivenessResponse:
 )
 async def health(request: Request) -> HealthResponse | JSONResponse:
     runner: ModelRunner = request.app.state.runner
-    if runner.ready and runner.meta is not None:
-        meta = runner.meta
-        return HealthResponse(
-            status="ok",
-            model=ModelRefWithHash(name=meta.name, version=meta.version, sha256=meta.onnx_sha256),
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    meta = runner.meta
+    model = ModelRefWithHash(
+        name=meta.name, version=meta.version, sha256=meta.onnx_sha256
+    ) if meta is not None else None
+    last_reload = reload_report(runner.last_reload)
+    if lifecycle.draining:
+        body = HealthResponse(
+            status="draining",
+            model=model,
             providers=runner.providers,
+            error=ErrorDetail(code="draining", message="the server is shutting down; "
+                              "requests in flight are finishing, send new ones elsewhere"),
+            last_reload=last_reload,
+        )
+        return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if runner.ready and model is not None:
+        return HealthResponse(
+            status="ok", model=model, providers=runner.providers, last_reload=last_reload
         )
     if runner.state == "failed":
         body = {
@@ -71,6 +105,8 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
             "providers": [],
             "error": {"code": "model_loading", "message": "the model is still loading"},
         }
+    if last_reload is not None:
+        body["last_reload"] = last_reload.model_dump(mode="json", exclude_none=True)
     return JSONResponse(
         body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
     )
@@ -84,12 +120,14 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
 )
 async def model_info(request: Request) -> ModelInfo:
     runner: ModelRunner = request.app.state.runner
-    meta = runner.require_ready()
+    model = runner.require_model()
+    meta = model.meta
     shared = set(ModelInfo.model_fields) & set(type(meta).model_fields)
     return ModelInfo(
         **meta.model_dump(include=shared),
         sha256=meta.onnx_sha256,
-        providers=runner.providers,
+        providers=list(model.providers),
+        last_reload=reload_report(runner.last_reload),
     )
 
 

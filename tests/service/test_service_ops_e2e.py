@@ -31,6 +31,9 @@ def test_model_card(server: LiveServer, tiny_bundle: Path) -> None:
             assert value == ["CPUExecutionProvider"]
         elif name == "created_at":
             assert value.replace("Z", "+00:00") == card[name].replace("Z", "+00:00")
+        elif name == "last_reload":  # the server's, not the bundle's: the start-up load
+            assert value["ok"] is True and value["trigger"] == "startup"
+            assert value["serving"]["sha256"] == card["onnx_sha256"]
         else:
             assert value == card[name], name
     assert body["input"] == card["input"]

@@ -203,7 +203,7 @@ def test_model_not_ready_raised_anywhere_is_a_503_not_a_500(tiny_bundle: Path) -
     runner.load()
     assert runner.ready
 
-    def unloaded(images: list[np.ndarray]) -> list:
+    async def unloaded(images: list[np.ndarray], **_: object) -> list:
         raise ModelNotReady("the model is not ready: unloaded mid-request")
 
     runner.predict = unloaded  # type: ignore[method-assign]
@@ -230,7 +230,7 @@ def test_unexpected_exception_is_a_json_500_without_traceback(tiny_bundle: Path)
     runner.load()
     assert runner.ready
 
-    def explode(images: list[np.ndarray]) -> list:
+    async def explode(images: list[np.ndarray], **_: object) -> list:
         raise RuntimeError("secret internal detail")
 
     runner.predict = explode  # type: ignore[method-assign]
