@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,7 +49,7 @@ def metric(server: LiveServer, name: str, labels: str = "") -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def wait_for(condition, what: str, timeout: float = 60.0) -> None:  # noqa: ANN001
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
