@@ -301,3 +301,27 @@ def test_runner_serves_the_bundle_it_verified(tiny_bundle: Path) -> None:
         assert runner.providers == [CPU]
     finally:
         runner.close()
+
+
+def test_every_error_code_is_in_the_docs_table_with_its_status() -> None:
+    from service.errors import ERROR_CODES
+
+    text = (REPO / "docs/api.md").read_text()
+    documented = {code: int(status) for status, code in
+                  re.findall(r"^\| (\d{3})\s+\| `([a-z_]+)`", text, re.MULTILINE)}
+    assert documented  # the table is there
+    for code, (status, _) in ERROR_CODES.items():
+        assert documented.get(code) == status, f"docs/api.md: {code} should be {status}"
+
+
+def test_scheduler_settings_reach_the_runner(tiny_bundle: Path) -> None:
+    settings = Settings(model_dir=tiny_bundle, max_queue=7, max_batch_size=3,
+                        max_batch_wait_ms=2.5, inference_threads=2)
+    runner = ModelRunner(settings)
+    try:
+        assert runner.admission.max_images == 7
+        assert runner.scheduler.max_batch_size == 3
+        assert runner.scheduler.max_wait_s == pytest.approx(0.0025)
+        assert runner.executor._max_workers == 2
+    finally:
+        runner.close()
