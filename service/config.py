@@ -154,6 +154,11 @@ class Settings(BaseSettings):
         description="Most open connections; one more is answered 503 server_busy and closed "
         "(`pneumoscreen serve`).",
     )
+    intra_op_spinning: bool = Field(
+        False,
+        description="Let onnxruntime's intra-op threads spin-wait between operators (a little "
+        "faster on otherwise idle cores; off because the decode threads share the cores).",
+    )
 
     @field_validator("allowed_types", mode="before")
     @classmethod

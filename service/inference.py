@@ -334,6 +334,10 @@ class ModelRunner:
         options.intra_op_num_threads = self.settings.intra_op_threads
         options.inter_op_num_threads = self.settings.inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning intra-op threads burn the cores the decode threads need between operators.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.settings.intra_op_spinning else "0"
+        )
         available = list(ort.get_available_providers())
         wanted = choose_providers(self.settings.providers, available)
         try:
