@@ -293,6 +293,9 @@ def _model_runs(base_url: str) -> tuple[float, float]:
             values.get("pneumoscreen_batch_size_sum", 0.0))
 
 
+IDLE_S = 5.0
+
+
 def bench_soak(server: Any, samples: list[Sample], clients: int, seconds: float,
                warmup: float) -> dict:
     """`clients` concurrent clients for `seconds` after `warmup` seconds of the same load."""
@@ -312,6 +315,8 @@ def bench_soak(server: Any, samples: list[Sample], clients: int, seconds: float,
         "rss_mb_after_warmup": rss_warm,
         "rss_mb_after_soak": rss_mb(pid),
     })
+    time.sleep(IDLE_S)  # the scheduler gives the model's batch memory back when idle
+    result["rss_mb_idle"] = rss_mb(pid)
     return result
 
 
@@ -427,7 +432,8 @@ def report(results: dict) -> str:
                      "(merged by the scheduler)")
         lines.append(f"  server RSS MB: {soak['rss_mb_start']:.0f} at start, "
                      f"{soak['rss_mb_after_warmup']:.0f} after warm-up, "
-                     f"{soak['rss_mb_after_soak']:.0f} after the soak")
+                     f"{soak['rss_mb_after_soak']:.0f} after the soak, "
+                     f"{soak['rss_mb_idle']:.0f} after {IDLE_S:.0f} s idle")
         lines.append("")
     ip = results["in_process"]
     lines.append(f"In process, per image (input {ip['input']}), median ms")

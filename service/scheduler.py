@@ -14,6 +14,10 @@ queue is dropped, and counted.
 
 Each job names the model it runs on, so a hot reload (service.inference) can switch models
 while jobs for the old one are still queued: a batch only ever holds one model's jobs.
+
+After `idle_release_s` without work, the scheduler asks the last model to give back the
+memory its big batches took (`release_memory`, when the model has it): onnxruntime keeps
+its arena at the size of the largest batch otherwise.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ Outputs = dict[str, np.ndarray]
 
 
 class BatchModel(Protocol):
-    """What the scheduler runs: a whole batch in, every output (batch axis first) out."""
+    """What the scheduler runs: a whole batch in, every output (batch axis first) out.
+    It may also have `release_memory()`, called when the scheduler has been idle."""
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
@@ -93,6 +98,7 @@ class BatchScheduler:
         max_wait_s: float = 0.0,
         hooks: SchedulerHooks | None = None,
         name: str = "pneumoscreen-model",
+        idle_release_s: float | None = 2.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -104,6 +110,8 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._runs = 0
+        self.idle_release_s = idle_release_s
+        self._ran_since_release: BatchModel | None = None  # the model to release, if any
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -154,14 +162,30 @@ class BatchScheduler:
 
     def _loop(self) -> None:
         while True:
+            release: BatchModel | None = None
             with self._cond:
                 while not self._queue and not self._closed:
-                    self._cond.wait()
+                    if self._ran_since_release is None or self.idle_release_s is None:
+                        self._cond.wait()
+                    elif not self._cond.wait(self.idle_release_s) and not self._queue:
+                        release, self._ran_since_release = self._ran_since_release, None
+                        break
                 if self._closed:
                     return
-                batch = self._take()
+                batch = self._take() if release is None else []
+            if release is not None:
+                self._release(release)
             if batch:
                 self._run(batch)
+
+    def _release(self, model: BatchModel) -> None:
+        release = getattr(model, "release_memory", None)
+        if release is None:
+            return
+        try:
+            release()
+        except Exception:  # only memory is at stake; serving goes on
+            log.exception("releasing the model's memory failed")
 
     def _take(self) -> list[_Job]:
         """Jobs from the head of the queue for one model call (the lock is held)."""
@@ -233,6 +257,7 @@ class BatchScheduler:
 
     def _run(self, jobs: list[_Job]) -> None:
         images = [image for job in jobs for image in job.images]
+        self._ran_since_release = jobs[0].model
         self._runs += 1
         run_id = self._runs
         started = time.perf_counter()

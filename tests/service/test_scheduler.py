@@ -221,3 +221,42 @@ def test_admission_counts_images_and_refuses_when_full() -> None:
         batch.grow(32)
         assert admission.in_flight == 33
     assert admission.in_flight == 0 and seen[-1] == 0
+
+
+def test_idle_scheduler_releases_the_last_models_memory_once() -> None:
+    class Releasing:
+        def __init__(self) -> None:
+            self.released = threading.Event()
+            self.releases = 0
+
+        def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+            return {"probabilities": batch[:, 0, 0, :2].astype(np.float32)}
+
+        def release_memory(self) -> None:
+            self.releases += 1
+            self.released.set()
+
+    model = Releasing()
+    scheduler = BatchScheduler(max_batch_size=4, idle_release_s=0.05)
+    try:
+        assert not model.released.wait(0.3)  # nothing ran yet: nothing to give back
+        run_sync(scheduler, model, [_image(1)], timeout=30)
+        assert model.released.wait(30)
+        time.sleep(0.3)  # idle again, but nothing ran since: no second release
+        assert model.releases == 1
+        run_sync(scheduler, model, [_image(2)], timeout=30)  # still serves afterwards
+    finally:
+        scheduler.close()
+
+
+def test_release_memory_on_a_real_session(tiny_bundle: Path) -> None:
+    runner = ModelRunner(Settings(model_dir=tiny_bundle, providers="cpu"))
+    runner.load()
+    try:
+        model = runner.require_model()
+        before = model.run(np.full((1, 64, 64, 3), 99, dtype=np.uint8))
+        model.release_memory()
+        after = model.run(np.full((1, 64, 64, 3), 99, dtype=np.uint8))
+        assert np.array_equal(before["probabilities"], after["probabilities"])
+    finally:
+        runner.close()
