@@ -332,9 +332,44 @@ def _time_per_item(function: Callable[[Sample], object], samples: list[Sample]) 
     return timings
 
 
-def bench_in_process(model_dir: Path, samples: list[Sample], inference_runs: int) -> dict:
+def service_session(model_dir: Path) -> Any:
+    """An onnxruntime session with the service's default options (service/inference.py)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(model_dir / MODEL_FILE), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+def bench_single_interleaved(base_url: str, model_dir: Path, samples: list[Sample],
+                             rounds: int) -> dict:
+    """One image over HTTP (/predict), then the same image decoded and run at batch 1 in
+    this process (the server idle meanwhile), alternately: both see the same machine."""
+    import httpx
+
+    meta = read_bundle(model_dir)
+    session = service_session(model_dir)
+    http_ms, local_ms = [], []
+    with httpx.Client(base_url=base_url, timeout=120) as http:
+        for index in range(rounds + 5):
+            sample = samples[index % len(samples)]
+            started = time.perf_counter()
+            _check(http.post("/predict", files=_multipart("file", [sample])))
+            elapsed_http = (time.perf_counter() - started) * 1000
+            started = time.perf_counter()
+            image = load_model_input(sample.data, meta.input.height, meta.input.width)
+            session.run(None, {INPUT_NAME: image[None]})
+            elapsed_local = (time.perf_counter() - started) * 1000
+            if index >= 5:  # the first few warm both up
+                http_ms.append(elapsed_http)
+                local_ms.append(elapsed_local)
+    return {"http_ms": percentiles(http_ms), "decode_and_model_ms": percentiles(local_ms)}
+
+
+def bench_in_process(model_dir: Path, samples: list[Sample], inference_runs: int) -> dict:
     meta = read_bundle(model_dir)
     height, width = meta.input.height, meta.input.width
 
@@ -352,7 +387,7 @@ def bench_in_process(model_dir: Path, samples: list[Sample], inference_runs: int
         draft_ms += _time_per_item(draft, [sample])
     pixels = [int(np.prod(decode_grey(s.data).shape)) for s in samples]
 
-    session = ort.InferenceSession(str(model_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
+    session = service_session(model_dir)
     inputs = [draft(s) for s in samples[:32]]
     while len(inputs) < 32:
         inputs += inputs[: 32 - len(inputs)]
@@ -408,6 +443,12 @@ def report(results: dict) -> str:
     for size, row in results["batch"].items():
         lines.append(f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
                      f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}")
+    after = results.get("batch_after_soak")
+    if after:
+        lines.append("  again after the soak:")
+        for size, row in after.items():
+            lines.append(f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
+                         f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}")
     lines.append("")
     conc = results["concurrent"]
     lines.append(f"POST /predict, {conc['threads']} client threads ({conc['n']} requests)")
@@ -435,6 +476,13 @@ def report(results: dict) -> str:
                      f"{soak['rss_mb_after_soak']:.0f} after the soak, "
                      f"{soak['rss_mb_idle']:.0f} after {IDLE_S:.0f} s idle")
         lines.append("")
+    single = results.get("single")
+    if single:
+        lines.append(f"One image, alternately over HTTP and in process ({single['http_ms']['n']} "
+                     "each)")
+        lines.append(f"  POST /predict p50 {single['http_ms']['p50']:.1f} ms   decode+model at "
+                     f"batch 1 in process p50 {single['decode_and_model_ms']['p50']:.1f} ms")
+        lines.append("")
     ip = results["in_process"]
     lines.append(f"In process, per image (input {ip['input']}), median ms")
     lines.append(f"  decode+preprocess, no draft : {ip['decode_preprocess_ms_no_draft']['p50']:8.2f}")
@@ -446,7 +494,7 @@ def report(results: dict) -> str:
     lines.append("")
     lines.append("Ratios (same run)")
     for name, value in results["ratios"].items():
-        lines.append(f"  {name:<52} {value:8.2f}")
+        lines.append(f"  {name:<68} {value:8.2f}")
     return "\n".join(lines)
 
 
@@ -469,10 +517,15 @@ def ratios(results: dict) -> dict[str, float]:
         draft / ip["inference_ms_batch1"]["p50"])
     out["HTTP p50 latency / in-process (draft + inference)"] = (
         results["latency"]["p50"] / (draft + ip["inference_ms_batch1"]["p50"]))
+    single = results.get("single")
+    if single:
+        out["single image: HTTP p50 / in-process decode+model p50 (alternated)"] = (
+            single["http_ms"]["p50"] / single["decode_and_model_ms"]["p50"])
     soak = results.get("soak")
     if soak and batch:
-        best = max(row["images_per_s"] for row in batch.values())
-        out["soak served / best single-client batch throughput"] = (
+        rows = list(batch.values()) + list(results.get("batch_after_soak", {}).values())
+        best = max(row["images_per_s"] for row in rows)
+        out["soak served / best single-client batch throughput (before or after)"] = (
             soak["served_images_per_s"] / best)
         out["soak RSS after / after warm-up"] = (
             soak["rss_mb_after_soak"] / soak["rss_mb_after_warmup"])
@@ -572,6 +625,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.soak_seconds:.0f} s ...", file=sys.stderr)
             results["soak"] = bench_soak(server, samples, args.soak_clients, args.soak_seconds,
                                          args.soak_warmup)
+            print("batches again, after the soak ...", file=sys.stderr)
+            results["batch_after_soak"] = bench_batches(
+                server.base_url, samples, batch_sizes, max(32, args.batch_images // 2), warmup=1)
+        print("single image, HTTP and in process alternately ...", file=sys.stderr)
+        results["single"] = bench_single_interleaved(server.base_url, model_dir, samples,
+                                                     args.requests)
         print("in process ...", file=sys.stderr)
         results["in_process"] = bench_in_process(model_dir, samples, args.inference_runs)
         results["ratios"] = ratios(results)
