@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import Request
 
@@ -46,9 +46,14 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def bounded(request: Request, work: Coroutine[Any, Any, T], deadline: float) -> T:
-    """The result of `work`, unless the deadline passes or the client goes first."""
-    task: asyncio.Task[T] = asyncio.ensure_future(work)
+async def bounded(
+    request: Request, work: Awaitable[T], deadline: float | None = None
+) -> T:
+    """The result of `work`, unless the deadline (default: `request.state.deadline`)
+    passes or the client goes first."""
+    if deadline is None:
+        deadline = request.state.deadline
+    task: asyncio.Future[T] = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait(

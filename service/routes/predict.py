@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -66,10 +68,33 @@ def _multipart_body(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _decode(
-    request: Request, runner: ModelRunner, model: LoadedModel, data: bytes
-) -> np.ndarray:
-    meta = model.meta
+def admitted(handler: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Any]]:
+    """Admission control around a predict route, before its body is read: 503
+    model_not_ready, or 503 server_busy when MAX_QUEUE images are in (service.admission).
+
+    For the whole request it pins the model serving now (`request.state.model`: a hot
+    reload cannot change it halfway) and holds the admission ticket (`request.state.ticket`;
+    a batch grows it to its file count).
+    """
+
+    @functools.wraps(handler)
+    async def route(request: Request) -> Any:
+        runner: ModelRunner = request.app.state.runner
+        request.state.model = runner.require_model()
+        with runner.admission.enter() as ticket:
+            request.state.ticket = ticket
+            return await handler(request)
+
+    return route
+
+
+def _model(request: Request) -> LoadedModel:
+    model: LoadedModel = request.state.model
+    return model
+
+
+async def _decode(request: Request, runner: ModelRunner, data: bytes) -> np.ndarray:
+    meta = _model(request).meta
     limits = request.app.state.limits
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
@@ -87,20 +112,20 @@ async def _decode(
 
 
 async def _infer(
-    request: Request, runner: ModelRunner, model: LoadedModel, images: list[np.ndarray],
-    deadline: float,
+    request: Request, runner: ModelRunner, images: list[np.ndarray]
 ) -> tuple[list[Scored], float]:
-    """Scores of `images` and the model time spent on them (ms; the runs they were part
-    of, each counted once, shared with the other requests in those runs)."""
+    """Scores of `images`, and the model time spent on them in ms: the runs (batches) they
+    were part of, each counted once, shared with the other requests in those runs."""
     metrics = request.app.state.metrics
-    outputs = await runner.predict(images, deadline=deadline, model=model)
+    outputs = await runner.predict(
+        images, deadline=request.state.deadline, model=_model(request)
+    )
     scored = [output.score() for output in outputs]
-    runs = {output.run_id: output.run_ms for output in outputs}
     for result in scored:
         metrics.images.labels(result.label).inc()
         if result.screen_positive:
             metrics.screen_positive.inc()
-    return scored, sum(runs.values())
+    return scored, sum({output.run_id: output.run_ms for output in outputs}.values())
 
 
 def _error_of(item: Upload) -> ApiError:
@@ -119,37 +144,31 @@ def _result_fields(result: Scored, meta: BundleMeta) -> dict[str, Any]:
 
 async def predict(request: Request) -> Prediction:
     runner: ModelRunner = request.app.state.runner
-    model = runner.require_model()  # before reading the body: 503 model_not_ready
+    runner.require_ready()  # before reading the body: 503 model_not_ready
     settings = request.app.state.settings
-    with runner.admission.enter():  # before reading the body: 503 server_busy
-        form = await parse_form(request, max_files=1)
-        try:
-            uploads = files_in(form, "file")
-            request.state.n_files = len(uploads)
-            if not uploads:
-                raise ApiError(422, "missing_file",
-                               "send the image as multipart/form-data in the field 'file'")
-            upload = await read_upload(uploads[0], settings.max_file_bytes)
-        finally:
-            await form.close()
-        metrics = request.app.state.metrics
-        if upload.error is not None:
-            metrics.image_errors.labels(upload.error.code).inc()
-            raise upload.error
-        assert upload.data is not None
-        data = upload.data
-        deadline = deadline_from_now(request)
-
-        async def work() -> tuple[list[Scored], float]:
-            try:
-                image = await _decode(request, runner, model, data)
-            except ImageError as exc:
-                metrics.image_errors.labels(exc.code).inc()
-                raise image_error(exc) from None
-            return await _infer(request, runner, model, [image], deadline)
-
-        (result,), inference_ms = await bounded(request, work(), deadline)
-    meta = model.meta
+    form = await parse_form(request, max_files=1)
+    try:
+        uploads = files_in(form, "file")
+        request.state.n_files = len(uploads)
+        if not uploads:
+            raise ApiError(422, "missing_file",
+                           "send the image as multipart/form-data in the field 'file'")
+        upload = await read_upload(uploads[0], settings.max_file_bytes)
+    finally:
+        await form.close()
+    metrics = request.app.state.metrics
+    if upload.error is not None:
+        metrics.image_errors.labels(upload.error.code).inc()
+        raise upload.error
+    assert upload.data is not None
+    request.state.deadline = deadline_from_now(request)
+    try:
+        image = await bounded(request, _decode(request, runner, upload.data))
+    except ImageError as exc:
+        metrics.image_errors.labels(exc.code).inc()
+        raise image_error(exc) from None
+    (result,), inference_ms = await bounded(request, _infer(request, runner, [image]))
+    meta = _model(request).meta
     return Prediction(
         **_result_fields(result, meta),
         model=_model_ref(meta),
@@ -159,45 +178,40 @@ async def predict(request: Request) -> Prediction:
 
 async def predict_batch(request: Request) -> BatchResponse:
     runner: ModelRunner = request.app.state.runner
-    model = runner.require_model()  # before reading the body: 503 model_not_ready
+    runner.require_ready()  # before reading the body: 503 model_not_ready
     settings = request.app.state.settings
     metrics = request.app.state.metrics
-    with runner.admission.enter() as ticket:  # before reading the body: 503 server_busy
-        form = await parse_form(request, max_files=settings.max_batch_files)
+    form = await parse_form(request, max_files=settings.max_batch_files)
+    try:
+        uploads = files_in(form, "files")
+        request.state.n_files = len(uploads)
+        if not uploads:
+            raise ApiError(
+                422, "missing_file",
+                "send the images as multipart/form-data, repeating the field 'files'",
+            )
+        request.state.ticket.grow(len(uploads))
+        read = [await read_upload(item, settings.max_file_bytes) for item in uploads]
+    finally:
+        await form.close()
+    request.state.deadline = deadline_from_now(request)
+
+    async def decode_one(data: bytes) -> np.ndarray | ApiError:
         try:
-            uploads = files_in(form, "files")
-            request.state.n_files = len(uploads)
-            if not uploads:
-                raise ApiError(
-                    422, "missing_file",
-                    "send the images as multipart/form-data, repeating the field 'files'",
-                )
-            ticket.grow(len(uploads))
-            read = [await read_upload(item, settings.max_file_bytes) for item in uploads]
-        finally:
-            await form.close()
-        deadline = deadline_from_now(request)
+            return await _decode(request, runner, data)
+        except ImageError as exc:
+            return image_error(exc)
 
-        async def decode_one(data: bytes) -> np.ndarray | ApiError:
-            try:
-                return await _decode(request, runner, model, data)
-            except ImageError as exc:
-                return image_error(exc)
-
-        async def work() -> tuple[list[np.ndarray | ApiError], list[Scored], float]:
-            pending = [decode_one(item.data) for item in read if item.data is not None]
-            decoded = iter(await asyncio.gather(*pending))
-            outcomes: list[np.ndarray | ApiError] = [
-                next(decoded) if item.data is not None else _error_of(item) for item in read
-            ]
-            images = [outcome for outcome in outcomes if isinstance(outcome, np.ndarray)]
-            if not images:
-                return outcomes, [], 0.0
-            scored, inference_ms = await _infer(request, runner, model, images, deadline)
-            return outcomes, scored, inference_ms
-
-        outcomes, scored, inference_ms = await bounded(request, work(), deadline)
-    meta = model.meta
+    pending = [decode_one(item.data) for item in read if item.data is not None]
+    decoded = iter(await bounded(request, asyncio.gather(*pending)))
+    outcomes: list[np.ndarray | ApiError] = [
+        next(decoded) if item.data is not None else _error_of(item) for item in read
+    ]
+    images = [outcome for outcome in outcomes if isinstance(outcome, np.ndarray)]
+    scored, inference_ms = (
+        await bounded(request, _infer(request, runner, images)) if images else ([], 0.0)
+    )
+    meta = _model(request).meta
     scores = iter(scored)
     results: list[BatchItem] = []
     for item, outcome in zip(read, outcomes, strict=True):
@@ -220,7 +234,7 @@ def build_router(max_batch_files: int) -> APIRouter:
     router = APIRouter(tags=["prediction"], dependencies=[Depends(require_api_key)])
     router.add_api_route(
         "/predict",
-        predict,
+        admitted(predict),
         methods=["POST"],
         response_model=Prediction,
         summary="Screen one chest X-ray",
@@ -236,7 +250,7 @@ def build_router(max_batch_files: int) -> APIRouter:
     )
     router.add_api_route(
         "/predict/batch",
-        predict_batch,
+        admitted(predict_batch),
         methods=["POST"],
         response_model=BatchResponse,
         response_model_exclude_none=True,
