@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := constraints.txt
+# checkov (tests/deploy) pins packaging<24, which pytest 9 refuses: its own venv.
+SCAN_VENV ?= .venv-scan
 MODEL_DIR ?= models/default
 PORT ?= 8000
 
-.PHONY: run test lint bench train evaluate export clean
+.PHONY: run test lint bench train evaluate export clean scan-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +23,21 @@ $(VENV)/.all: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[serve,train,dev]"
 	touch $@ $(VENV)/.serve
 
+$(SCAN_VENV)/.scan: pyproject.toml constraints-scan.txt
+	$(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SCAN_VENV)/bin/pip install --quiet -c constraints-scan.txt ".[scan]"
+	touch $@
+
+## scan-venv: checkov in .venv-scan, for the manifest and Dockerfile scan of tests/deploy
+scan-venv: $(SCAN_VENV)/.scan
+
 ## run: start the API on :8000 with the bundled default model (serving extra only, no TensorFlow)
 run: $(VENV)/.serve
 	$(BIN)/pneumoscreen serve --model-dir $(MODEL_DIR) --port $(PORT)
 
 ## test: install everything, lint, and run the whole test suite
-test: $(VENV)/.all
+test: $(VENV)/.all $(SCAN_VENV)/.scan
 	$(BIN)/ruff check service training export tests bench
 	$(BIN)/python -m pytest
 
@@ -52,4 +63,4 @@ export: $(VENV)/.all
 	$(BIN)/pneumoscreen export --run $(RUN_DIR) --out $(MODEL_DIR) --data $(DATA)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache

@@ -24,15 +24,27 @@ def export_command(
         help="Where the training data came from and its licence, for model.json and the "
              "model card (default: the Kermany pediatric chest X-ray set).")] = DATA_CREDIT,
     cache_dir: CacheDirOption = DEFAULT_CACHE_DIR,
+    gate_acceptance: Annotated[float, typer.Option(
+        help="Share of the run's validation X-rays the input gate must accept; its "
+             "threshold is that quantile of their feature distances.", min=0.5, max=1.0)
+    ] = 0.995,
+    gate_rotation_images: Annotated[int, typer.Option(
+        help="Training X-rays (evenly thinned) turned by 90, 180 and 270 degrees to fit "
+             "the gate's rotated classes.", min=8)] = 1024,
+    gate_components: Annotated[int, typer.Option(
+        help="Principal components of the features the gate's Gaussians are fitted in.",
+        min=2)] = 64,
     int8_out: Annotated[Path | None, typer.Option(
         help="Also write an INT8 bundle here (static quantization calibrated on training "
              "images, with its own validation metrics beside the FP32 ones).")] = None,
 ) -> None:
-    """Convert to ONNX (tf2onnx, opset 17), prove parity with Keras, write the bundle."""
+    """Convert to ONNX (tf2onnx, opset 17) with the features and CAM outputs, prove parity
+    with Keras, fit the input gate, write the bundle (format 2)."""
     from export.onnx_export import export_run
 
     export_run(run, out, data, name=name, version=version, data_source=data_source,
-               cache_dir=cache_dir)
+               cache_dir=cache_dir, gate_acceptance=gate_acceptance,
+               gate_rotation_images=gate_rotation_images, gate_components=gate_components)
     if int8_out is not None:
         from export.quantize import quantize_bundle
 

@@ -1,7 +1,12 @@
-"""Keras run -> ONNX -> parity check -> model bundle (model.onnx + model.json).
+"""Keras run -> ONNX -> parity check -> input gate -> model bundle (format 2).
 
-The bundle is written only after the same real X-rays give the same probabilities through
-Keras and through onnxruntime (max abs difference < PARITY_TOLERANCE).
+The graph has three outputs from one forward pass (export/explain_graph.py):
+probabilities, features (pooled backbone features) and cam (positive-class activation
+map). The bundle is written only after the same real X-rays give the same values for all
+three through Keras and through onnxruntime (probabilities: max abs difference <
+PARITY_TOLERANCE; features and cam: the same tolerance relative to their largest
+magnitude). The gate is then fitted on the ONNX features of the run's training X-rays and
+its thresholds set on its validation X-rays (export/gate_fit.py).
 """
 
 from __future__ import annotations
@@ -14,7 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from export.gate_fit import (
+    COMPONENTS,
+    ROTATION_IMAGES,
+    TARGET_ACCEPTANCE,
+    fit_gate,
+    onnx_features,
+)
 from service.bundle import (
+    CAM_NAME,
+    EXPLAIN_OUTPUTS,
+    GATE_FILE,
     INPUT_NAME,
     INTENDED_USE,
     OUTPUT_NAME,
@@ -24,6 +39,7 @@ from service.bundle import (
     write_bundle,
 )
 from training.data import DATA_CREDIT, load_arrays, split_samples
+from training.evaluate import validation_name
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -34,8 +50,12 @@ class ParityError(RuntimeError):
     """Keras and onnxruntime disagree: the ONNX graph is not the trained model."""
 
 
+ALL_OUTPUTS = (OUTPUT_NAME, *EXPLAIN_OUTPUTS)
+
+
 def convert_to_onnx(model, input_size: int, path: Path, opset: int = OPSET) -> None:
-    """tf2onnx with an explicit uint8 signature; input `image`, output `probabilities`."""
+    """tf2onnx with an explicit uint8 signature; input `image`; outputs `probabilities`
+    (a one-output model) or `probabilities`, `features`, `cam` (explain_model)."""
     import onnx
     import tensorflow as tf
     import tf2onnx
@@ -43,10 +63,13 @@ def convert_to_onnx(model, input_size: int, path: Path, opset: int = OPSET) -> N
     signature = (tf.TensorSpec((None, input_size, input_size, 3), tf.uint8, name=INPUT_NAME),)
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
     graph = proto.graph
-    if len(graph.output) != 1:
-        raise RuntimeError(f"expected one model output, found {len(graph.output)}")
-    _rename_tensor(graph, graph.output[0].name, OUTPUT_NAME)
-    for value in (graph.input[0], graph.output[0]):
+    names = [output.name for output in graph.output]
+    if len(names) == 1:
+        _rename_tensor(graph, names[0], OUTPUT_NAME)
+    elif sorted(names) != sorted(ALL_OUTPUTS):
+        # explain_model names its output layers; tf2onnx names outputs after them.
+        raise RuntimeError(f"expected outputs {list(ALL_OUTPUTS)}, found {names}")
+    for value in (graph.input[0], *graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     onnx.checker.check_model(proto)
     onnx.save(proto, path)
@@ -64,25 +87,60 @@ def _rename_tensor(graph, old: str, new: str) -> None:
 
 
 def onnx_predict(onnx_path: Path, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    return onnx_outputs(onnx_path, images, batch_size)[OUTPUT_NAME]
+
+
+def onnx_outputs(onnx_path: Path, images: np.ndarray,
+                 batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Every output of the graph, by name, for a stack of model inputs."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    batches = [session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
-               for i in range(0, len(images), batch_size)]
-    return np.concatenate(batches)
+    names = [output.name for output in session.get_outputs()]
+    parts = [session.run(names, {INPUT_NAME: images[i : i + batch_size]})
+             for i in range(0, len(images), batch_size)]
+    return {name: np.concatenate([part[j] for part in parts]) for j, name in enumerate(names)}
 
 
 def check_parity(model, onnx_path: Path, images: np.ndarray) -> float:
     """Max abs difference of probabilities, Keras vs onnxruntime; raises ParityError."""
+    return check_parity_all(model, onnx_path, images)[OUTPUT_NAME]
+
+
+def check_parity_all(model, onnx_path: Path, images: np.ndarray) -> dict[str, float]:
+    """Per output: max abs difference Keras vs onnxruntime (features and cam relative to
+    their largest magnitude, at least 1). Raises ParityError beyond PARITY_TOLERANCE."""
     expected = model.predict(images, batch_size=16, verbose=0)
-    actual = onnx_predict(onnx_path, images)
-    difference = float(np.max(np.abs(expected - actual)))
-    if not difference < PARITY_TOLERANCE:
-        raise ParityError(
-            f"Keras and onnxruntime differ by {difference:.2e} on {len(images)} X-rays "
-            f"(tolerance {PARITY_TOLERANCE:.0e}); the bundle was not written"
-        )
-    return difference
+    if not isinstance(expected, dict):
+        expected = {OUTPUT_NAME: expected}
+    actual = onnx_outputs(onnx_path, images)
+    differences = {}
+    for name, value in expected.items():
+        value = np.asarray(value)
+        scale = 1.0 if name == OUTPUT_NAME else max(1.0, float(np.max(np.abs(value))))
+        differences[name] = float(np.max(np.abs(value - actual[name]))) / scale
+        if not differences[name] < PARITY_TOLERANCE:
+            raise ParityError(
+                f"Keras and onnxruntime differ by {differences[name]:.2e} on output {name} "
+                f"for {len(images)} X-rays (tolerance {PARITY_TOLERANCE:.0e}); the bundle "
+                "was not written"
+            )
+    return differences
+
+
+def cam_logit_gap(outputs: dict[str, np.ndarray], positive: list[int]) -> float | None:
+    """Two labels: max |mean_hw(cam) - log P(pos)/P(neg)| over rows not saturated in
+    float32 (the CAM is exact, so this is rounding only)."""
+    probabilities = outputs[OUTPUT_NAME].astype(np.float64)
+    if probabilities.shape[1] != 2:
+        return None
+    negative = 1 - positive[0]
+    p, q = probabilities[:, positive[0]], probabilities[:, negative]
+    usable = (p > 1e-4) & (q > 1e-4)
+    if not usable.any():
+        return None
+    log_odds = np.log(p[usable]) - np.log(q[usable])
+    return float(np.max(np.abs(outputs[CAM_NAME][usable].mean(axis=(1, 2)) - log_odds)))
 
 
 def split_arrays(run_dir: Path, data_root: Path, run: dict, part: str,
@@ -103,22 +161,54 @@ def export_run(
     version: str = "1.0.0",
     data_source: str = DATA_CREDIT,
     cache_dir: Path | None = None,
+    gate_acceptance: float = TARGET_ACCEPTANCE,
+    gate_rotation_images: int = ROTATION_IMAGES,
+    gate_components: int = COMPONENTS,
 ) -> BundleMeta:
     import keras
+    import onnxruntime as ort
+
+    from export.explain_graph import explain_model
 
     run = json.loads((run_dir / "run.json").read_text())
     report = json.loads((run_dir / "report" / "metrics.json").read_text())
     model = keras.models.load_model(run_dir / "model.keras")
     size = run["input_size"]
+    calibration = run.get("calibration")
+    threshold = run["threshold"]
+    if calibration:
+        fold_temperature(model, calibration["temperature"])
+        threshold = calibration["threshold"]
+    positive = [run["labels"].index(label) for label in run["positive_labels"]]
+    explained = explain_model(model, positive)
 
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "model.onnx"
-        convert_to_onnx(model, size, onnx_path)
+        convert_to_onnx(explained, size, onnx_path)
         # Real X-rays for the parity check: a spread of the run's validation images.
         images, _ = split_arrays(run_dir, data_root, run, "validation", cache_dir,
                                  PARITY_IMAGES)
-        difference = check_parity(model, onnx_path, images)
-        print(f"parity: max |keras - onnxruntime| = {difference:.2e} on {len(images)} X-rays")
+        parity = check_parity_all(explained, onnx_path, images)
+        difference = parity[OUTPUT_NAME]
+        gap = cam_logit_gap(onnx_outputs(onnx_path, images), positive)
+        print("parity: max |keras - onnxruntime| = "
+              + ", ".join(f"{k} {v:.2e}" for k, v in parity.items())
+              + f" on {len(images)} X-rays; |mean(cam) - log-odds| = "
+              + ("n/a" if gap is None else f"{gap:.2e}"))
+
+        # The gate: features of every training X-ray, thresholds on the validation ones.
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        x_train, y_train = split_arrays(run_dir, data_root, run, "train", cache_dir)
+        x_val, _ = split_arrays(run_dir, data_root, run, "validation", cache_dir)
+        stats, gate = fit_gate(onnx_features(session), x_train, y_train, run["labels"],
+                               x_val, gate_acceptance, gate_rotation_images, gate_components)
+        gate_path = Path(scratch) / GATE_FILE
+        stats.save(gate_path)
+        accepted = gate.acceptance["validation"]
+        rotated = gate.acceptance["validation_rotated"]
+        print(f"gate: threshold {gate.threshold:.2f}; validation X-rays accepted "
+              f"{accepted['accepted']}/{accepted['n']}, rotated refused "
+              f"{rotated['refused']}/{rotated['n']}")
 
         validation = report["splits"]["validation"]
         meta = BundleMeta(
@@ -128,7 +218,7 @@ def export_run(
             positive_label=run["positive_label"],
             positive_labels=run["positive_labels"],
             negative_label=run["negative_label"],
-            threshold=run["threshold"],
+            threshold=threshold,
             input=InputSpec(height=size, width=size),
             onnx_sha256="0" * 64,  # write_bundle fills in the real digest
             backbone=run["backbone"],
@@ -136,27 +226,59 @@ def export_run(
                 "source": data_source,
                 **run["data"],
                 "root": Path(run["data"]["root"]).name,
-                "validation": "carved from train by patient, stratified, seeded "
-                              f"(seed {run['config']['seed']})",
+                "validation": _validation_text(run),
             },
             validation_metrics={
                 **{k: validation[k] for k in ("auc", "sensitivity", "specificity", "accuracy",
                                               "precision", "f1", "n", "n_positive",
                                               "confusion_matrix")},
                 "threshold_rule": report["threshold_rule"],
+                "intervals_95": validation.get("intervals_95"),
                 "other_splits": {k: v for k, v in report["splits"].items() if k != "validation"},
+                "calibration": _calibration_record(calibration, run["threshold"]),
                 "parity_max_abs_diff": difference,
+                "parity_by_output": parity,
+                "cam_minus_log_odds_max_abs": gap,
             },
             created_at=datetime.now(UTC),
             tool_versions={**run["tool_versions"], "onnx_opset": str(OPSET)},
+            outputs=list(ALL_OUTPUTS),
+            gate=gate,
         )
-        meta = write_bundle(out_dir, onnx_path, meta)
+        meta = write_bundle(out_dir, onnx_path, meta, gate_path)
 
     shutil.copytree(run_dir / "report", out_dir / "report", dirs_exist_ok=True)
     write_model_card(out_dir, meta, run)
     read_bundle(out_dir)  # what the service will do at start-up
     print(f"bundle written: {out_dir} (sha256 {meta.onnx_sha256[:12]}...)")
     return meta
+
+
+def fold_temperature(model, temperature: float, layer: str = OUTPUT_NAME) -> None:
+    """Divide the softmax head's logits by T by dividing its kernel and bias by T: the graph
+    keeps its shape and its outputs become the calibrated probabilities."""
+    dense = model.get_layer(layer)
+    dense.set_weights([weight / temperature for weight in dense.get_weights()])
+
+
+def _calibration_record(calibration: dict | None, uncalibrated_threshold: float) -> dict | None:
+    if not calibration:
+        return None
+    keep = ("method", "temperature", "fitted_on", "n", "nll_before", "nll_after", "ece_before",
+            "ece_after")
+    return {**{k: calibration[k] for k in keep}, "folded_into": "the Dense head's weights",
+            "uncalibrated_threshold": uncalibrated_threshold}
+
+
+def _validation_text(run: dict) -> str:
+    scheme = run.get("validation", "patient")
+    if scheme == "acquisition":
+        return (f"carved from train by acquisition order: the most recent "
+                f"{run['config']['val_fraction']:.0%} of patients of each id series")
+    if scheme == "kfold":
+        return (f"fold {run['config']['fold']} of {run['config']['folds']} (by patient, "
+                f"stratified, seed {run['config']['seed']})")
+    return f"carved from train by patient, stratified, seeded (seed {run['config']['seed']})"
 
 
 def write_model_card(out_dir: Path, meta: BundleMeta, run: dict) -> None:
@@ -210,20 +332,21 @@ probabilities of {", ".join(meta.labels)} and a screening label at threshold
 
 Training: {data["train_images"]} images of {data["train_patients"]} patients
 {data["train_counts"]}. Validation: {data["validation_images"]} images of
-{data["validation_patients"]} other patients {data["validation_counts"]}, carved from the
-training folder by patient (no patient on both sides).
+{data["validation_patients"]} other patients {data["validation_counts"]},
+{data["validation"]} (no patient on both sides).
 
 ## Metrics
 Threshold: {v.get("threshold_rule", "chosen on the validation split")}.
 
 | split | images | AUC | sensitivity | specificity |
 |---|---|---|---|---|
-| validation (by patient) | {v["n"]} | {_fmt(v["auc"])} | {v["sensitivity"]:.3f} | {v["specificity"]:.3f} |
-{rows}
+| validation ({validation_name(run)}) | {v["n"]} | {_fmt(v["auc"])} | {v["sensitivity"]:.3f} | {v["specificity"]:.3f} |
+{rows}{_intervals_text(v)}{_calibration_text(v)}
 Accuracy {v["accuracy"]:.3f}, precision {v["precision"]:.3f}, F1 {v["f1"]:.3f};
 confusion matrix {v["confusion_matrix"]}.{small_note} Figures: report/metrics.json,
 report/roc.png, report/confusion_matrix.png.
 
+{_gate_section(meta)}
 ## Limits
 - {population} Performance on other populations, hospitals, devices or portable films is
   unknown; published results on the Kermany data set show test-set specificity well below
@@ -231,6 +354,46 @@ report/roc.png, report/confusion_matrix.png.
 - Validation images come from the same source and period as training; expect lower
   figures elsewhere. Sensitivity was fixed on validation, not on the deployment population.
 - Not a diagnosis. Not cleared as a medical device. A clinician reads every image.
+"""
+
+
+def _intervals_text(v: dict) -> str:
+    ci = v.get("intervals_95")
+    if not ci:
+        return ""
+    parts = [f"{name} [{low:.3f}, {high:.3f}]" for name, bounds in ci.items() if bounds
+             for low, high in [bounds]]
+    return ("\n95% intervals on the validation split (1000 bootstrap resamples of patients): "
+            + ", ".join(parts) + ".\n")
+
+
+def _calibration_text(v: dict) -> str:
+    c = v.get("calibration")
+    if not c:
+        return ""
+    return (f"\nCalibration: {c['method']}, T = {c['temperature']:.3f}, fitted on "
+            f"{c['fitted_on']} and folded into {c['folded_into']}; expected calibration error "
+            f"{c['ece_before']:.4f} -> {c['ece_after']:.4f} (10 bins), NLL "
+            f"{c['nll_before']:.4f} -> {c['nll_after']:.4f}. The threshold "
+            f"{c['uncalibrated_threshold']:.4f} on the uncalibrated scale is the same decision. "
+            "Reliability diagram: report/reliability.png.\n")
+
+
+def _gate_section(meta: BundleMeta) -> str:
+    gate = meta.gate
+    if gate is None:
+        return "## Input gate\nNone (bundle format 1): every decodable image is scored.\n"
+    accepted = gate.acceptance.get("validation", {})
+    rotated = gate.acceptance.get("validation_rotated", {})
+    return f"""## Input gate
+Before scoring, the service refuses images that are not upright frontal chest X-rays
+(422 `not_chest_xray`, `unsupported_view`, `rotated_image`): DICOM tags, colour, blank
+images, aspect ratio, then the Mahalanobis distance of the model's own pooled features
+to the training X-rays (threshold {gate.threshold:.2f}, set so that
+{gate.target_acceptance:.1%} of the validation X-rays pass). On the validation split it
+accepted {accepted.get("accepted")} of {accepted.get("n")} X-rays and refused
+{rotated.get("refused")} of {rotated.get("n")} rotated copies. `explain=true` adds a
+class activation map of the positive class (exact for the linear head).
 """
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from export.gate_fit import fit_gate, onnx_features
 from export.onnx_export import onnx_predict, split_arrays, write_model_card
-from service.bundle import INPUT_NAME, BundleMeta, read_bundle, write_bundle
+from service.bundle import GATE_FILE, INPUT_NAME, BundleMeta, read_bundle, write_bundle
 from training.metrics import binary_metrics, choose_threshold, positive_scores
 
 CALIBRATION_IMAGES = 256
@@ -75,7 +76,20 @@ def quantize_bundle(fp32_dir: Path, out_dir: Path, run_dir: Path, data_root: Pat
                 "max_abs_diff_vs_fp32": float(np.max(np.abs(int8_scores - fp32_scores))),
             },
         })
-        meta = write_bundle(out_dir, quantized, meta)
+        gate_path = None
+        if fp32.gate is not None:
+            # INT8 features differ from the FP32 ones: the gate is fitted again on them.
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+            x_train, y_train = split_arrays(run_dir, data_root, run, "train", cache_dir)
+            stats, gate = fit_gate(onnx_features(session), x_train, y_train, fp32.labels,
+                                   x_val, fp32.gate.target_acceptance,
+                                   components=fp32.gate.components)
+            gate_path = Path(scratch) / GATE_FILE
+            stats.save(gate_path)
+            meta = meta.model_copy(update={"gate": gate})
+        meta = write_bundle(out_dir, quantized, meta, gate_path)
     write_model_card(out_dir, meta, run)
     read_bundle(out_dir)
     return meta

@@ -4,6 +4,7 @@
     pneumoscreen train      fine-tune a CNN on a folder of X-rays       (train extra)
     pneumoscreen evaluate   report metrics of a trained run on a split  (train extra)
     pneumoscreen export     Keras -> ONNX, parity check, write a bundle (train extra)
+    pneumoscreen calibrate  re-choose a bundle's threshold on a site's X-rays (serve extra)
 
 TensorFlow is imported only inside the training commands, so `serve` works in an
 install without it.
@@ -17,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from export.calibrate_cli import calibrate_command
 from export.cli import export_command
 from training.cli import evaluate_command, train_command
 
@@ -29,6 +31,7 @@ app = typer.Typer(
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("export")(export_command)
+app.command("calibrate")(calibrate_command)
 
 
 @app.command("serve")

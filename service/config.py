@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service import allocator
+from service.decode_budget import DecodeMemoryBudget
 from service.preprocessing import SUPPORTED_FORMATS, DecodeLimits
 
 MB = 1024 * 1024
@@ -159,6 +161,38 @@ class Settings(BaseSettings):
         description="Let onnxruntime's intra-op threads spin-wait between operators (a little "
         "faster on otherwise idle cores; off because the decode threads share the cores).",
     )
+    max_decoded_bytes: int = Field(
+        64 * MB,
+        ge=1,
+        description="Largest accepted decoded image, in bytes (width x height x samples x "
+        "bytes per sample, from the header before decoding; also the cap on an inflated "
+        "Deflated DICOM, plus 1 MiB for its other elements) (413 image_too_large).",
+    )
+    max_jpeg_scans: int = Field(
+        32,
+        ge=1,
+        description="Most scans in a JPEG (progressive JPEGs from real encoders have about "
+        "10; each scan passes over the whole image) (422 image_too_complex).",
+    )
+    decode_memory_budget_bytes: int = Field(
+        512 * MB,
+        ge=1,
+        description="Memory all concurrent decodes of one worker process may hold "
+        "together, in bytes, by their estimated peak; a decode waits for its share "
+        "(503 server_busy after DECODE_BUDGET_WAIT_S).",
+    )
+    decode_budget_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds a decode waits for its share of DECODE_MEMORY_BUDGET_BYTES "
+        "before the image is answered 503 server_busy (with Retry-After).",
+    )
+    gate_enabled: bool = Field(
+        True,
+        description="Input gate on (422 not_chest_xray, unsupported_view, rotated_image "
+        "before scoring) for bundles that carry one (format 2); false scores every "
+        "decodable image as format 1 bundles are.",
+    )
 
     @field_validator("allowed_types", mode="before")
     @classmethod
@@ -195,8 +229,16 @@ class Settings(BaseSettings):
         return value
 
     def decode_limits(self) -> DecodeLimits:
+        """The limits of one app, with a new decode memory budget shared by its decodes."""
         return DecodeLimits(
             max_pixels=self.max_pixels,
             min_side=self.min_image_side,
             allowed_formats=frozenset(self.allowed_types),
+            max_decoded_bytes=self.max_decoded_bytes,
+            max_jpeg_scans=self.max_jpeg_scans,
+            memory=DecodeMemoryBudget(
+                self.decode_memory_budget_bytes,
+                self.decode_budget_wait_s,
+                on_large_release=allocator.trim,
+            ),
         )

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.admission import BUSY_RETRY_AFTER_SECONDS, ServerBusy
 from service.inference import ModelNotReady, ReloadInProgress
 from service.preprocessing import ImageError
+from service.safe_text import redact
 from service.scheduler import DeadlineExceeded
 
 log = logging.getLogger("pneumoscreen.errors")
@@ -31,17 +32,21 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "file_too_large": (413, "One file is larger than MAX_FILE_BYTES."),
     "request_too_large": (413, "The request body is larger than MAX_REQUEST_BYTES."),
     "too_many_files": (413, "A batch has more than MAX_BATCH_FILES files."),
-    "image_too_large": (413, "The image has more than MAX_PIXELS pixels."),
+    "image_too_large": (413, "Over MAX_PIXELS pixels, or decodes to over MAX_DECODED_BYTES."),
     "unsupported_media_type": (415, "Not a JPEG, PNG or DICOM (or not in ALLOWED_TYPES)."),
     "missing_file": (422, "No file in the form field `file` (or `files` for a batch)."),
     "image_too_small": (422, "An image side is shorter than MIN_IMAGE_SIDE."),
     "validation_error": (422, "The request does not match the documented schema."),
+    "not_chest_xray": (422, "The input gate judged the image not a chest X-ray; not scored."),
+    "unsupported_view": (422, "DICOM ViewPosition is lateral or oblique; frontal only."),
+    "rotated_image": (422, "The X-ray looks rotated by 90, 180 or 270 degrees; not scored."),
+    "explain_unavailable": (422, "explain=true, but the bundle (format 1) has no heatmap output."),
     "internal_error": (500, "An unexpected server error; details are in the server log."),
     "model_not_ready": (503, "The model is still loading, or failed to load (see /health)."),
     # The serving engine (service/admission.py, scheduler.py, http_protocol.py, admin).
     "server_busy": (503, (
-        "MAX_QUEUE images (or MAX_CONNECTIONS connections) are already in; "
-        "retry after Retry-After seconds."
+        "MAX_QUEUE images (or MAX_CONNECTIONS connections) are already in, or no decode "
+        "memory came free within DECODE_BUDGET_WAIT_S; retry after Retry-After seconds."
     )),
     "deadline_exceeded": (504, (
         "Not answered within REQUEST_TIMEOUT_S of the body arriving; "
@@ -69,6 +74,12 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
         "The new bundle could not be loaded or warmed up; the old one keeps "
         "serving (the reason is in the message and in /health)."
     )),
+    "not_acceptable": (406, "The Accept header names no media type this route answers with."),
+    "dicom_input_required": (422, "A DICOM SR (Accept: application/dicom) needs a DICOM input."),
+    "dicom_header_incomplete": (
+        422, "The DICOM input lacks identifiers a DICOM SR must copy (study, series, instance)."
+    ),
+    "image_too_complex": (422, "A JPEG with more than MAX_JPEG_SCANS scans."),
 }
 
 
@@ -103,7 +114,8 @@ class ApiError(Exception):
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+    # The last guard: no object repr, address, path or traceback text in any answer.
+    return {"error": {"code": code, "message": redact(message)}}
 
 
 def error_response(
@@ -112,8 +124,16 @@ def error_response(
     return JSONResponse(error_body(code, message), status_code=status_code, headers=headers)
 
 
+# When to try again after 503 server_busy because the decode memory budget was taken (a
+# decode takes longer to give its memory back than the model takes to free a queue slot,
+# whose refusal says BUSY_RETRY_AFTER_SECONDS).
+DECODE_BUSY_RETRY_AFTER_SECONDS = 2
+
+
 def image_error(exc: ImageError) -> ApiError:
-    return ApiError(IMAGE_ERROR_STATUS.get(exc.code, 400), exc.code, exc.message)
+    status = IMAGE_ERROR_STATUS.get(exc.code, 400)
+    headers = {"Retry-After": str(DECODE_BUSY_RETRY_AFTER_SECONDS)} if status == 503 else None
+    return ApiError(status, exc.code, exc.message, headers)
 
 
 _HTTP_CODES = {
@@ -137,7 +157,7 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 async def _image_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageError)
     api = image_error(exc)
-    return error_response(api.status_code, api.code, api.message)
+    return error_response(api.status_code, api.code, api.message, api.headers)
 
 
 # How long a client should wait before asking again while the model is not ready.

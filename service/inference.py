@@ -29,8 +29,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from service.admission import Admission
-from service.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, BundleMeta, read_bundle
+from service.bundle import (
+    EXPLAIN_OUTPUTS,
+    INPUT_NAME,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    BundleMeta,
+    read_bundle,
+)
 from service.config import Settings
+from service.gate import InputGate
 from service.scheduler import BatchScheduler, Outputs, run_sync
 from service.scoring import normalise, positive_probability
 
@@ -118,6 +126,7 @@ class LoadedModel:
     providers: list[str]
     output_names: list[str]
     loaded_at: datetime
+    gate: InputGate | None = None  # this bundle's input gate (format 2), None for format 1
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """A uint8 (batch, H, W, 3) array -> every output of the graph, by name."""
@@ -144,6 +153,7 @@ class ModelOutput:
 
     outputs: Outputs  # every ONNX output by name, this image's row (no batch axis)
     meta: BundleMeta  # the bundle that produced it
+    gate: InputGate | None  # that bundle's input gate
     run_id: int  # the model run (batch) it was part of
     run_ms: float  # how long that run took
     batch_size: int  # images in that run, from all requests
@@ -207,6 +217,13 @@ class ModelRunner:
         return list(model.providers) if model is not None else []
 
     @property
+    def gate(self) -> InputGate | None:
+        """The serving bundle's input gate (None for a format 1 bundle or before a load).
+        A request judges with the gate of the model it ran on (`ModelOutput.gate`)."""
+        model = self._model
+        return model.gate if model is not None else None
+
+    @property
     def ready(self) -> bool:
         return self.state == "ready" and self._model is not None
 
@@ -261,6 +278,7 @@ class ModelRunner:
             ModelOutput(
                 outputs=outputs,
                 meta=model.meta,
+                gate=model.gate,
                 run_id=result.run_id,
                 run_ms=result.run_seconds * 1000.0,
                 batch_size=result.batch_size,
@@ -268,6 +286,14 @@ class ModelRunner:
             for result in results
             for outputs in result.outputs
         ]
+
+    def predict_outputs(self, images: list[np.ndarray]) -> list[Outputs]:
+        """Blocking, for offline tools (site calibration, bench), never the event loop:
+        every output by name per image, through the same scheduler as predict()."""
+        model = self.require_model()
+        if not images:
+            return []
+        return run_sync(self.scheduler, model, images)
 
     # --- loading and reloading ----------------------------------------------------------
 
@@ -362,17 +388,22 @@ class ModelRunner:
             ) from None
         inputs = {i.name for i in session.get_inputs()}
         output_names = [o.name for o in session.get_outputs()]
-        if INPUT_NAME not in inputs or OUTPUT_NAME not in output_names:
+        # Every run asks all outputs; probabilities always, features + cam (the gate and
+        # heatmaps) in a format 2 bundle.
+        wanted_outputs = [OUTPUT_NAME, *(EXPLAIN_OUTPUTS if meta.has_explain_outputs else ())]
+        if INPUT_NAME not in inputs or not set(wanted_outputs) <= set(output_names):
             raise RuntimeError(
-                f"model.onnx must have input '{INPUT_NAME}' and output '{OUTPUT_NAME}' "
+                f"model.onnx must have input '{INPUT_NAME}' and outputs {wanted_outputs} "
                 f"(has inputs {sorted(inputs)}, outputs {sorted(output_names)})"
             )
+        # The gate belongs to this bundle: a reload to another bundle brings its own.
+        gate = InputGate.load(directory, meta, self.settings.gate_enabled)
         providers = list(session.get_providers())
         if self.settings.providers == "cuda" and CUDA not in providers:
             raise RuntimeError("PROVIDERS=cuda but the session fell back to CPU")
         model = LoadedModel(
             meta=meta, directory=directory, session=session, providers=providers,
-            output_names=output_names, loaded_at=datetime.now(UTC),
+            output_names=output_names, loaded_at=datetime.now(UTC), gate=gate,
         )
         # Warm-up: the first run allocates and optimises; do it before serving. It goes
         # through the scheduler, so it never runs beside another model call.
@@ -388,6 +419,9 @@ class ModelRunner:
                 f"(batch, {len(meta.labels)}) to match the labels in model.json"
             )
         score(meta, probabilities)
+        if gate is not None and outputs["features"].shape != (meta.gate.feature_dim,):
+            raise RuntimeError(f"features output has shape {outputs['features'].shape}; the "
+                               f"gate expects {meta.gate.feature_dim} values")
         return model
 
     def _report(self, outcome: ReloadOutcome) -> None:

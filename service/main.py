@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service import allocator
 from service.config import Settings
 from service.docs import install_openapi, install_swagger_ui
 from service.errors import install_error_handlers
@@ -23,7 +24,8 @@ from service.inference import ModelRunner
 from service.lifecycle import Lifecycle, install_reload_signal
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
-from service.routes import admin, predict, status
+from service.routes import admin, predict, status, v2
+from service.ui import install_ui
 
 log = logging.getLogger("pneumoscreen")
 
@@ -45,6 +47,9 @@ When the server sets `API_KEY`, the predict routes need it in the `X-API-Key` he
 TAGS = [
     {"name": "prediction", "description": "Screen radiographs. Not a diagnosis."},
     {"name": "operations", "description": "Liveness, readiness, model card and metrics."},
+    {"name": "open inference protocol",
+     "description": "KServe / Triton Open Inference Protocol v2 (REST), for their clients: "
+     "see docs/integration.md. Errors here are {\"error\": \"...\"}."},
 ]
 
 
@@ -63,6 +68,7 @@ def _configure_logging(level: str) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     _configure_logging(settings.log_level)
+    allocator.tune()  # large decodes give their memory back (service/allocator.py)
     metrics = Metrics()
     runner = ModelRunner(settings, metrics)
     lifecycle = Lifecycle()
@@ -105,10 +111,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_request_bytes=settings.max_request_bytes,
         known_paths=known_paths,
     )
-    routers = [predict.build_router(settings.max_batch_files), status.router, admin.router]
+    routers = [predict.build_router(settings.max_batch_files), status.router, admin.router,
+               v2.build_router()]
     for router in routers:
         app.include_router(router)
     install_swagger_ui(app)
+    install_ui(app)
     install_openapi(app)
     known_paths.update(
         route.path for router in routers for route in router.routes if hasattr(route, "path")

@@ -63,11 +63,12 @@ class RequestMiddleware:
         try:
             declared = _content_length(scope)
             if declared is not None and declared > limit:
-                await _send_json(send_wrapper, 413, error_body(
-                    "request_too_large",
-                    f"the request body ({declared:,} bytes) is larger than the limit of "
-                    f"{limit:,} bytes",
-                ))
+                message = (f"the request body ({declared:,} bytes) is larger than the limit "
+                           f"of {limit:,} bytes")
+                body: dict[str, Any] = error_body("request_too_large", message)
+                if scope.get("path", "").startswith("/v2/"):
+                    body = {"error": message}  # the Open Inference Protocol's error shape
+                await _send_json(send_wrapper, 413, body)
                 return
             received = 0
 

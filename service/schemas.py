@@ -36,6 +36,29 @@ class ModelRefWithHash(ModelRef):
     )
 
 
+class ImagePayload(BaseModel):
+    """A PNG for people: the heatmap to overlay, or a preview of a DICOM image."""
+
+    media_type: Literal["image/png"] = "image/png"
+    width: int = Field(description="Pixels; the heatmap has the original image's size.",
+                       examples=[1400])
+    height: int = Field(examples=[1200])
+    data: str = Field(description="The PNG file, base64.", examples=["iVBORw0KGgo..."])
+
+
+_HEATMAP_DESCRIPTION = (
+    "Only with `explain=true`: the class activation map of the positive class from the "
+    "same forward pass, sized to the original image. A 16-level palette PNG whose level k "
+    "(0..15) is the share k/15 of the strongest positive contribution to the "
+    "positive-class logit, coloured blue to red with alpha growing with the level "
+    "(level 0 transparent): draw it over the radiograph as it is."
+)
+_PREVIEW_DESCRIPTION = (
+    "Only with `explain=true` and a DICOM upload: the decoded greyscale image as a PNG "
+    "(longest side at most 1024 px), for a browser to show under the heatmap."
+)
+
+
 class Prediction(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -79,17 +102,25 @@ class Prediction(BaseModel):
         description="Time spent running the model for this request, in milliseconds.",
         examples=[6.1],
     )
+    heatmap: ImagePayload | None = Field(None, description=_HEATMAP_DESCRIPTION)
+    preview: ImagePayload | None = Field(None, description=_PREVIEW_DESCRIPTION)
 
 
 class BatchItem(BaseModel):
     """One file of a batch: either a prediction or an error, never both."""
 
-    filename: str | None = Field(None, description="The name the client gave the file.")
+    filename: str | None = Field(
+        None,
+        description="The name the client gave the file, without control or bidirectional "
+        "formatting characters, at most 255 characters.",
+    )
     label: str | None = None
     screen_positive: bool | None = None
     probabilities: dict[str, float] | None = None
     positive_probability: float | None = None
     threshold: float | None = None
+    heatmap: ImagePayload | None = Field(None, description=_HEATMAP_DESCRIPTION)
+    preview: ImagePayload | None = Field(None, description=_PREVIEW_DESCRIPTION)
     error: ErrorDetail | None = None
 
 
@@ -164,6 +195,11 @@ class HealthResponse(BaseModel):
     last_reload: ReloadReport | None = Field(
         None, description="The last model load or reload (startup, admin or SIGHUP)."
     )
+    gate: Literal["on", "off", "unavailable"] | None = Field(
+        None, description="The input gate: on, off (GATE_ENABLED=false) or unavailable "
+        "(a format 1 bundle has none).")
+    heatmaps: Literal["available", "unavailable"] | None = Field(
+        None, description="Whether explain=true can add a heatmap (format 2 bundles).")
 
 
 class LivenessResponse(BaseModel):
@@ -192,3 +228,12 @@ class ModelInfo(BaseModel):
     last_reload: ReloadReport | None = Field(
         None, description="The last model load or reload (startup, admin or SIGHUP)."
     )
+    site_calibration: dict[str, Any] | None = Field(
+        None, description="How `pneumoscreen calibrate` re-chose the threshold on a site's "
+        "own X-rays (docs/site-calibration.md); null for a bundle as exported.")
+    gate: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The input gate: status (on, off, unavailable), its checks, the "
+        "refusal codes, thresholds and the acceptance measured at export on the "
+        "validation split.")
+    heatmaps: Literal["available", "unavailable"] = "unavailable"

@@ -1,4 +1,5 @@
-"""P(positive finding) from model outputs: one definition for training, export and serving.
+"""P(positive finding) from model outputs, and the rule that picks the operating threshold
+on it: one definition for training, export, site calibration and serving (numpy only).
 
 The threshold is chosen on these exact values during training and compared against them
 by the service, so an image on the boundary is decided the same way in both places.
@@ -21,3 +22,21 @@ def normalise(probabilities: np.ndarray) -> np.ndarray:
 def positive_probability(probabilities: np.ndarray, positive_indices: list[int]) -> np.ndarray:
     """P(positive) per row: the sum of the positive labels' renormalised probabilities."""
     return np.clip(normalise(probabilities)[..., positive_indices].sum(axis=-1), 0.0, 1.0)
+
+
+def choose_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity: float) -> float:
+    """The highest threshold whose sensitivity (score >= t) reaches the target.
+
+    Among thresholds that miss at most (1 - target) of the positives, the highest one flags
+    the fewest negatives, so it has the best specificity.
+    """
+    y_true = np.asarray(y_true).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError("target sensitivity must be in (0, 1]")
+    if y_true.all() or not y_true.any():
+        raise ValueError("both classes are needed to choose a threshold")
+    positives = np.sort(scores[y_true])[::-1]
+    # Keep at least ceil(target * n) positives at or above the threshold.
+    needed = int(np.ceil(target_sensitivity * len(positives) - 1e-9))
+    return float(positives[max(needed, 1) - 1])

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from service.errors import ApiError
+from service.safe_text import clean_filename
 
 # The multipart parser's own cap on file parts (Starlette's default). Our limit is counted
 # on the parsed form below, so it never depends on the wording of the parser's error; the
@@ -60,13 +61,15 @@ def files_in(form: FormData, field: str) -> list[UploadFile]:
 
 
 async def read_upload(upload: UploadFile, max_file_bytes: int) -> Upload:
-    """The bytes of one uploaded file, or a file_too_large error (read nothing then)."""
+    """The bytes of one uploaded file, or a file_too_large error (read nothing then).
+    The filename is kept only as service.safe_text.clean_filename leaves it."""
+    filename = clean_filename(upload.filename)
     too_large = ApiError(
         413, "file_too_large", f"the file is larger than the limit of {max_file_bytes:,} bytes"
     )
     if upload.size is not None and upload.size > max_file_bytes:
-        return Upload(upload.filename, None, too_large)
+        return Upload(filename, None, too_large)
     data = await upload.read(max_file_bytes + 1)
     if len(data) > max_file_bytes:
-        return Upload(upload.filename, None, too_large)
-    return Upload(upload.filename, data)
+        return Upload(filename, None, too_large)
+    return Upload(filename, data)

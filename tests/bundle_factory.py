@@ -1,6 +1,13 @@
 """Tiny ONNX bundles that obey the bundle contract, for tests that need a model but not
 a trained one. The graph is a fixed linear read-out of mean brightness, so its outputs
-are deterministic and depend on the image (a brighter image scores higher)."""
+are deterministic and depend on the image (a brighter image scores higher).
+
+`make_tiny_bundle` writes a format 1 bundle (probabilities only). `make_tiny_gated_bundle`
+writes a format 2 one: the same read-out, plus `features` (an 8 x 8 grid of cell
+brightness and cell texture, 128 values: a crude but real description of the picture)
+and `cam` (each cell's brightness contribution to the logit difference, so its mean over
+cells is exactly log P(positive)/P(negative)), with a gate fitted by the export's own
+code on the features of the fixture X-rays."""
 
 from __future__ import annotations
 
@@ -10,7 +17,20 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.bundle import INPUT_NAME, OUTPUT_NAME, BundleMeta, InputSpec, write_bundle
+from service.bundle import (
+    CAM_NAME,
+    EXPLAIN_OUTPUTS,
+    FEATURES_NAME,
+    GATE_FILE,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    BundleMeta,
+    InputSpec,
+    write_bundle,
+)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GRID = 8
 
 
 def make_tiny_onnx(
@@ -19,8 +39,7 @@ def make_tiny_onnx(
     """`slow_matmuls` > 0 adds a side chain of that many 512x512 matrix products, whose
     result enters the output multiplied by zero: each model call then costs real compute
     (about the same per call whatever the batch size) and the outputs do not change."""
-    weights = np.linspace(-4.0, 4.0, n_labels).astype(np.float32).reshape(1, n_labels)
-    bias = np.linspace(2.0, -2.0, n_labels).astype(np.float32)
+    weights, bias = _readout(n_labels)
     nodes = [
         helper.make_node("Cast", [INPUT_NAME], ["as_float"], to=TensorProto.FLOAT),
         helper.make_node("Div", ["as_float", "scale"], ["unit"]),
@@ -97,5 +116,120 @@ def make_tiny_bundle(
         onnx_sha256="0" * 64,
         backbone="none (test graph)",
         training_data={"description": "untrained test graph"},
+        format_version=1,
     )
     return write_bundle(directory, onnx_path, meta)
+
+
+def _readout(n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    weights = np.linspace(-4.0, 4.0, n_labels).astype(np.float32).reshape(1, n_labels)
+    bias = np.linspace(2.0, -2.0, n_labels).astype(np.float32)
+    return weights, bias
+
+
+def make_tiny_explain_onnx(path: Path, size: int = 64, n_labels: int = 2) -> None:
+    """probabilities as make_tiny_onnx, plus features [batch, 128] and cam [batch, 8, 8]."""
+    if size % GRID:
+        raise ValueError(f"size must be a multiple of {GRID}")
+    weights, bias = _readout(n_labels)
+    # The CAM direction: mean positive logit minus negative logit (label 0 is NORMAL).
+    w_diff = np.float32(weights[0, 1:].mean() - weights[0, 0])
+    b_diff = np.float32(bias[1:].mean() - bias[0])
+    cell = size // GRID
+    nodes = [
+        helper.make_node("Cast", [INPUT_NAME], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["as_float", "scale"], ["unit"]),
+        helper.make_node("ReduceMean", ["unit", "channel_axis"], ["grey_nhwc"], keepdims=1),
+        helper.make_node("Transpose", ["grey_nhwc"], ["grey"], perm=[0, 3, 1, 2]),
+        helper.make_node("AveragePool", ["grey"], ["brightness"], kernel_shape=[cell, cell],
+                         strides=[cell, cell]),
+        helper.make_node("AveragePool", ["grey"], ["local_mean"], kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], count_include_pad=0),
+        helper.make_node("Sub", ["grey", "local_mean"], ["detail"]),
+        helper.make_node("Abs", ["detail"], ["abs_detail"]),
+        helper.make_node("AveragePool", ["abs_detail"], ["texture_raw"],
+                         kernel_shape=[cell, cell], strides=[cell, cell]),
+        helper.make_node("Mul", ["texture_raw", "texture_gain"], ["texture"]),
+        helper.make_node("Concat", ["brightness", "texture"], ["feature_map"], axis=1),
+        helper.make_node("Flatten", ["feature_map"], [FEATURES_NAME], axis=1),
+        helper.make_node("ReduceMean", ["brightness", "grid_axes"], ["mean"], keepdims=0),
+        helper.make_node("MatMul", ["mean", "weights"], ["logits_nobias"]),
+        helper.make_node("Add", ["logits_nobias", "bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=-1),
+        helper.make_node("Squeeze", ["brightness", "channel_squeeze"], ["brightness_map"]),
+        helper.make_node("Mul", ["brightness_map", "w_diff"], ["cam_nobias"]),
+        helper.make_node("Add", ["cam_nobias", "b_diff"], [CAM_NAME]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny-brightness-explain",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["batch", size, size, 3])],
+        [
+            helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", n_labels]),
+            helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT,
+                                          ["batch", 2 * GRID * GRID]),
+            helper.make_tensor_value_info(CAM_NAME, TensorProto.FLOAT, ["batch", GRID, GRID]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
+            numpy_helper.from_array(np.array([3], dtype=np.int64), "channel_axis"),
+            numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "grid_axes"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "channel_squeeze"),
+            numpy_helper.from_array(np.array(10.0, dtype=np.float32), "texture_gain"),
+            numpy_helper.from_array(weights, "weights"),
+            numpy_helper.from_array(bias, "bias"),
+            numpy_helper.from_array(np.array(w_diff, dtype=np.float32), "w_diff"),
+            numpy_helper.from_array(np.array(b_diff, dtype=np.float32), "b_diff"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def fixture_inputs(size: int, folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs and label indices (0 NORMAL, 1 PNEUMONIA) of a fixture split."""
+    from service.preprocessing import load_model_input
+
+    paths = sorted((FIXTURES / "chest_xray" / folder).glob("*/*.jpeg"))
+    images = np.stack([load_model_input(p.read_bytes(), size, size) for p in paths])
+    labels = np.array([int(p.parent.name != "NORMAL") for p in paths])
+    return images, labels
+
+
+def make_tiny_gated_bundle(directory: Path, size: int = 64, threshold: float = 0.5,
+                           target_acceptance: float = 0.995,
+                           name: str = "tiny-gated-test-model",
+                           version: str = "0.0.2") -> BundleMeta:
+    """A format 2 bundle whose gate was fitted on the fixture X-rays' tiny features:
+    classes and rotations on fixtures/chest_xray/train, thresholds on .../val."""
+    import onnxruntime as ort
+
+    from export.gate_fit import fit_gate, onnx_features
+
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx_path = directory / "model.onnx"
+    make_tiny_explain_onnx(onnx_path, size=size)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    train, train_labels = fixture_inputs(size, "train")
+    val, _ = fixture_inputs(size, "val")
+    stats, info = fit_gate(onnx_features(session), train, train_labels,
+                           ["NORMAL", "PNEUMONIA"], val, target_acceptance)
+    stats.save(directory / GATE_FILE)
+    meta = BundleMeta(
+        name=name,
+        version=version,
+        labels=["NORMAL", "PNEUMONIA"],
+        positive_label="PNEUMONIA",
+        positive_labels=["PNEUMONIA"],
+        negative_label="NORMAL",
+        threshold=threshold,
+        input=InputSpec(height=size, width=size),
+        onnx_sha256="0" * 64,
+        backbone="none (test graph)",
+        training_data={"description": "untrained test graph; gate fitted on test fixtures"},
+        outputs=[OUTPUT_NAME, *EXPLAIN_OUTPUTS],
+        gate=info,
+    )
+    return write_bundle(directory, onnx_path, meta, directory / GATE_FILE)

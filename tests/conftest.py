@@ -15,7 +15,7 @@ for _path in (str(TESTS_DIR), str(REPO_ROOT)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from bundle_factory import make_tiny_bundle
+from bundle_factory import make_tiny_bundle, make_tiny_gated_bundle
 from live_server import LiveServer, live_server
 
 FIXTURES = TESTS_DIR / "fixtures"
@@ -33,4 +33,19 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tiny_bundle: Path) -> Iterator[LiveServer]:
     """The real app under uvicorn on `tiny_bundle`, default settings, model loaded."""
     with live_server(tiny_bundle) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A format 2 bundle (64 px, features + cam outputs) whose gate was fitted on the
+    fixture X-rays' features by the export's own code."""
+    directory = tmp_path_factory.mktemp("gated-bundle")
+    make_tiny_gated_bundle(directory, size=64)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def gated_server(gated_bundle: Path) -> Iterator[LiveServer]:
+    with live_server(gated_bundle) as running:
         yield running

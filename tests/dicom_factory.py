@@ -8,14 +8,19 @@ so tests can assert that it never leaks into error messages or logs.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     UID,
     ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     generate_uid,
@@ -139,3 +144,46 @@ def write_dicom(path: Path, pixels: np.ndarray | None, **kwargs) -> Path:
 def to_12bit(grey: np.ndarray) -> np.ndarray:
     """8-bit grey pixels spread over 12 bits stored in uint16 (0..4095, 4095 == 255)."""
     return (grey.astype(np.uint32) * 4095 // 255).astype(np.uint16)
+
+
+def deflated_dicom_bomb(
+    pixel_bytes: int, rows_columns: tuple[int, int] | None = None, block: int = 1 << 20
+) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM (1.2.840.10008.1.2.1.99) whose dataset
+    inflates to about `pixel_bytes` of black 16-bit PixelData, in ~1 KB per MiB.
+
+    `rows_columns` defaults to a square that holds exactly the pixel data, so the file is
+    valid; give a small one to declare an image smaller than the data it carries. The
+    zeros are deflated once per `block` with a full flush (no back references out of the
+    block), and the compressed block is repeated: building a 512 MiB bomb takes
+    milliseconds and never holds the inflated data in memory.
+    """
+    if rows_columns is None:
+        side = int((pixel_bytes // 2) ** 0.5)
+        rows_columns = (side, side)
+        pixel_bytes = side * side * 2
+    pixel_bytes -= pixel_bytes % block if pixel_bytes > block else 0
+    ds = make_dataset(None, rows_columns=rows_columns, bits_stored=16,
+                      transfer_syntax=DeflatedExplicitVRLittleEndian)
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_dataset(head, ds)
+    # (7FE0,0010) OW, reserved 2 bytes, 4-byte length: the PixelData element header.
+    head.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes))
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    start = deflate.compress(head.getvalue()) + deflate.flush(zlib.Z_FULL_FLUSH)
+    zeros = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    whole, rest = divmod(pixel_bytes, block)
+    piece = zeros.compress(b"\0" * block) + zeros.flush(zlib.Z_FULL_FLUSH)
+    tail = zeros.compress(b"\0" * rest) + zeros.flush(zlib.Z_FINISH)
+
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta)
+    return b"\0" * 128 + b"DICM" + meta.getvalue() + start + piece * whole + tail
+
+
+def deflated_dicom(pixels: np.ndarray, **kwargs) -> bytes:
+    """A real (not malicious) deflated DICOM of `pixels`, written by pydicom itself."""
+    ds = make_dataset(pixels, transfer_syntax=DeflatedExplicitVRLittleEndian, **kwargs)
+    return to_bytes(ds)

@@ -111,7 +111,9 @@ def live_server(
                  "MAX_QUEUE", "MAX_BATCH_SIZE", "MAX_BATCH_WAIT_MS", "REQUEST_TIMEOUT_S",
                  "DRAIN_TIMEOUT_S", "MAX_HEADER_BYTES", "MAX_HEADERS", "HEADER_TIMEOUT_S",
                  "BODY_TIMEOUT_S", "KEEP_ALIVE_TIMEOUT_S", "MAX_CONNECTIONS", "HOST", "PORT",
-                 "WORKERS", "INFERENCE_THREADS", "INTRA_OP_THREADS"):
+                 "WORKERS", "INFERENCE_THREADS", "INTRA_OP_THREADS",
+                 "MAX_DECODED_BYTES", "MAX_JPEG_SCANS", "DECODE_MEMORY_BUDGET_BYTES",
+                 "DECODE_BUDGET_WAIT_S", "GATE_ENABLED"):
         child_env.pop(name, None)
     child_env.update({
         "MODEL_DIR": str(model_dir),

@@ -15,6 +15,7 @@ import io
 import json
 import struct
 import uuid
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,8 +25,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from attack_images import black_png, png, twenty_byte_jpeg
 from damaged_images import damaged_exif_jpeg
-from dicom_factory import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, dicom_bytes
+from dicom_factory import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, dicom_bytes, make_dataset, to_bytes
+from leaks import leaks
 from live_server import LiveServer, live_server
 from PIL import Image
 from pydicom.uid import JPEGLSLossless
@@ -56,37 +59,14 @@ def _save(image: Image.Image, fmt: str, **params) -> bytes:
     return buffer.getvalue()
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-def _png(width: int, height: int, idat: bytes, bit_depth: int = 8) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # greyscale
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
-
-
-@functools.cache
-def png_bomb(side: int = 30000, rows_per_block: int = 1000) -> bytes:
-    """A valid side x side 8-bit grey PNG (900 MB of pixels at 30000) in under 1 MB.
-
-    One block of all-black rows is deflated once with a full flush (so it has no back
-    references out of itself) and repeated; the Adler-32 is computed over the whole."""
-    block = b"\x00" * (side + 1) * rows_per_block  # filter byte 0 + a black row, repeated
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
-    piece = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
-    end = zlib.compressobj(9, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)
-    repeats, adler = side // rows_per_block, 1
-    for _ in range(repeats):
-        adler = zlib.adler32(block, adler)
-    stream = b"\x78\xda" + piece * repeats + end + struct.pack(">I", adler)
-    return _png(side, side, stream)
+def png_bomb(side: int = 30000) -> bytes:
+    """A valid side x side 8-bit grey PNG (900 MB of pixels at 30000) in under 1 MB."""
+    return black_png(side, side, rows_per_block=1000)
 
 
 def png_declares_20000() -> bytes:
     """A PNG header that declares 20000x20000 followed by a few bytes of image data."""
-    return _png(20000, 20000, zlib.compress(b"\x00" * 20001))
+    return png(20000, 20000, zlib.compress(b"\x00" * 20001))
 
 
 def png_1x1() -> bytes:
@@ -147,6 +127,21 @@ def dicom_no_pixels() -> bytes:
 def dicom_jpeg_ls_declared() -> bytes:
     return dicom_bytes(None, rows_columns=_dicom_pixels().shape, transfer_syntax=JPEGLSLossless,
                        encapsulated_frames=[b"\x00" * 256])
+
+
+def dicom_path_as_photometric() -> bytes:
+    """A value that looks like a path and an address where a code string belongs."""
+    ds = make_dataset(_dicom_pixels())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom: too long for a CS value
+        ds.PhotometricInterpretation = "/etc/passwd 0x7fff"
+        return to_bytes(ds)
+
+
+def dicom_unknown_transfer_syntax() -> bytes:
+    ds = make_dataset(_dicom_pixels())
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"
+    return to_bytes(ds)
 
 
 def dicom_garbage() -> bytes:
@@ -220,6 +215,13 @@ FILE_CASES: list[FileCase] = [
              "application/dicom"),
     FileCase("long-filename-text", lambda: b"not an image", 415, "unsupported_media_type",
              "x" * 2_000 + ".jpeg", "image/jpeg"),
+    # Pillow's message for it was "cannot identify image file <_io.BytesIO object at 0x...>".
+    FileCase("jpeg-20-bytes", twenty_byte_jpeg, 400, "invalid_image", "chest.jpeg",
+             "image/jpeg"),
+    FileCase("dicom-path-as-photometric", dicom_path_as_photometric, 400, "invalid_image",
+             "chest.dcm", "application/dicom"),
+    FileCase("dicom-unknown-transfer-syntax", dicom_unknown_transfer_syntax, 415,
+             "unsupported_media_type", "chest.dcm", "application/dicom"),
 ]
 
 
@@ -333,6 +335,7 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict:
     assert isinstance(error.get("code"), str) and error["code"], body
     assert isinstance(error.get("message"), str) and error["message"], body
     assert (response.status_code, error["code"]) == (status, code), body
+    assert not leaks(error["message"]), error["message"]  # no repr, address, path, traceback
     return error
 
 
@@ -406,7 +409,7 @@ def test_batch_of_every_bad_file_plus_one_good_xray(client: httpx.Client,
         assert result.get("error"), (case.id, result)
         assert result.get("label") is None, (case.id, result)
         assert (result["error"]["code"], case.id) == (case.code, case.id), result
-        assert result["error"]["message"]
+        assert result["error"]["message"] and not leaks(result["error"]["message"]), result
     assert FAKE_PATIENT_NAME not in response.text and FAKE_PATIENT_ID not in response.text
     assert_healthy(client)
 

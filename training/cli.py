@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from training.data import DEFAULT_CACHE_DIR
+from training.distribute import DISTRIBUTE_CHOICES
 
 CacheDirOption = Annotated[
     Path,
@@ -45,11 +46,28 @@ def train_command(
         help="Share of train patients held out for validation.")] = 0.15,
     target_sensitivity: Annotated[float, typer.Option(
         help="The threshold is the highest one reaching this sensitivity on validation.")] = 0.95,
+    validation: Annotated[str, typer.Option(
+        help="Validation split: patient (random patients), acquisition (the most recent "
+             "ids of each series) or kfold (with --folds/--fold).")] = "patient",
+    folds: Annotated[int, typer.Option(help="k of --validation kfold.")] = 5,
+    fold: Annotated[int, typer.Option(help="Which fold --validation kfold holds out.")] = 0,
     augment: Annotated[bool, typer.Option(help="Geometric and exposure augmentation.")] = True,
+    strong_augment: Annotated[bool, typer.Option(
+        help="Also gamma, wide contrast, blur, noise and crop-zoom (never flips).")] = False,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
+    cosine_decay: Annotated[bool, typer.Option(
+        help="Phase 2: one warm-up epoch, then cosine decay of the learning rate.")] = False,
     seed: int = 42,
     cache_dir: CacheDirOption = DEFAULT_CACHE_DIR,
+    distribute: Annotated[str, typer.Option(
+        help="none: one device; mirrored: tf.distribute.MirroredStrategy over every visible "
+             "GPU (one replica on a CPU-only machine). --batch-size stays the global batch, "
+             "split across the replicas.")] = "none",
 ) -> None:
     """Fine-tune an ImageNet CNN on a folder of X-rays, choose the threshold, write a report."""
+    if distribute not in DISTRIBUTE_CHOICES:
+        raise typer.BadParameter(f"{distribute!r} is not one of {', '.join(DISTRIBUTE_CHOICES)}",
+                                 param_hint="--distribute")
     from training.train import TrainConfig, train
 
     config = TrainConfig(
@@ -57,8 +75,10 @@ def train_command(
         n_labels=labels, epochs_frozen=epochs_frozen, epochs_finetune=epochs_finetune,
         fine_tune_layers=fine_tune_layers, batch_size=batch_size, learning_rate=learning_rate,
         fine_tune_learning_rate=fine_tune_learning_rate, patience=patience,
-        val_fraction=val_fraction, target_sensitivity=target_sensitivity, augment=augment,
-        seed=seed, cache_dir=cache_dir,
+        val_fraction=val_fraction, validation=validation, folds=folds, fold=fold,
+        target_sensitivity=target_sensitivity, augment=augment, strong_augment=strong_augment,
+        label_smoothing=label_smoothing, cosine_decay=cosine_decay,
+        seed=seed, cache_dir=cache_dir, distribute=distribute,
     )
     train(config)
 

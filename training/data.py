@@ -112,6 +112,77 @@ def split_by_patient(
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
+_SERIES_NUMBER = re.compile(r"^(.*?)(\d+)$")
+
+
+def acquisition_key(patient: str) -> tuple[str, int]:
+    """(id series, sequence number): `NORMAL2-IM-0041` -> ("NORMAL2-IM-", 41)."""
+    match = _SERIES_NUMBER.match(patient)
+    if match is None:
+        return patient, 0
+    return match.group(1), int(match.group(2))
+
+
+def split_by_acquisition(
+    samples: list[Sample], val_fraction: float
+) -> tuple[list[Sample], list[Sample]]:
+    """Hold out the most recent acquisitions: per id series, the patients with the highest
+    sequence numbers (a contiguous block, `val_fraction` of that series' patients).
+
+    The Kermany ids are given in acquisition order, so this block stands for the patients a
+    deployed model meets next; a random patient split mixes them with the training weeks.
+    """
+    if not 0.0 < val_fraction < 0.5:
+        raise ValueError("val_fraction must be in (0, 0.5)")
+    by_series: dict[str, set[tuple[int, str]]] = {}
+    for sample in samples:
+        series, number = acquisition_key(sample.patient)
+        by_series.setdefault(series, set()).add((number, sample.patient))
+    held_out: set[str] = set()
+    for patients in by_series.values():
+        ordered = sorted(patients)
+        n_held = round(len(ordered) * val_fraction)
+        held_out.update(patient for _, patient in ordered[len(ordered) - n_held:])
+    train = [s for s in samples if s.patient not in held_out]
+    val = [s for s in samples if s.patient in held_out]
+    return train, val
+
+
+def split_by_fold(
+    samples: list[Sample], folds: int, fold: int, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Fold `fold` of a stratified, patient-grouped `folds`-fold split (seeded)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if folds < 2 or not 0 <= fold < folds:
+        raise ValueError(f"need folds >= 2 and 0 <= fold < folds (got fold {fold} of {folds})")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    labels = [s.label for s in samples]
+    groups = [s.patient for s in samples]
+    for i, (train_idx, val_idx) in enumerate(splitter.split(np.zeros(len(samples)), labels,
+                                                             groups)):
+        if i == fold:
+            return [samples[j] for j in train_idx], [samples[j] for j in val_idx]
+    raise AssertionError("unreachable: StratifiedGroupKFold yields `folds` folds")
+
+
+VALIDATION_SCHEMES = ("patient", "acquisition", "kfold")
+
+
+def split_for_validation(
+    samples: list[Sample], scheme: str, val_fraction: float, seed: int,
+    folds: int = 5, fold: int = 0,
+) -> tuple[list[Sample], list[Sample]]:
+    """The (train, validation) split a run is trained and judged on."""
+    if scheme == "patient":
+        return split_by_patient(samples, val_fraction, seed)
+    if scheme == "acquisition":
+        return split_by_acquisition(samples, val_fraction)
+    if scheme == "kfold":
+        return split_by_fold(samples, folds, fold, seed)
+    raise ValueError(f"unknown validation scheme {scheme!r}; choose from {VALIDATION_SCHEMES}")
+
+
 def split_samples(run_dir: Path, data_root: Path, part: str, n_labels: int) -> list[Sample]:
     """The `train` or `validation` side of a run's patient-level split (its split.json)."""
     wanted = json.loads((run_dir / "split.json").read_text())[part]

@@ -10,6 +10,7 @@
 #   BUNDLE_DIR       where the bundle is written                           (/models/custom)
 #   MODEL_VERSION    version recorded in the bundle                        (1.0.0)
 #   EPOCHS_FROZEN, EPOCHS_FINETUNE, BATCH_SIZE   passed on when set
+#   DISTRIBUTE       none | mirrored (tf.distribute.MirroredStrategy over the visible GPUs), when set
 #   TRAIN_ARGS, EXPORT_ARGS                      any further options, split on spaces
 set -euo pipefail
 
@@ -45,6 +46,7 @@ train_args=(--data "${DATA_DIR}" --backbone "${BACKBONE}" --weights "${WEIGHTS}"
 [ -n "${EPOCHS_FROZEN:-}" ] && train_args+=(--epochs-frozen "${EPOCHS_FROZEN}")
 [ -n "${EPOCHS_FINETUNE:-}" ] && train_args+=(--epochs-finetune "${EPOCHS_FINETUNE}")
 [ -n "${BATCH_SIZE:-}" ] && train_args+=(--batch-size "${BATCH_SIZE}")
+[ -n "${DISTRIBUTE:-}" ] && train_args+=(--distribute "${DISTRIBUTE}")
 # shellcheck disable=SC2206  # word splitting of the free-form options is intended
 train_args+=(${TRAIN_ARGS:-})
 

@@ -11,30 +11,15 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from service.scoring import positive_probability
+# The threshold rule lives beside P(positive), so site calibration in the serving install
+# (no scikit-learn) applies the very same rule; re-exported here for training's callers.
+from service.patient_bootstrap import bootstrap_figures
+from service.scoring import choose_threshold, positive_probability  # noqa: F401
 
 
 def positive_scores(probabilities: np.ndarray, positive_indices: list[int]) -> np.ndarray:
     """P(positive finding) per image, exactly as the service computes it."""
     return positive_probability(probabilities, positive_indices)
-
-
-def choose_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity: float) -> float:
-    """The highest threshold whose sensitivity (score >= t) reaches the target.
-
-    Among thresholds that miss at most (1 - target) of the positives, the highest one flags
-    the fewest negatives, so it has the best specificity.
-    """
-    y_true = np.asarray(y_true).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    if not 0.0 < target_sensitivity <= 1.0:
-        raise ValueError("target sensitivity must be in (0, 1]")
-    if y_true.all() or not y_true.any():
-        raise ValueError("both classes are needed to choose a threshold")
-    positives = np.sort(scores[y_true])[::-1]
-    # Keep at least ceil(target * n) positives at or above the threshold.
-    needed = int(np.ceil(target_sensitivity * len(positives) - 1e-9))
-    return float(positives[max(needed, 1) - 1])
 
 
 def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
@@ -112,3 +97,36 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def bootstrap_intervals(y_true: np.ndarray, scores: np.ndarray, threshold: float,
+                        groups: list[str], resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = 0) -> dict[str, list[float] | None]:
+    """95% intervals [low, high] of AUC, sensitivity and specificity at `threshold`,
+    resampling PATIENTS (service.patient_bootstrap, the one the site calibration uses);
+    None for all three when the split lacks a class."""
+    y_true = np.asarray(y_true).astype(bool)
+    if y_true.all() or not y_true.any():
+        return {"auc": None, "sensitivity": None, "specificity": None}
+    figures = bootstrap_figures(y_true, scores, groups, threshold, resamples, seed)
+    return {name: [figures[name].low, figures[name].high]
+            for name in ("auc", "sensitivity", "specificity")}
+
+
+def plot_reliability(curves: dict[str, list[tuple[float, float, int]]], path: Path) -> None:
+    """Reliability diagram: observed positive rate against mean P(positive) per bin."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=120)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
+    for name, points in curves.items():
+        mean, observed, _ = zip(*points, strict=True)
+        ax.plot(mean, observed, "o-", label=name)
+    ax.set(xlabel="mean P(pneumonia) in bin", ylabel="observed share with pneumonia",
+           title="Reliability (validation split)", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

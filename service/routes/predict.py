@@ -10,14 +10,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.bundle import BundleMeta
 from service.deadline import bounded, deadline_from_now
 from service.errors import ERROR_CODES, ApiError, image_error
-from service.inference import LoadedModel, ModelRunner, Scored
-from service.preprocessing import ImageError, load_model_input, sniff_format
+from service.gate import GATE_CODES, GateRefusal
+from service.inference import LoadedModel, ModelOutput, ModelRunner
+from service.preprocessing import ImageError, sniff_format
+from service.reports import responses as reports
+from service.reports.items import ReportItem
 from service.schemas import (
     BatchItem,
     BatchResponse,
@@ -25,6 +27,14 @@ from service.schemas import (
     ErrorResponse,
     ModelRef,
     Prediction,
+)
+from service.screening import (
+    Judged,
+    Prepared,
+    explain_unavailable,
+    judge,
+    prepare,
+    refusal_error,
 )
 from service.security import require_api_key
 from service.uploads import Upload, files_in, parse_form, read_upload
@@ -50,6 +60,18 @@ _FILE_SCHEMA = {
     "description": "A chest radiograph: JPEG, PNG or DICOM (detected from the content).",
 }
 
+_EXPLAIN = Query(False, description="Add `heatmap`: the class activation map of the "
+                 "positive class as a PNG sized to the original image (and `preview` for "
+                 "DICOM). Needs a format 2 bundle (else 422 `explain_unavailable`).")
+
+_GATE_NOTE = (
+    "With a format 2 bundle an input gate runs first (GATE_ENABLED): an image that is not "
+    "an upright frontal chest X-ray is refused with 422 `not_chest_xray`, "
+    "`unsupported_view` or `rotated_image` and a message saying why; see GET /model "
+    "`gate`. `explain=true` adds `heatmap` (and `preview` for DICOM)."
+)
+
+
 def _multipart_body(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI request body of a route that reads its form by hand (service.uploads)."""
     return {
@@ -68,64 +90,98 @@ def _multipart_body(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def admitted(handler: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Any]]:
+def admitted(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Admission control around a predict route, before its body is read: 503
     model_not_ready, or 503 server_busy when MAX_QUEUE images are in (service.admission).
 
     For the whole request it pins the model serving now (`request.state.model`: a hot
-    reload cannot change it halfway) and holds the admission ticket (`request.state.ticket`;
-    a batch grows it to its file count).
+    reload cannot change it halfway, and its gate judges what it scored) and holds the
+    admission ticket (`request.state.ticket`; a batch grows it to its file count).
     """
 
     @functools.wraps(handler)
-    async def route(request: Request) -> Any:
+    async def route(request: Request, *args: Any, **kwargs: Any) -> Any:
         runner: ModelRunner = request.app.state.runner
         request.state.model = runner.require_model()
         with runner.admission.enter() as ticket:
             request.state.ticket = ticket
-            return await handler(request)
+            return await handler(request, *args, **kwargs)
 
     return route
 
 
 def _model(request: Request) -> LoadedModel:
-    model: LoadedModel = request.state.model
+    """The model pinned by `admitted` (the one serving now for a route without it)."""
+    model: LoadedModel | None = getattr(request.state, "model", None)
+    if model is None:
+        model = request.state.model = request.app.state.runner.require_model()
     return model
 
 
-async def _decode(request: Request, runner: ModelRunner, data: bytes) -> np.ndarray:
-    meta = _model(request).meta
+def _deadline(request: Request) -> float:
+    """The request's deadline, set once its body is in (REQUEST_TIMEOUT_S)."""
+    deadline: float | None = getattr(request.state, "deadline", None)
+    if deadline is None:
+        deadline = request.state.deadline = deadline_from_now(request)
+    return deadline
+
+
+async def _decode(request: Request, runner: ModelRunner, data: bytes,
+                  explain: bool = False) -> Prepared:
+    """The model input, the gate's image facts, and the DICOM header (no pixels; None for
+    JPEG/PNG) for reports, for the model pinned by the request."""
+    model = _model(request)
+    meta = model.meta
     limits = request.app.state.limits
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     try:
         return await loop.run_in_executor(
-            runner.executor, load_model_input, data, meta.input.height, meta.input.width, limits
+            runner.executor, prepare, data, meta, limits, model.gate, explain
         )
-    except ImageError as exc:
+    except (ImageError, GateRefusal) as exc:
         # Size, sniffed format and code only: never the bytes, the filename or DICOM tags.
         log.info('{"event": "image_rejected", "code": "%s", "bytes": %d, "format": "%s"}',
                  exc.code, len(data), sniff_format(data) or "unknown")
+        if isinstance(exc, GateRefusal):
+            raise refusal_error(exc) from None
         raise
     finally:
         request.app.state.metrics.decode.observe(time.perf_counter() - started)
 
 
+def _judge_all(outputs: list[ModelOutput], prepared: list[Prepared],
+               explain: bool) -> list[Judged]:
+    """Blocking: each image judged by the gate of the bundle that produced its outputs."""
+    return [judge(output.meta, output.gate, output.outputs, item, explain)
+            for output, item in zip(outputs, prepared, strict=True)]
+
+
 async def _infer(
-    request: Request, runner: ModelRunner, images: list[np.ndarray]
-) -> tuple[list[Scored], float]:
-    """Scores of `images`, and the model time spent on them in ms: the runs (batches) they
-    were part of, each counted once, shared with the other requests in those runs."""
+    request: Request, runner: ModelRunner, prepared: list[Prepared], explain: bool = False
+) -> tuple[list[Judged], float]:
+    """The judged results of `prepared` (the gate, the score, heatmaps) and the model time
+    spent on them in ms: the runs (batches) they were part of, each counted once, shared
+    with the other requests in those runs. The model runs through the scheduler; each
+    image is judged by the gate of the bundle that produced its outputs."""
     metrics = request.app.state.metrics
     outputs = await runner.predict(
-        images, deadline=request.state.deadline, model=_model(request)
+        [item.model_input for item in prepared], deadline=_deadline(request),
+        model=_model(request),
     )
-    scored = [output.score() for output in outputs]
-    for result in scored:
-        metrics.images.labels(result.label).inc()
-        if result.screen_positive:
+    # The gate and heatmaps (PNG encoding) cost CPU: off the event loop, like decoding.
+    judged = await asyncio.get_running_loop().run_in_executor(
+        runner.executor, _judge_all, outputs, prepared, explain
+    )
+    for item in judged:
+        if item.refusal is not None:
+            log.info('{"event": "image_rejected", "code": "%s"}', item.refusal.code)
+            continue
+        assert item.scored is not None
+        metrics.images.labels(item.scored.label).inc()
+        if item.scored.screen_positive:
             metrics.screen_positive.inc()
-    return scored, sum({output.run_id: output.run_ms for output in outputs}.values())
+    return judged, sum({output.run_id: output.run_ms for output in outputs}.values())
 
 
 def _error_of(item: Upload) -> ApiError:
@@ -137,14 +193,19 @@ def _model_ref(meta: BundleMeta) -> ModelRef:
     return ModelRef(name=meta.name, version=meta.version)
 
 
-def _result_fields(result: Scored, meta: BundleMeta) -> dict[str, Any]:
+def _result_fields(result: Judged, meta: BundleMeta) -> dict[str, Any]:
     """The fields a single prediction and a batch entry share."""
-    return {**dataclasses.asdict(result), "threshold": meta.threshold}
+    assert result.scored is not None
+    return {**dataclasses.asdict(result.scored), "threshold": meta.threshold,
+            **result.extras}
 
 
-async def predict(request: Request) -> Prediction:
+async def predict(request: Request, explain: bool = _EXPLAIN) -> Prediction | Response:
     runner: ModelRunner = request.app.state.runner
-    runner.require_ready()  # before reading the body: 503 model_not_ready
+    meta = _model(request).meta  # pinned by admitted(), which answered 503 if not ready
+    answer = reports.negotiate(request, reports.SINGLE_OFFERS)  # 406 before the body too
+    if explain and not meta.has_explain_outputs:
+        raise explain_unavailable(meta)
     settings = request.app.state.settings
     form = await parse_form(request, max_files=1)
     try:
@@ -161,14 +222,26 @@ async def predict(request: Request) -> Prediction:
         metrics.image_errors.labels(upload.error.code).inc()
         raise upload.error
     assert upload.data is not None
+    if reports.wants_dicom(answer) and (error := reports.dicom_input_required(upload.data)):
+        raise error
     request.state.deadline = deadline_from_now(request)
     try:
-        image = await bounded(request, _decode(request, runner, upload.data))
+        image = await bounded(request, _decode(request, runner, upload.data, explain))
     except ImageError as exc:
         metrics.image_errors.labels(exc.code).inc()
         raise image_error(exc) from None
-    (result,), inference_ms = await bounded(request, _infer(request, runner, [image]))
+    except ApiError as exc:
+        if exc.code not in ("deadline_exceeded", "client_disconnected"):
+            metrics.image_errors.labels(exc.code).inc()
+        raise
+    (result,), inference_ms = await bounded(request, _infer(request, runner, [image], explain))
     meta = _model(request).meta
+    if result.refusal is not None:
+        metrics.image_errors.labels(result.refusal.code).inc()
+        raise refusal_error(result.refusal)
+    if answer != reports.JSON:
+        return await reports.single_report(
+            answer, ReportItem(result.scored, header=image.header), meta)
     return Prediction(
         **_result_fields(result, meta),
         model=_model_ref(meta),
@@ -176,9 +249,12 @@ async def predict(request: Request) -> Prediction:
     )
 
 
-async def predict_batch(request: Request) -> BatchResponse:
+async def predict_batch(request: Request, explain: bool = _EXPLAIN) -> BatchResponse | Response:
     runner: ModelRunner = request.app.state.runner
-    runner.require_ready()  # before reading the body: 503 model_not_ready
+    meta = _model(request).meta  # pinned by admitted(), which answered 503 if not ready
+    answer = reports.negotiate(request, reports.BATCH_OFFERS)  # 406 before the body too
+    if explain and not meta.has_explain_outputs:
+        raise explain_unavailable(meta)
     settings = request.app.state.settings
     metrics = request.app.state.metrics
     form = await parse_form(request, max_files=settings.max_batch_files)
@@ -196,24 +272,30 @@ async def predict_batch(request: Request) -> BatchResponse:
         await form.close()
     request.state.deadline = deadline_from_now(request)
 
-    async def decode_one(data: bytes) -> np.ndarray | ApiError:
+    async def decode_one(data: bytes) -> Prepared | ApiError:
+        if reports.wants_dicom(answer) and (error := reports.dicom_input_required(data)):
+            return error
         try:
-            return await _decode(request, runner, data)
+            return await _decode(request, runner, data, explain)
         except ImageError as exc:
             return image_error(exc)
+        except ApiError as exc:
+            return exc
 
     pending = [decode_one(item.data) for item in read if item.data is not None]
     decoded = iter(await bounded(request, asyncio.gather(*pending)))
-    outcomes: list[np.ndarray | ApiError] = [
+    outcomes: list[Prepared | ApiError] = [
         next(decoded) if item.data is not None else _error_of(item) for item in read
     ]
-    images = [outcome for outcome in outcomes if isinstance(outcome, np.ndarray)]
+    images = [outcome for outcome in outcomes if isinstance(outcome, Prepared)]
     scored, inference_ms = (
-        await bounded(request, _infer(request, runner, images)) if images else ([], 0.0)
+        await bounded(request, _infer(request, runner, images, explain)) if images
+        else ([], 0.0)
     )
     meta = _model(request).meta
     scores = iter(scored)
     results: list[BatchItem] = []
+    report_items: list[ReportItem] = []
     for item, outcome in zip(read, outcomes, strict=True):
         if isinstance(outcome, ApiError):
             metrics.image_errors.labels(outcome.code).inc()
@@ -221,9 +303,21 @@ async def predict_batch(request: Request) -> BatchResponse:
                 filename=item.filename,
                 error=ErrorDetail(code=outcome.code, message=outcome.message),
             ))
+            report_items.append(ReportItem(error=outcome, filename=item.filename))
             continue
         result = next(scores)
+        if result.refusal is not None:
+            metrics.image_errors.labels(result.refusal.code).inc()
+            refusal = refusal_error(result.refusal)
+            results.append(BatchItem(filename=item.filename, error=ErrorDetail(
+                code=refusal.code, message=refusal.message)))
+            report_items.append(ReportItem(error=refusal, filename=item.filename))
+            continue
         results.append(BatchItem(filename=item.filename, **_result_fields(result, meta)))
+        report_items.append(ReportItem(result.scored, header=outcome.header,
+                                       filename=item.filename))
+    if answer != reports.JSON:
+        return await reports.batch_report(answer, report_items, meta)
     return BatchResponse(
         results=results, model=_model_ref(meta), inference_ms=round(inference_ms, 3)
     )
@@ -237,16 +331,18 @@ def build_router(max_batch_files: int) -> APIRouter:
         admitted(predict),
         methods=["POST"],
         response_model=Prediction,
+        response_model_exclude_none=True,
         summary="Screen one chest X-ray",
         description="Upload one radiograph (JPEG, PNG or DICOM) as multipart/form-data in "
-        "the field `file`. The answer is a screening aid, not a diagnosis.",
+        "the field `file`. The answer is a screening aid, not a diagnosis. " + _GATE_NOTE,
         openapi_extra=_multipart_body("file", _FILE_SCHEMA),
-        responses=_errors(
+        responses={**reports.openapi_responses(batch=False), **_errors(
             "empty_file", "invalid_image", "invalid_multipart", "unauthorized",
             "file_too_large", "request_too_large", "too_many_files", "image_too_large",
             "unsupported_media_type", "missing_file", "image_too_small", "model_not_ready",
-            "server_busy", "deadline_exceeded",
-        ),
+            "not_acceptable", "dicom_input_required", "dicom_header_incomplete",
+            *GATE_CODES, "explain_unavailable", "server_busy", "deadline_exceeded",
+        )},
     )
     router.add_api_route(
         "/predict/batch",
@@ -259,7 +355,8 @@ def build_router(max_batch_files: int) -> APIRouter:
         "repeating the field `files`. Results come back in request order; a file that "
         "cannot be read gets an `error` entry and does not fail the others. The readable "
         "images go to the model together (the scheduler may merge them with other "
-        "requests' images). A screening aid, not a diagnosis.",
+        "requests' images). A screening aid, not a diagnosis. "
+        + _GATE_NOTE + " In a batch a refused image is that entry's `error`.",
         openapi_extra=_multipart_body("files", {
             "type": "array",
             "items": _FILE_SCHEMA,
@@ -268,9 +365,10 @@ def build_router(max_batch_files: int) -> APIRouter:
             "description": f"1 to {max_batch_files} radiographs, the field repeated once "
             "per file.",
         }),
-        responses=_errors(
+        responses={**reports.openapi_responses(batch=True), **_errors(
             "invalid_multipart", "unauthorized", "request_too_large", "too_many_files",
-            "missing_file", "model_not_ready", "server_busy", "deadline_exceeded",
-        ),
+            "missing_file", "model_not_ready", "not_acceptable", "explain_unavailable",
+            "server_busy", "deadline_exceeded",
+        )},
     )
     return router

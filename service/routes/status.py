@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.errors import ERROR_CODES, RETRY_AFTER_SECONDS
-from service.inference import ModelRunner, ReloadOutcome
+from service.gate import InputGate, unavailable_card
+from service.inference import LoadedModel, ModelRunner, ReloadOutcome
 from service.lifecycle import Lifecycle
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
@@ -73,7 +74,8 @@ async def livez() -> LivenessResponse:
 async def health(request: Request) -> HealthResponse | JSONResponse:
     runner: ModelRunner = request.app.state.runner
     lifecycle: Lifecycle = request.app.state.lifecycle
-    meta = runner.meta
+    serving = runner.model  # one snapshot: a reload may swap the model meanwhile
+    meta = serving.meta if serving is not None else None
     model = ModelRefWithHash(
         name=meta.name, version=meta.version, sha256=meta.onnx_sha256
     ) if meta is not None else None
@@ -86,12 +88,14 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
             error=ErrorDetail(code="draining", message="the server is shutting down; "
                               "requests in flight are finishing, send new ones elsewhere"),
             last_reload=last_reload,
+            **_gate_fields(serving),
         )
         return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=503,
                             headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     if runner.ready and model is not None:
         return HealthResponse(
-            status="ok", model=model, providers=runner.providers, last_reload=last_reload
+            status="ok", model=model, providers=runner.providers, last_reload=last_reload,
+            **_gate_fields(serving),
         )
     if runner.state == "failed":
         body = {
@@ -122,13 +126,29 @@ async def model_info(request: Request) -> ModelInfo:
     runner: ModelRunner = request.app.state.runner
     model = runner.require_model()
     meta = model.meta
-    shared = set(ModelInfo.model_fields) & set(type(meta).model_fields)
+    shared = set(ModelInfo.model_fields) & set(type(meta).model_fields) - {"gate"}
     return ModelInfo(
         **meta.model_dump(include=shared),
         sha256=meta.onnx_sha256,
         providers=list(model.providers),
         last_reload=reload_report(runner.last_reload),
+        gate=model.gate.card() if model.gate is not None else unavailable_card(meta),
+        heatmaps="available" if meta.has_explain_outputs else "unavailable",
     )
+
+
+def _gate_status(gate: InputGate | None) -> str:
+    if gate is None:
+        return "unavailable"
+    return "on" if gate.enabled else "off"
+
+
+def _gate_fields(model: LoadedModel | None) -> dict[str, str]:
+    """/health's account of the serving bundle's gate and heatmaps (none before a load)."""
+    if model is None:
+        return {}
+    return {"gate": _gate_status(model.gate),
+            "heatmaps": "available" if model.meta.has_explain_outputs else "unavailable"}
 
 
 @router.get(

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from service.bundle import read_bundle
 from service.cli import app
 from service.preprocessing import load_model_input
+from training.calibration import scale_probabilities
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +100,13 @@ def test_bundle_loads_and_matches_keras(trained: dict[str, Path]) -> None:
     keras_probabilities = keras.models.load_model(trained["run"] / "model.keras").predict(
         images, verbose=0)
     np.testing.assert_allclose(onnx_probabilities.sum(axis=1), 1.0, atol=1e-5)
-    assert np.max(np.abs(onnx_probabilities - keras_probabilities)) < 1e-4
+    # The bundle serves the trained model with its fitted temperature folded into the head:
+    # softmax(log(p) / T) of the Keras probabilities, and the threshold mapped to match.
+    calibration = json.loads((trained["run"] / "run.json").read_text())["calibration"]
+    expected = scale_probabilities(keras_probabilities, calibration["temperature"])
+    assert np.max(np.abs(onnx_probabilities - expected)) < 1e-4
+    assert meta.threshold == pytest.approx(calibration["threshold"])
+    assert meta.validation_metrics["calibration"]["temperature"] == calibration["temperature"]
     if trained["weights"].is_file():
         # Real ImageNet features: different X-rays get different scores, so the parity
         # above compared something that varies.

@@ -255,3 +255,47 @@ def test_one_reload_at_a_time(tiny_bundle: Path) -> None:
         assert again.status_code == 200 and again.json()["ok"] is True
     finally:
         runner.close()
+
+
+def test_a_reload_to_a_format_2_bundle_brings_its_gate(
+    tmp_path: Path, tiny_bundle: Path, gated_bundle: Path
+) -> None:
+    """The gate belongs to the bundle: after reloading from a format 1 bundle to a gated
+    one, /health and /model report it, and a non-X-ray is refused by it."""
+    from bench.gate_eval import generated_images
+
+    current = tmp_path / "current"
+    current.symlink_to(tiny_bundle, target_is_directory=True)
+    app = create_app(Settings(model_dir=current, api_key=KEY, providers="cpu"))
+    runner = app.state.runner
+    runner.load()
+    transport = httpx.ASGITransport(app=app)
+    _, not_an_xray = next(iter(generated_images()))
+    xray = SMALL[0].read_bytes()
+
+    async def predict(client: httpx.AsyncClient, data: bytes, **params: str) -> httpx.Response:
+        return await client.post("/predict", files={"file": ("x.jpeg", data)}, params=params,
+                                 headers={"X-API-Key": KEY})
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/health")).json()["gate"] == "unavailable"
+            assert (await predict(client, not_an_xray)).status_code == 200  # no gate yet
+            current.unlink()
+            current.symlink_to(gated_bundle, target_is_directory=True)
+            reload = await client.post("/admin/reload", headers={"X-API-Key": KEY})
+            assert reload.status_code == 200 and reload.json()["ok"] is True, reload.text
+            health = (await client.get("/health")).json()
+            assert health["gate"] == "on" and health["heatmaps"] == "available"
+            assert (await client.get("/model")).json()["gate"]["status"] == "on"
+            refused = await predict(client, not_an_xray)
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["error"]["code"] == "not_chest_xray"
+            explained = await predict(client, xray, explain="true")
+            assert explained.status_code == 200, explained.text
+            assert "heatmap" in explained.json()
+
+    try:
+        asyncio.run(run())
+    finally:
+        runner.close()

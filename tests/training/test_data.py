@@ -11,11 +11,15 @@ import pytest
 
 from training.data import (
     Sample,
+    acquisition_key,
     class_weights,
     list_split,
     load_arrays,
     patient_id,
+    split_by_acquisition,
+    split_by_fold,
     split_by_patient,
+    split_for_validation,
     subtype_label,
 )
 
@@ -138,3 +142,54 @@ def test_load_arrays_uses_the_service_preprocessing_and_caches(
     np.testing.assert_array_equal(x, again)
     with pytest.raises(AssertionError, match="decoded again"):  # another size: a new entry
         load_arrays(samples, ("NORMAL", "PNEUMONIA"), (64, 64), tmp_path)
+
+
+def _series_samples() -> list[Sample]:
+    """20 patients in each id series, some with two images."""
+    samples = []
+    for number in range(1, 21):
+        for patient, label in ((f"IM-{number:04d}", "NORMAL"),
+                               (f"NORMAL2-IM-{number:04d}", "NORMAL"),
+                               (f"person{number}", "PNEUMONIA")):
+            for image in range(1 + number % 2):
+                samples.append(Sample(Path(f"{patient}-{image}.jpeg"), label, patient))
+    return samples
+
+
+def test_acquisition_key_reads_series_and_number() -> None:
+    assert acquisition_key("NORMAL2-IM-0041") == ("NORMAL2-IM-", 41)
+    assert acquisition_key("IM-0117") == ("IM-", 117)
+    assert acquisition_key("person1946") == ("person", 1946)
+    assert acquisition_key("no_digits_here") == ("no_digits_here", 0)
+
+
+def test_acquisition_split_holds_out_the_most_recent_ids_of_every_series() -> None:
+    samples = _series_samples()
+    train, val = split_by_acquisition(samples, 0.2)
+    held = {s.patient for s in val}
+    # 20% of 20 patients = the 4 highest numbers, in each of the three series.
+    assert held == {f"{prefix}{n}" for n in (17, 18, 19, 20)
+                    for prefix in ("IM-00", "NORMAL2-IM-00", "person")}
+    assert not held & {s.patient for s in train}
+    assert len(train) + len(val) == len(samples)
+
+
+def test_fold_split_is_by_patient_and_covers_every_patient_once() -> None:
+    samples = _series_samples()
+    held_out = []
+    for fold in range(4):
+        train, val = split_by_fold(samples, 4, fold, seed=3)
+        assert not {s.patient for s in train} & {s.patient for s in val}
+        held_out.extend(s.patient for s in val)
+    assert sorted(held_out) == sorted(s.patient for s in samples)
+    with pytest.raises(ValueError, match="fold"):
+        split_by_fold(samples, 4, 4, seed=3)
+
+
+def test_split_for_validation_dispatches_and_rejects_unknown_schemes() -> None:
+    samples = _series_samples()
+    assert split_for_validation(samples, "acquisition", 0.2, 1) == split_by_acquisition(
+        samples, 0.2)
+    assert split_for_validation(samples, "patient", 0.2, 1) == split_by_patient(samples, 0.2, 1)
+    with pytest.raises(ValueError, match="unknown validation scheme"):
+        split_for_validation(samples, "random-images", 0.2, 1)

@@ -1,0 +1,174 @@
+"""Fit the input gate at export, from the model's own features of the run's X-rays.
+
+Classes: one per label (the training X-rays of that label) and ROTATED_90, ROTATED_180,
+ROTATED_270 (training X-rays turned counter-clockwise, evenly thinned to
+`rotation_images`). The features are first projected on their top `components` principal
+components (PCA of all those training features, upright and rotated): measured on an
+ImageNet MobileNet, the full 1024 dimensions also separate the data set's 224 px JPEG
+copies from the same radiographs decoded at full resolution (small, many-dimensional
+nuisance differences), while the top 64 components keep X-ray against non-X-ray and
+upright against rotated. Each class is a Gaussian with its own mean; all share one
+covariance, estimated with Ledoit-Wolf shrinkage from the within-class deviations. The
+service scores the Mahalanobis distance to each mean (service/gate.py).
+
+Thresholds: the `target_acceptance` quantile of the validation X-rays' distance to their
+nearest upright class (so that share of them passes), and the same quantile of the
+rotated validation X-rays' distance to their nearest rotated class. What the gate then
+does on the validation split (accepted upright, refused rotated) is measured with the
+service's own decision function and recorded in model.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from service.bundle import GateInfo
+from service.gate import ROTATED_IMAGE, ROTATED_PREFIX, GateStats, decide
+
+METHOD = ("mahalanobis in the top principal components, class means, shared Ledoit-Wolf "
+          "covariance, rotated classes")
+TARGET_ACCEPTANCE = 0.995
+COMPONENTS = 64
+ROTATION_IMAGES = 1024
+QUARTER_TURNS = (1, 2, 3)
+
+FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> float (N, D)
+
+
+def rotate(images: np.ndarray, quarter_turns: int) -> np.ndarray:
+    """Model inputs (N, H, W, 3) turned counter-clockwise by quarter_turns x 90 degrees."""
+    return np.ascontiguousarray(np.rot90(images, quarter_turns, axes=(1, 2)))
+
+
+def rotated_class(quarter_turns: int) -> str:
+    return f"{ROTATED_PREFIX}{90 * quarter_turns}"
+
+
+def thin(images: np.ndarray, limit: int) -> np.ndarray:
+    return images[:: max(1, len(images) // limit)][:limit] if len(images) > limit else images
+
+
+def principal_subspace(features: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Center (D,) and the top `components` principal directions (D, k) of features."""
+    center = features.mean(axis=0)
+    k = max(1, min(components, features.shape[1], len(features) - 1))
+    _, _, directions = np.linalg.svd(features - center, full_matrices=False)
+    return center, np.ascontiguousarray(directions[:k].T)
+
+
+def fit_stats(features_by_class: dict[str, np.ndarray],
+              components: int = COMPONENTS) -> tuple[GateStats, float]:
+    """Principal subspace, class means and the shared shrunk precision matrix in it;
+    returns the Ledoit-Wolf shrinkage too."""
+    from sklearn.covariance import LedoitWolf
+
+    classes = [name for name, values in features_by_class.items() if len(values)]
+    raw = {c: np.asarray(features_by_class[c], np.float64) for c in classes}
+    center, basis = principal_subspace(np.concatenate(list(raw.values())), components)
+    projected = {c: (values - center) @ basis for c, values in raw.items()}
+    means = np.stack([projected[c].mean(axis=0) for c in classes])
+    deviations = np.concatenate([projected[c] - mean
+                                 for c, mean in zip(classes, means, strict=True)])
+    estimate = LedoitWolf(assume_centered=True).fit(deviations)
+    precision = np.asarray(estimate.precision_, dtype=np.float64)
+    precision = (precision + precision.T) / 2
+    return GateStats(tuple(classes), center, basis, means, precision), float(estimate.shrinkage_)
+
+
+def _upright_distance(stats: GateStats, distances: np.ndarray) -> np.ndarray:
+    return distances[:, stats.upright].min(axis=1)
+
+
+def _rotated_distance(stats: GateStats, distances: np.ndarray) -> np.ndarray:
+    return distances[:, ~stats.upright].min(axis=1)
+
+
+# The quantile is one validation image's own distance; onnxruntime gives that image
+# features a few 1e-7 different at another batch size, so it could land a hair outside.
+ROUNDING_MARGIN = 1e-4
+
+
+def _quantile(values: np.ndarray, share: float) -> float:
+    return float(np.quantile(values, share, method="higher")) * (1 + ROUNDING_MARGIN)
+
+
+def fit_gate(
+    features: FeatureFn,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    labels: list[str],
+    val_images: np.ndarray,
+    target_acceptance: float = TARGET_ACCEPTANCE,
+    rotation_images: int = ROTATION_IMAGES,
+    components: int = COMPONENTS,
+) -> tuple[GateStats, GateInfo]:
+    if not 0.5 < target_acceptance <= 1.0:
+        raise ValueError("target_acceptance must be in (0.5, 1]")
+    train_features = features(train_images)
+    by_class: dict[str, np.ndarray] = {
+        label: train_features[train_labels == i] for i, label in enumerate(labels)
+    }
+    turned = thin(train_images, rotation_images)
+    for k in QUARTER_TURNS:
+        by_class[rotated_class(k)] = features(rotate(turned, k))
+    stats, shrinkage = fit_stats(by_class, components)
+
+    val_features = features(val_images)
+    val_distances = stats.distances(val_features)
+    threshold = _quantile(_upright_distance(stats, val_distances), target_acceptance)
+    val_turned = thin(val_images, rotation_images)
+    rotated_distances = np.concatenate([stats.distances(features(rotate(val_turned, k)))
+                                        for k in QUARTER_TURNS])
+    rotated_threshold = _quantile(_rotated_distance(stats, rotated_distances),
+                                  target_acceptance)
+
+    info = GateInfo(
+        method=METHOD,
+        classes=list(stats.classes),
+        threshold=threshold,
+        rotated_threshold=rotated_threshold,
+        target_acceptance=target_acceptance,
+        feature_dim=int(train_features.shape[1]),
+        components=int(stats.basis.shape[1]),
+        fitted_on={
+            "train_images": len(train_images),
+            "per_class": {c: len(v) for c, v in by_class.items()},
+            "ledoit_wolf_shrinkage": shrinkage,
+            "threshold_from": f"{target_acceptance:.1%} quantile of the validation split",
+        },
+    )
+    info.acceptance = measure(stats, info, val_features, rotated_distances)
+    return stats, info
+
+
+def measure(stats: GateStats, info: GateInfo, val_features: np.ndarray,
+            rotated_distances: np.ndarray) -> dict[str, Any]:
+    """What the service's decision does on validation X-rays and their rotations."""
+    upright = [decide(stats, info, row) for row in stats.distances(val_features)]
+    turned = [decide(stats, info, row) for row in rotated_distances]
+    accepted = sum(v.accepted for v in upright)
+    refused_rotated = sum(not v.accepted for v in turned)
+    as_rotated = sum(v.refusal is not None and v.refusal.code == ROTATED_IMAGE for v in turned)
+    return {
+        "validation": {"n": len(upright), "accepted": accepted,
+                       "rate": accepted / len(upright) if upright else None},
+        "validation_rotated": {
+            "n": len(turned), "refused": refused_rotated, "as_rotated_image": as_rotated,
+            "rate": refused_rotated / len(turned) if turned else None,
+        },
+    }
+
+
+def onnx_features(session, batch_size: int = 32) -> FeatureFn:
+    """The `features` output of an onnxruntime session, in batches."""
+    from service.bundle import FEATURES_NAME, INPUT_NAME
+
+    def run(images: np.ndarray) -> np.ndarray:
+        parts = [session.run([FEATURES_NAME], {INPUT_NAME: np.ascontiguousarray(
+            images[i : i + batch_size])})[0] for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts).astype(np.float64)
+
+    return run

@@ -1,0 +1,45 @@
+"""A run folder as `pneumoscreen train` writes it, around an untrained classifier.
+
+For the export tests and the explain benchmark: the real model of training/model.py
+(ImageNet weights when given, else random), a real patient-level split of a data folder
+and training's own report, without any fitting (seconds, not minutes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def make_untrained_run(run_dir: Path, data: Path, size: int, cache: Path | None,
+                       weights: str = "none", backbone: str = "mobilenet") -> Path:
+    import keras
+
+    from training.data import label_counts, list_split, split_by_patient
+    from training.evaluate import evaluate_run
+    from training.model import build_model
+    from training.train import tool_versions
+
+    run_dir.mkdir(parents=True)
+    keras.utils.set_random_seed(3)
+    model = build_model(backbone, size, 2, weights=weights)
+    model.save(run_dir / "model.keras")
+    train, val = split_by_patient(list_split(data, "train"), 0.25, seed=1)
+    (run_dir / "split.json").write_text(json.dumps({
+        "seed": 1, "val_fraction": 0.25,
+        "train": [str(s.path.relative_to(data)) for s in train],
+        "validation": [str(s.path.relative_to(data)) for s in val]}))
+    run = {
+        "config": {"seed": 1, "weights": weights}, "backbone": backbone,
+        "input_size": size, "labels": ["NORMAL", "PNEUMONIA"], "positive_label": "PNEUMONIA",
+        "positive_labels": ["PNEUMONIA"], "negative_label": "NORMAL", "threshold": 0.5,
+        "target_sensitivity": 0.95,
+        "data": {"root": str(data), "train_images": len(train), "validation_images": len(val),
+                 "train_patients": len({s.patient for s in train}),
+                 "validation_patients": len({s.patient for s in val}),
+                 "train_counts": label_counts(train), "validation_counts": label_counts(val)},
+        "epochs_run": 0, "wall_time_s": 0.0, "tool_versions": tool_versions(),
+    }
+    (run_dir / "run.json").write_text(json.dumps(run))
+    evaluate_run(run_dir, data, batch_size=16, cache_dir=cache, model=model)
+    return run_dir
