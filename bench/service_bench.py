@@ -3,13 +3,18 @@
     python -m bench.service_bench --model-dir models/default     # (make bench)
     python -m bench.service_bench --tiny                          # no trained bundle needed
 
-Starts the service under uvicorn on a free loopback port (tests/live_server.py), then,
+Starts the service with `pneumoscreen serve` on a free loopback port (tests/live_server.py),
+so with its HTTP budgets, admission control and batching scheduler, then,
 over real HTTP with the full-resolution JPEGs of ../shared/data/chest_xray_fullres
 (falling back to tests/fixtures/fullres):
 
 - /predict latency p50/p95/p99, sequential, after a warm-up;
 - /predict/batch throughput (images/s) at batch sizes 1, 8 and 32;
 - /predict throughput with several client threads;
+- a soak: 64 clients for 60 s sending single images (a client that is refused with 503
+  server_busy waits Retry-After and tries again): answered latency p50/p95/p99, served
+  throughput against the best single-client batch throughput of the same run, refusals,
+  errors and connection errors, and the server's RSS after warm-up and after the soak;
 
 and in-process, the same pipeline the service runs: decode+preprocess ms per image with
 and without JPEG draft mode, and onnxruntime inference ms at batch 1 (and 32).
@@ -21,6 +26,7 @@ asserts nothing about speed. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -173,6 +179,147 @@ def bench_concurrent(base_url: str, samples: list[Sample], threads: int, request
     return result
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _raw_predict(sample: Sample, host: str) -> bytes:
+    """One whole POST /predict request (keep-alive), built once: the soak's clients send
+    prepared bytes, so the client side costs little CPU next to the server's."""
+    import httpx
+
+    request = httpx.Request("POST", f"http://{host}/predict",
+                            files=_multipart("file", [sample]))
+    body = request.read()
+    head = (f"POST /predict HTTP/1.1\r\nhost: {host}\r\n"
+            f"content-type: {request.headers['content-type']}\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+async def _soak(base_url: str, samples: list[Sample], clients: int, seconds: float) -> dict:
+    host_port = base_url.removeprefix("http://")
+    host, port = host_port.rsplit(":", 1)
+    requests = [_raw_predict(sample, host_port) for sample in samples]
+    answered: list[float] = []
+    refused: list[float] = []
+    errors: dict[str, int] = {}
+    connection_errors = 0
+    until = time.monotonic() + seconds
+
+    async def client(index: int) -> None:
+        nonlocal connection_errors
+        turn = index
+        reader = writer = None
+        while time.monotonic() < until:
+            request = requests[turn % len(requests)]
+            turn += 1
+            started = time.perf_counter()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, int(port))
+                assert reader is not None
+                writer.write(request)
+                await writer.drain()
+                status, headers, body = await _read_response(reader)
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                connection_errors += 1
+                key = f"connection: {type(exc).__name__}"
+                errors[key] = errors.get(key, 0) + 1
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+                continue
+            elapsed = (time.perf_counter() - started) * 1000
+            if headers.get("connection", "").lower() == "close":
+                writer.close()
+                reader = writer = None
+            code = json.loads(body).get("error", {}).get("code") if status != 200 else None
+            if status == 200:
+                answered.append(elapsed)
+            elif status == 503 and code == "server_busy":
+                refused.append(elapsed)
+                await asyncio.sleep(float(headers.get("retry-after", "1")))
+            else:
+                key = f"{status} {code}"
+                errors[key] = errors.get(key, 0) + 1
+        if writer is not None:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - started
+    result: dict[str, Any] = {
+        "clients": clients,
+        "seconds": wall,
+        "answered": len(answered),
+        "served_images_per_s": len(answered) / wall,
+        "refused_503": len(refused),
+        "refused_ms_p99": float(np.percentile(refused, 99)) if refused else None,
+        "errors": errors,
+        "connection_errors": connection_errors,
+    }
+    if answered:
+        result["answered_ms"] = percentiles(answered)
+    return result
+
+
+def _model_runs(base_url: str) -> tuple[float, float]:
+    """(model runs, images run) so far, from the server's batch-size histogram."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(f"{base_url}/metrics", timeout=30).text.splitlines():
+        for name in ("pneumoscreen_batch_size_count", "pneumoscreen_batch_size_sum"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[-1])
+    return (values.get("pneumoscreen_batch_size_count", 0.0),
+            values.get("pneumoscreen_batch_size_sum", 0.0))
+
+
+IDLE_S = 5.0
+
+
+def bench_soak(server: Any, samples: list[Sample], clients: int, seconds: float,
+               warmup: float) -> dict:
+    """`clients` concurrent clients for `seconds` after `warmup` seconds of the same load."""
+    pid = server.process.pid
+    rss_start = rss_mb(pid)
+    warm = asyncio.run(_soak(server.base_url, samples, clients, warmup))
+    rss_warm = rss_mb(pid)
+    runs_before, images_before = _model_runs(server.base_url)
+    result = asyncio.run(_soak(server.base_url, samples, clients, seconds))
+    runs_after, images_after = _model_runs(server.base_url)
+    result.update({
+        "model_runs": runs_after - runs_before,
+        "images_per_model_run": (images_after - images_before) / max(1.0, runs_after - runs_before),
+        "warmup_seconds": warmup,
+        "warmup_errors": warm["errors"],
+        "rss_mb_start": rss_start,
+        "rss_mb_after_warmup": rss_warm,
+        "rss_mb_after_soak": rss_mb(pid),
+    })
+    time.sleep(IDLE_S)  # the scheduler gives the model's batch memory back when idle
+    result["rss_mb_idle"] = rss_mb(pid)
+    return result
+
+
 # --- in process -----------------------------------------------------------------------
 
 
@@ -185,9 +332,44 @@ def _time_per_item(function: Callable[[Sample], object], samples: list[Sample]) 
     return timings
 
 
-def bench_in_process(model_dir: Path, samples: list[Sample], inference_runs: int) -> dict:
+def service_session(model_dir: Path) -> Any:
+    """An onnxruntime session with the service's default options (service/inference.py)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(model_dir / MODEL_FILE), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+def bench_single_interleaved(base_url: str, model_dir: Path, samples: list[Sample],
+                             rounds: int) -> dict:
+    """One image over HTTP (/predict), then the same image decoded and run at batch 1 in
+    this process (the server idle meanwhile), alternately: both see the same machine."""
+    import httpx
+
+    meta = read_bundle(model_dir)
+    session = service_session(model_dir)
+    http_ms, local_ms = [], []
+    with httpx.Client(base_url=base_url, timeout=120) as http:
+        for index in range(rounds + 5):
+            sample = samples[index % len(samples)]
+            started = time.perf_counter()
+            _check(http.post("/predict", files=_multipart("file", [sample])))
+            elapsed_http = (time.perf_counter() - started) * 1000
+            started = time.perf_counter()
+            image = load_model_input(sample.data, meta.input.height, meta.input.width)
+            session.run(None, {INPUT_NAME: image[None]})
+            elapsed_local = (time.perf_counter() - started) * 1000
+            if index >= 5:  # the first few warm both up
+                http_ms.append(elapsed_http)
+                local_ms.append(elapsed_local)
+    return {"http_ms": percentiles(http_ms), "decode_and_model_ms": percentiles(local_ms)}
+
+
+def bench_in_process(model_dir: Path, samples: list[Sample], inference_runs: int) -> dict:
     meta = read_bundle(model_dir)
     height, width = meta.input.height, meta.input.width
 
@@ -205,7 +387,7 @@ def bench_in_process(model_dir: Path, samples: list[Sample], inference_runs: int
         draft_ms += _time_per_item(draft, [sample])
     pixels = [int(np.prod(decode_grey(s.data).shape)) for s in samples]
 
-    session = ort.InferenceSession(str(model_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
+    session = service_session(model_dir)
     inputs = [draft(s) for s in samples[:32]]
     while len(inputs) < 32:
         inputs += inputs[: 32 - len(inputs)]
@@ -261,12 +443,46 @@ def report(results: dict) -> str:
     for size, row in results["batch"].items():
         lines.append(f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
                      f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}")
+    after = results.get("batch_after_soak")
+    if after:
+        lines.append("  again after the soak:")
+        for size, row in after.items():
+            lines.append(f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
+                         f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}")
     lines.append("")
     conc = results["concurrent"]
     lines.append(f"POST /predict, {conc['threads']} client threads ({conc['n']} requests)")
     lines.append(f"  {conc['images_per_s']:.1f} images/s   latency ms p50 {conc['p50']:.1f}  "
                  f"p95 {conc['p95']:.1f}  p99 {conc['p99']:.1f}")
     lines.append("")
+    soak = results.get("soak")
+    if soak:
+        lines.append(f"Soak: POST /predict, {soak['clients']} clients for {soak['seconds']:.0f} s "
+                     f"(after {soak['warmup_seconds']:.0f} s of warm-up)")
+        ans = soak.get("answered_ms", {})
+        lines.append(f"  answered {soak['answered']}   served {soak['served_images_per_s']:.1f} "
+                     f"images/s   latency ms p50 {ans.get('p50', float('nan')):.1f}  "
+                     f"p95 {ans.get('p95', float('nan')):.1f}  p99 {ans.get('p99', float('nan')):.1f}")
+        refused_p99 = soak["refused_ms_p99"]
+        lines.append(f"  refused 503 server_busy {soak['refused_503']}"
+                     + (f" (answered in p99 {refused_p99:.1f} ms)" if refused_p99 else "")
+                     + f"   other errors {sum(soak['errors'].values()) - soak['connection_errors']}"
+                     f"   connection errors {soak['connection_errors']}")
+        lines.append(f"  model runs {soak['model_runs']:.0f}, "
+                     f"{soak['images_per_model_run']:.1f} images per run on average "
+                     "(merged by the scheduler)")
+        lines.append(f"  server RSS MB: {soak['rss_mb_start']:.0f} at start, "
+                     f"{soak['rss_mb_after_warmup']:.0f} after warm-up, "
+                     f"{soak['rss_mb_after_soak']:.0f} after the soak, "
+                     f"{soak['rss_mb_idle']:.0f} after {IDLE_S:.0f} s idle")
+        lines.append("")
+    single = results.get("single")
+    if single:
+        lines.append(f"One image, alternately over HTTP and in process ({single['http_ms']['n']} "
+                     "each)")
+        lines.append(f"  POST /predict p50 {single['http_ms']['p50']:.1f} ms   decode+model at "
+                     f"batch 1 in process p50 {single['decode_and_model_ms']['p50']:.1f} ms")
+        lines.append("")
     ip = results["in_process"]
     lines.append(f"In process, per image (input {ip['input']}), median ms")
     lines.append(f"  decode+preprocess, no draft : {ip['decode_preprocess_ms_no_draft']['p50']:8.2f}")
@@ -278,7 +494,7 @@ def report(results: dict) -> str:
     lines.append("")
     lines.append("Ratios (same run)")
     for name, value in results["ratios"].items():
-        lines.append(f"  {name:<52} {value:8.2f}")
+        lines.append(f"  {name:<68} {value:8.2f}")
     return "\n".join(lines)
 
 
@@ -301,6 +517,18 @@ def ratios(results: dict) -> dict[str, float]:
         draft / ip["inference_ms_batch1"]["p50"])
     out["HTTP p50 latency / in-process (draft + inference)"] = (
         results["latency"]["p50"] / (draft + ip["inference_ms_batch1"]["p50"]))
+    single = results.get("single")
+    if single:
+        out["single image: HTTP p50 / in-process decode+model p50 (alternated)"] = (
+            single["http_ms"]["p50"] / single["decode_and_model_ms"]["p50"])
+    soak = results.get("soak")
+    if soak and batch:
+        rows = list(batch.values()) + list(results.get("batch_after_soak", {}).values())
+        best = max(row["images_per_s"] for row in rows)
+        out["soak served / best single-client batch throughput (before or after)"] = (
+            soak["served_images_per_s"] / best)
+        out["soak RSS after / after warm-up"] = (
+            soak["rss_mb_after_soak"] / soak["rss_mb_after_warmup"])
     return out
 
 
@@ -332,6 +560,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=4, help="client threads (default 4)")
     parser.add_argument("--concurrent-requests", type=int, default=120)
     parser.add_argument("--inference-runs", type=int, default=100)
+    parser.add_argument("--soak-clients", type=int, default=64,
+                        help="concurrent clients of the soak (default 64; 0 skips it)")
+    parser.add_argument("--soak-seconds", type=float, default=60.0)
+    parser.add_argument("--soak-warmup", type=float, default=10.0,
+                        help="seconds of the same load before the soak is measured")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra server setting, e.g. --env INFERENCE_THREADS=2 (repeatable)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
@@ -364,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = read_bundle(model_dir)
         print(f"starting the service on {model_dir} ({meta.name} {meta.version}) ...",
               file=sys.stderr)
-        server = stack.enter_context(live_server(model_dir.resolve(), env=env, timeout=180))
+        server = stack.enter_context(
+            live_server(model_dir.resolve(), env=env, timeout=180, cli=True))
         results: dict[str, Any] = {"setup": {
             "when": time.strftime("%Y-%m-%d %H:%M:%S"),
             "bundle": str(args.model_dir if not args.tiny else "tiny test graph (--tiny)"),
@@ -386,6 +620,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.threads} client threads ...", file=sys.stderr)
         results["concurrent"] = bench_concurrent(server.base_url, samples, args.threads,
                                                  args.concurrent_requests)
+        if args.soak_clients > 0:
+            print(f"soak: {args.soak_clients} clients, {args.soak_warmup:.0f} s warm-up + "
+                  f"{args.soak_seconds:.0f} s ...", file=sys.stderr)
+            results["soak"] = bench_soak(server, samples, args.soak_clients, args.soak_seconds,
+                                         args.soak_warmup)
+            print("batches again, after the soak ...", file=sys.stderr)
+            results["batch_after_soak"] = bench_batches(
+                server.base_url, samples, batch_sizes, max(32, args.batch_images // 2), warmup=1)
+        print("single image, HTTP and in process alternately ...", file=sys.stderr)
+        results["single"] = bench_single_interleaved(server.base_url, model_dir, samples,
+                                                     args.requests)
         print("in process ...", file=sys.stderr)
         results["in_process"] = bench_in_process(model_dir, samples, args.inference_runs)
         results["ratios"] = ratios(results)

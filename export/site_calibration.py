@@ -182,8 +182,9 @@ def _score(model_dir: Path, site: SiteData) -> tuple[list[float | None], list[tu
     """P(positive) per image as the service computes it (None where unreadable)."""
     from pydantic import ValidationError
 
+    from service.bundle import OUTPUT_NAME
     from service.config import Settings
-    from service.inference import ModelRunner
+    from service.inference import ModelRunner, score
 
     try:
         settings = Settings(model_dir=model_dir)
@@ -194,16 +195,17 @@ def _score(model_dir: Path, site: SiteData) -> tuple[list[float | None], list[tu
         runner.load()
         if not runner.ready or runner.meta is None:
             raise CalibrationRefused(f"the model could not be loaded: {runner.error}")
-        height, width = runner.meta.input.height, runner.meta.input.width
+        meta = runner.meta
+        height, width = meta.input.height, meta.input.width
         limits = settings.decode_limits()
         scores: list[float | None] = [None] * len(site.samples)
         unreadable: list[tuple[str, str]] = []
         batch: list[tuple[int, np.ndarray]] = []
 
         def flush() -> None:
-            for (index, _), scored in zip(batch, runner.predict([img for _, img in batch]),
-                                          strict=True):
-                scores[index] = scored.positive_probability
+            outputs = runner.predict_outputs([img for _, img in batch])
+            for (index, _), row in zip(batch, outputs, strict=True):
+                scores[index] = score(meta, row[OUTPUT_NAME]).positive_probability
             batch.clear()
 
         for index, sample in enumerate(site.samples):

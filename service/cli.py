@@ -47,10 +47,9 @@ def serve_command(
     log_level: Annotated[str | None, typer.Option(help="Env: LOG_LEVEL.")] = None,
 ) -> None:
     """Serve /predict, /predict/batch, /health, /model, /metrics and /docs over HTTP."""
-    import uvicorn
-
     from service.bundle import BundleError, read_bundle
     from service.config import Settings
+    from service.server import serve
 
     # Command-line options win over the environment; the app reads them back through
     # Settings, so every worker process sees the same configuration.
@@ -67,16 +66,8 @@ def serve_command(
         raise typer.Exit(code=2) from None
     typer.echo(f"serving {meta.name} {meta.version} from {settings.model_dir} "
                f"on http://{settings.host}:{settings.port} (docs at /docs)")
-    uvicorn.run(
-        "service.main:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level.lower(),
-        proxy_headers=True,
-        access_log=False,  # the app logs each request itself, without file contents
-    )
+    # uvicorn with the HTTP budgets and the SIGTERM drain (service/server.py).
+    serve(settings)
 
 
 if __name__ == "__main__":

@@ -75,12 +75,91 @@ class Settings(BaseSettings):
     )
     inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads.")
     inference_threads: int = Field(
-        4, ge=1, description="Threads that decode images and run the model, off the event loop."
+        4,
+        ge=1,
+        description="Threads that decode and preprocess images, off the event loop (the model "
+        "itself runs on one scheduler thread, see MAX_BATCH_SIZE).",
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="onnxruntime execution providers: auto (CUDA when available, else CPU), "
         "cpu, or cuda (fail if CUDA is not available).",
+    )
+    # --- serving engine: admission, batching, deadlines (service/scheduler.py) ----------
+    max_queue: int = Field(
+        32,
+        ge=1,
+        description="Most images admitted at once (being read, decoded, waiting for or in "
+        "the model); a request arriving when this many are in is refused at once with 503 "
+        "server_busy and Retry-After.",
+    )
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Most images in one model run; the scheduler merges queued images from "
+        "concurrent requests up to this many.",
+    )
+    max_batch_wait_ms: float = Field(
+        0,
+        ge=0,
+        description="How long the scheduler may wait after the oldest queued image for a "
+        "batch to fill (0: run what is queued as soon as the model is free).",
+    )
+    request_timeout_s: float = Field(
+        30,
+        gt=0,
+        description="Longest time a request may take once its body is in (decoding, waiting "
+        "for and running the model); then 504 deadline_exceeded and its queued images are "
+        "dropped.",
+    )
+    drain_timeout_s: float = Field(
+        20,
+        ge=0,
+        description="After SIGTERM, how long in-flight requests get to finish while /health "
+        "answers 503 draining (`pneumoscreen serve`); then the process exits with code 0.",
+    )
+    # --- HTTP hardening (`pneumoscreen serve`, service/http_protocol.py) ---------------
+    max_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        description="Largest request head (request line and headers) in bytes; larger: 431 "
+        "headers_too_large and the connection is closed (`pneumoscreen serve`).",
+    )
+    max_headers: int = Field(
+        100,
+        ge=1,
+        description="Most header fields in one request; more: 431 headers_too_large "
+        "(`pneumoscreen serve`).",
+    )
+    header_timeout_s: float = Field(
+        10,
+        gt=0,
+        description="Longest time from a connection opening (or a new request starting on "
+        "it) to the end of the request's headers; then 408 and the connection is closed "
+        "(`pneumoscreen serve`).",
+    )
+    body_timeout_s: float = Field(
+        60,
+        gt=0,
+        description="Longest time for a request body to arrive once its headers are in; then "
+        "408 request_timeout and the connection is closed (`pneumoscreen serve`).",
+    )
+    keep_alive_timeout_s: float = Field(
+        5,
+        gt=0,
+        description="How long an idle keep-alive connection stays open between requests "
+        "(`pneumoscreen serve`).",
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description="Most open connections; one more is answered 503 server_busy and closed "
+        "(`pneumoscreen serve`).",
+    )
+    intra_op_spinning: bool = Field(
+        False,
+        description="Let onnxruntime's intra-op threads spin-wait between operators (a little "
+        "faster on otherwise idle cores; off because the decode threads share the cores).",
     )
     max_decoded_bytes: int = Field(
         64 * MB,

@@ -81,6 +81,9 @@ def install_openapi(app: FastAPI) -> None:
             )
             schema = openapi_3_0(schema)
             schema["openapi"] = "3.0.3"
+            settings = getattr(app.state, "settings", None)
+            if settings is not None and settings.api_key is None:
+                without_security(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -106,3 +109,14 @@ def install_swagger_ui(app: FastAPI) -> None:
     @app.get(oauth_redirect, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
+
+
+def without_security(schema: dict[str, Any]) -> None:
+    """Drop the API-key scheme from an OpenAPI document, for a server without API_KEY: the
+    routes are open then, and a document that asks for a key would be wrong."""
+    components = schema.get("components", {})
+    components.pop("securitySchemes", None)
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if isinstance(operation, dict):
+                operation.pop("security", None)

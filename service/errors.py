@@ -13,9 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.inference import ModelNotReady
+from service.admission import BUSY_RETRY_AFTER_SECONDS, ServerBusy
+from service.inference import ModelNotReady, ReloadInProgress
 from service.preprocessing import ImageError
 from service.safe_text import redact
+from service.scheduler import DeadlineExceeded
 
 log = logging.getLogger("pneumoscreen.errors")
 
@@ -41,13 +43,43 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "explain_unavailable": (422, "explain=true, but the bundle (format 1) has no heatmap output."),
     "internal_error": (500, "An unexpected server error; details are in the server log."),
     "model_not_ready": (503, "The model is still loading, or failed to load (see /health)."),
+    # The serving engine (service/admission.py, scheduler.py, http_protocol.py, admin).
+    "server_busy": (503, (
+        "MAX_QUEUE images (or MAX_CONNECTIONS connections) are already in, or no decode "
+        "memory came free within DECODE_BUDGET_WAIT_S; retry after Retry-After seconds."
+    )),
+    "deadline_exceeded": (504, (
+        "Not answered within REQUEST_TIMEOUT_S of the body arriving; "
+        "its queued work was dropped."
+    )),
+    "client_disconnected": (499, (
+        "The client went away before the answer; its queued images "
+        "were dropped (logged and counted only: nobody receives it)."
+    )),
+    "invalid_http": (400, (
+        "Malformed HTTP; answered by the server, never by the app, and the "
+        "connection is closed."
+    )),
+    "request_timeout": (408, (
+        "Headers not in within HEADER_TIMEOUT_S, or the body not within "
+        "BODY_TIMEOUT_S; the connection is closed."
+    )),
+    "headers_too_large": (431, (
+        "The request head is over MAX_HEADER_BYTES, or has more than "
+        "MAX_HEADERS fields."
+    )),
+    "admin_disabled": (403, "Admin routes need API_KEY to be set on the server."),
+    "reload_in_progress": (409, "A model load or reload is already running."),
+    "reload_failed": (422, (
+        "The new bundle could not be loaded or warmed up; the old one keeps "
+        "serving (the reason is in the message and in /health)."
+    )),
     "not_acceptable": (406, "The Accept header names no media type this route answers with."),
     "dicom_input_required": (422, "A DICOM SR (Accept: application/dicom) needs a DICOM input."),
     "dicom_header_incomplete": (
         422, "The DICOM input lacks identifiers a DICOM SR must copy (study, series, instance)."
     ),
     "image_too_complex": (422, "A JPEG with more than MAX_JPEG_SCANS scans."),
-    "server_busy": (503, "No decode memory free within DECODE_BUDGET_WAIT_S; see Retry-After."),
 }
 
 
@@ -92,13 +124,15 @@ def error_response(
     return JSONResponse(error_body(code, message), status_code=status_code, headers=headers)
 
 
-# When to try again after 503 server_busy (the decode memory budget was taken).
-BUSY_RETRY_AFTER_SECONDS = 2
+# When to try again after 503 server_busy because the decode memory budget was taken (a
+# decode takes longer to give its memory back than the model takes to free a queue slot,
+# whose refusal says BUSY_RETRY_AFTER_SECONDS).
+DECODE_BUSY_RETRY_AFTER_SECONDS = 2
 
 
 def image_error(exc: ImageError) -> ApiError:
     status = IMAGE_ERROR_STATUS.get(exc.code, 400)
-    headers = {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)} if status == 503 else None
+    headers = {"Retry-After": str(DECODE_BUSY_RETRY_AFTER_SECONDS)} if status == 503 else None
     return ApiError(status, exc.code, exc.message, headers)
 
 
@@ -135,6 +169,29 @@ async def _model_not_ready(_: Request, exc: Exception) -> JSONResponse:
     return error_response(
         503, "model_not_ready", str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
     )
+
+
+async def _server_busy(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServerBusy)
+    return error_response(
+        503, "server_busy", str(exc), headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)}
+    )
+
+
+async def _deadline_exceeded(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DeadlineExceeded)
+    return error_response(504, "deadline_exceeded", deadline_message(request))
+
+
+def deadline_message(request: Request) -> str:
+    seconds = request.app.state.settings.request_timeout_s
+    return (f"the request was not answered within its deadline ({seconds:g} s after its body "
+            "arrived); its queued work was dropped")
+
+
+async def _reload_in_progress(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ReloadInProgress)
+    return error_response(409, "reload_in_progress", str(exc))
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -181,6 +238,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(ImageError, _image_error)
     app.add_exception_handler(ModelNotReady, _model_not_ready)
+    app.add_exception_handler(ServerBusy, _server_busy)
+    app.add_exception_handler(DeadlineExceeded, _deadline_exceeded)
+    app.add_exception_handler(ReloadInProgress, _reload_in_progress)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -21,9 +21,10 @@ from service.config import Settings
 from service.docs import install_openapi, install_swagger_ui
 from service.errors import install_error_handlers
 from service.inference import ModelRunner
+from service.lifecycle import Lifecycle, install_reload_signal
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
-from service.routes import predict, status, v2
+from service.routes import admin, predict, status, v2
 from service.ui import install_ui
 
 log = logging.getLogger("pneumoscreen")
@@ -69,31 +70,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _configure_logging(settings.log_level)
     allocator.tune()  # large decodes give their memory back (service/allocator.py)
     metrics = Metrics()
-    runner = ModelRunner(settings)
+    runner = ModelRunner(settings, metrics)
+    lifecycle = Lifecycle()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("loading model bundle from %s", settings.model_dir)
         loop = asyncio.get_running_loop()
-
-        def load() -> None:
-            runner.load()
-            if runner.ready and runner.meta is not None:
-                meta = runner.meta
-                metrics.model_info.info({
-                    "name": meta.name,
-                    "version": meta.version,
-                    "sha256": meta.onnx_sha256,
-                    "backbone": meta.backbone,
-                    "providers": ",".join(runner.providers),
-                    "threshold": str(meta.threshold),
-                })
-                metrics.model_ready.set(1)
-
-        app.state.load_task = loop.run_in_executor(runner.executor, load)
+        app.state.load_task = loop.run_in_executor(runner.executor, runner.load)
+        remove_hup = install_reload_signal(loop, lambda: runner.start_reload("sighup"))
         try:
             yield
         finally:
+            remove_hup()
             runner.close()
 
     app = FastAPI(
@@ -110,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.runner = runner
+    app.state.lifecycle = lifecycle
     app.state.limits = settings.decode_limits()
     metrics.model_ready.set(0)
 
@@ -121,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_request_bytes=settings.max_request_bytes,
         known_paths=known_paths,
     )
-    routers = [predict.build_router(settings.max_batch_files), status.router, v2.build_router()]
+    routers = [predict.build_router(settings.max_batch_files), status.router, admin.router,
+               v2.build_router()]
     for router in routers:
         app.include_router(router)
     install_swagger_ui(app)

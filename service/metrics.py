@@ -47,7 +47,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "pneumoscreen_batch_size",
-            "Images per model run (1 for /predict).",
+            "Images per model run (the scheduler merges concurrent requests).",
             buckets=BATCH_BUCKETS,
             registry=r,
         )
@@ -71,6 +71,49 @@ class Metrics:
             "1 when the model is loaded and warmed up, else 0.",
             registry=r,
         )
+        self.queued_images = Gauge(
+            "pneumoscreen_queued_images",
+            "Decoded images waiting for the model (not counting the batch being run).",
+            registry=r,
+        )
+        self.admitted_images = Gauge(
+            "pneumoscreen_admitted_images",
+            "Images admitted and not yet answered (bounded by MAX_QUEUE).",
+            registry=r,
+        )
+        self.dropped_images = Counter(
+            "pneumoscreen_dropped_images",
+            "Queued images never run: their client went away (cancelled) or their "
+            "deadline passed (deadline).",
+            ["reason"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "pneumoscreen_model_reloads",
+            "Model loads and reloads, by trigger (startup, admin, sighup) and outcome.",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+
+    def scheduler_hooks(self) -> SchedulerMetrics:
+        return SchedulerMetrics(self)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SchedulerMetrics:
+    """service.scheduler's hooks, reported as the metrics above."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def model_run(self, batch_size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(batch_size)
+        self.metrics.inference.observe(seconds)
+
+    def dropped(self, reason: str, images: int) -> None:
+        self.metrics.dropped_images.labels(reason).inc(images)
+
+    def queue_depth(self, images: int) -> None:
+        self.metrics.queued_images.set(images)

@@ -156,6 +156,21 @@ class BatchResponse(BaseModel):
     inference_ms: float = Field(description="Time spent running the model on the batch.")
 
 
+class ReloadReport(BaseModel):
+    """The last model load or reload: what triggered it, whether it worked, what serves."""
+
+    ok: bool = Field(description="Whether the new bundle was loaded, warmed up and switched to.")
+    trigger: Literal["startup", "admin", "sighup"] = Field(
+        description="startup, POST /admin/reload (admin) or a SIGHUP to the server (sighup)."
+    )
+    finished_at: datetime
+    duration_ms: float = Field(description="Time to read, verify, load and warm up the bundle.")
+    serving: ModelRefWithHash | None = Field(
+        None, description="The bundle serving after the attempt (the old one when it failed)."
+    )
+    error: str | None = Field(None, description="Why the new bundle was not switched to.")
+
+
 class HealthResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -171,12 +186,15 @@ class HealthResponse(BaseModel):
         }
     )
 
-    status: Literal["ok", "loading", "failed"]
+    status: Literal["ok", "loading", "failed", "draining"]
     model: ModelRefWithHash | None = None
     providers: list[str] = Field(
         default_factory=list, description="onnxruntime execution providers in use."
     )
     error: ErrorDetail | None = Field(None, description="Why the model is not ready.")
+    last_reload: ReloadReport | None = Field(
+        None, description="The last model load or reload (startup, admin or SIGHUP)."
+    )
     gate: Literal["on", "off", "unavailable"] | None = Field(
         None, description="The input gate: on, off (GATE_ENABLED=false) or unavailable "
         "(a format 1 bundle has none).")
@@ -207,6 +225,9 @@ class ModelInfo(BaseModel):
     tool_versions: dict[str, str] = Field(default_factory=dict)
     intended_use: str
     providers: list[str] = Field(default_factory=list)
+    last_reload: ReloadReport | None = Field(
+        None, description="The last model load or reload (startup, admin or SIGHUP)."
+    )
     site_calibration: dict[str, Any] | None = Field(
         None, description="How `pneumoscreen calibrate` re-chose the threshold on a site's "
         "own X-rays (docs/site-calibration.md); null for a bundle as exported.")

@@ -40,3 +40,23 @@ async def require_api_key(
             f"a valid API key is required in the {API_KEY_HEADER} header",
             headers={"WWW-Authenticate": API_KEY_HEADER},
         )
+
+
+async def require_admin_key(
+    request: Request, given: str | None = Security(api_key_scheme)
+) -> None:
+    """Admin routes: always need the key, and are off (403 admin_disabled) without one."""
+    secret = request.app.state.settings.api_key
+    if secret is None:
+        raise ApiError(
+            403,
+            "admin_disabled",
+            "admin routes are disabled: set API_KEY on the server to use them",
+        )
+    if not key_matches(given, secret.get_secret_value()):
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"a valid API key is required in the {API_KEY_HEADER} header",
+            headers={"WWW-Authenticate": API_KEY_HEADER},
+        )

@@ -33,7 +33,12 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GRID = 8
 
 
-def make_tiny_onnx(path: Path, size: int = 64, n_labels: int = 2) -> None:
+def make_tiny_onnx(
+    path: Path, size: int = 64, n_labels: int = 2, slow_matmuls: int = 0
+) -> None:
+    """`slow_matmuls` > 0 adds a side chain of that many 512x512 matrix products, whose
+    result enters the output multiplied by zero: each model call then costs real compute
+    (about the same per call whatever the batch size) and the outputs do not change."""
     weights, bias = _readout(n_labels)
     nodes = [
         helper.make_node("Cast", [INPUT_NAME], ["as_float"], to=TensorProto.FLOAT),
@@ -44,18 +49,41 @@ def make_tiny_onnx(path: Path, size: int = 64, n_labels: int = 2) -> None:
         helper.make_node("Add", ["logits_nobias", "bias"], ["logits"]),
         helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=-1),
     ]
+    initializer = [
+        numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
+        numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "axes"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "unsq_axes"),
+        numpy_helper.from_array(weights, "weights"),
+        numpy_helper.from_array(bias, "bias"),
+    ]
+    if slow_matmuls > 0:
+        # The chain starts from the input (mean brightness of the batch), so onnxruntime
+        # cannot fold it into a constant at load time. Rows of `mix` sum to 1, so the
+        # values stay bounded and `* 0` is exactly 0.
+        nodes[-2:] = [helper.make_node("Add", ["logits_nobias", "bias"], ["logits_plain"])]
+        nodes += [
+            helper.make_node("ReduceMean", ["mean"], ["batch_mean"], keepdims=0),
+            helper.make_node("Mul", ["mix", "batch_mean"], ["side_0"]),
+        ]
+        for step in range(slow_matmuls):
+            nodes.append(helper.make_node("MatMul", [f"side_{step}", "mix"],
+                                          [f"side_{step + 1}"]))
+        nodes += [
+            helper.make_node("ReduceSum", [f"side_{slow_matmuls}"], ["side_sum"], keepdims=0),
+            helper.make_node("Mul", ["side_sum", "zero"], ["side_zero"]),
+            helper.make_node("Add", ["logits_plain", "side_zero"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=-1),
+        ]
+        initializer += [
+            numpy_helper.from_array(np.full((512, 512), 1 / 512, dtype=np.float32), "mix"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        ]
     graph = helper.make_graph(
         nodes,
         "tiny-brightness",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["batch", size, size, 3])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", n_labels])],
-        initializer=[
-            numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
-            numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "axes"),
-            numpy_helper.from_array(np.array([1], dtype=np.int64), "unsq_axes"),
-            numpy_helper.from_array(weights, "weights"),
-            numpy_helper.from_array(bias, "bias"),
-        ],
+        initializer=initializer,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
@@ -68,14 +96,17 @@ def make_tiny_bundle(
     size: int = 64,
     labels: tuple[str, ...] = ("NORMAL", "PNEUMONIA"),
     threshold: float = 0.5,
+    name: str = "tiny-test-model",
+    version: str = "0.0.1",
+    slow_matmuls: int = 0,
 ) -> BundleMeta:
     directory.mkdir(parents=True, exist_ok=True)
     onnx_path = directory / "model.onnx"
-    make_tiny_onnx(onnx_path, size=size, n_labels=len(labels))
+    make_tiny_onnx(onnx_path, size=size, n_labels=len(labels), slow_matmuls=slow_matmuls)
     positives = [label for label in labels if label != "NORMAL"]
     meta = BundleMeta(
-        name="tiny-test-model",
-        version="0.0.1",
+        name=name,
+        version=version,
         labels=list(labels),
         positive_label="PNEUMONIA",
         positive_labels=positives,
@@ -168,7 +199,9 @@ def fixture_inputs(size: int, folder: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_tiny_gated_bundle(directory: Path, size: int = 64, threshold: float = 0.5,
-                           target_acceptance: float = 0.995) -> BundleMeta:
+                           target_acceptance: float = 0.995,
+                           name: str = "tiny-gated-test-model",
+                           version: str = "0.0.2") -> BundleMeta:
     """A format 2 bundle whose gate was fitted on the fixture X-rays' tiny features:
     classes and rotations on fixtures/chest_xray/train, thresholds on .../val."""
     import onnxruntime as ort
@@ -185,8 +218,8 @@ def make_tiny_gated_bundle(directory: Path, size: int = 64, threshold: float = 0
                            ["NORMAL", "PNEUMONIA"], val, target_acceptance)
     stats.save(directory / GATE_FILE)
     meta = BundleMeta(
-        name="tiny-gated-test-model",
-        version="0.0.2",
+        name=name,
+        version=version,
         labels=["NORMAL", "PNEUMONIA"],
         positive_label="PNEUMONIA",
         positive_labels=["PNEUMONIA"],

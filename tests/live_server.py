@@ -3,6 +3,10 @@
     with live_server(bundle_dir, env={"API_KEY": "secret"}) as server:
         httpx.get(f"{server.base_url}/health")
 
+With `cli=True` the server is `python -m service.cli serve` instead (what `pneumoscreen
+serve` runs: uvicorn with the HTTP budgets of service/http_protocol.py and the SIGTERM
+drain of service/server.py).
+
 The server gets a free port on 127.0.0.1, MODEL_DIR and the given environment. On entry
 the helper waits until the liveness route answers (and, with `wait_ready`, until /health
 is 200); on exit it stops the process. When start-up fails, the server's log is printed
@@ -95,13 +99,19 @@ def live_server(
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
     timeout: float = 60.0,
+    cli: bool = False,
 ) -> Iterator[LiveServer]:
-    """Start `uvicorn service.main:create_app --factory` on a free port; stop it on exit."""
+    """Start `uvicorn service.main:create_app --factory` (or, with `cli`, `pneumoscreen
+    serve`) on a free port; stop it on exit."""
     port = free_port()
     child_env = dict(os.environ)
     # Settings from the developer's shell must not leak into tests.
     for name in ("API_KEY", "PROVIDERS", "MAX_FILE_BYTES", "MAX_REQUEST_BYTES",
                  "MAX_BATCH_FILES", "MAX_PIXELS", "MIN_IMAGE_SIDE", "ALLOWED_TYPES",
+                 "MAX_QUEUE", "MAX_BATCH_SIZE", "MAX_BATCH_WAIT_MS", "REQUEST_TIMEOUT_S",
+                 "DRAIN_TIMEOUT_S", "MAX_HEADER_BYTES", "MAX_HEADERS", "HEADER_TIMEOUT_S",
+                 "BODY_TIMEOUT_S", "KEEP_ALIVE_TIMEOUT_S", "MAX_CONNECTIONS", "HOST", "PORT",
+                 "WORKERS", "INFERENCE_THREADS", "INTRA_OP_THREADS",
                  "MAX_DECODED_BYTES", "MAX_JPEG_SCANS", "DECODE_MEMORY_BUDGET_BYTES",
                  "DECODE_BUDGET_WAIT_S", "GATE_ENABLED"):
         child_env.pop(name, None)
@@ -116,11 +126,15 @@ def live_server(
     log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in finally
         prefix=f"pneumoscreen-{port}-", suffix=".log", delete=False
     )
-    command = [
-        sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
-        "--no-access-log",  # as `pneumoscreen serve`: the app logs each request itself
-    ]
+    if cli:
+        command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+                   "--port", str(port), "--log-level", "info"]
+    else:
+        command = [
+            sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
+            "--no-access-log",  # as `pneumoscreen serve`: the app logs each request itself
+        ]
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=child_env, stdout=log_file, stderr=subprocess.STDOUT
     )

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.bundle import BundleMeta
+from service.deadline import bounded, deadline_from_now
 from service.errors import ERROR_CODES, ApiError, image_error
 from service.gate import GATE_CODES, GateRefusal
-from service.inference import ModelRunner
+from service.inference import LoadedModel, ModelOutput, ModelRunner
 from service.preprocessing import ImageError, sniff_format
 from service.reports import responses as reports
 from service.reports.items import ReportItem
@@ -87,17 +90,54 @@ def _multipart_body(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def admitted(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Admission control around a predict route, before its body is read: 503
+    model_not_ready, or 503 server_busy when MAX_QUEUE images are in (service.admission).
+
+    For the whole request it pins the model serving now (`request.state.model`: a hot
+    reload cannot change it halfway, and its gate judges what it scored) and holds the
+    admission ticket (`request.state.ticket`; a batch grows it to its file count).
+    """
+
+    @functools.wraps(handler)
+    async def route(request: Request, *args: Any, **kwargs: Any) -> Any:
+        runner: ModelRunner = request.app.state.runner
+        request.state.model = runner.require_model()
+        with runner.admission.enter() as ticket:
+            request.state.ticket = ticket
+            return await handler(request, *args, **kwargs)
+
+    return route
+
+
+def _model(request: Request) -> LoadedModel:
+    """The model pinned by `admitted` (the one serving now for a route without it)."""
+    model: LoadedModel | None = getattr(request.state, "model", None)
+    if model is None:
+        model = request.state.model = request.app.state.runner.require_model()
+    return model
+
+
+def _deadline(request: Request) -> float:
+    """The request's deadline, set once its body is in (REQUEST_TIMEOUT_S)."""
+    deadline: float | None = getattr(request.state, "deadline", None)
+    if deadline is None:
+        deadline = request.state.deadline = deadline_from_now(request)
+    return deadline
+
+
 async def _decode(request: Request, runner: ModelRunner, data: bytes,
                   explain: bool = False) -> Prepared:
     """The model input, the gate's image facts, and the DICOM header (no pixels; None for
-    JPEG/PNG) for reports."""
-    meta = runner.require_ready()
+    JPEG/PNG) for reports, for the model pinned by the request."""
+    model = _model(request)
+    meta = model.meta
     limits = request.app.state.limits
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     try:
         return await loop.run_in_executor(
-            runner.executor, prepare, data, meta, limits, runner.gate, explain
+            runner.executor, prepare, data, meta, limits, model.gate, explain
         )
     except (ImageError, GateRefusal) as exc:
         # Size, sniffed format and code only: never the bytes, the filename or DICOM tags.
@@ -110,27 +150,29 @@ async def _decode(request: Request, runner: ModelRunner, data: bytes,
         request.app.state.metrics.decode.observe(time.perf_counter() - started)
 
 
-def _run_and_judge(runner: ModelRunner, prepared: list[Prepared],
-                   explain: bool) -> tuple[list[Judged], float]:
-    """Blocking: one model run for all images, then the gate and heatmaps per image."""
-    meta = runner.require_ready()
-    started = time.perf_counter()
-    outputs = runner.predict_outputs([item.model_input for item in prepared])
-    elapsed = time.perf_counter() - started
-    judged = [judge(meta, runner.gate, row, item, explain)
-              for row, item in zip(outputs, prepared, strict=True)]
-    return judged, elapsed
+def _judge_all(outputs: list[ModelOutput], prepared: list[Prepared],
+               explain: bool) -> list[Judged]:
+    """Blocking: each image judged by the gate of the bundle that produced its outputs."""
+    return [judge(output.meta, output.gate, output.outputs, item, explain)
+            for output, item in zip(outputs, prepared, strict=True)]
 
 
 async def _infer(
     request: Request, runner: ModelRunner, prepared: list[Prepared], explain: bool = False
 ) -> tuple[list[Judged], float]:
+    """The judged results of `prepared` (the gate, the score, heatmaps) and the model time
+    spent on them in ms: the runs (batches) they were part of, each counted once, shared
+    with the other requests in those runs. The model runs through the scheduler; each
+    image is judged by the gate of the bundle that produced its outputs."""
     metrics = request.app.state.metrics
-    loop = asyncio.get_running_loop()
-    judged, elapsed = await loop.run_in_executor(
-        runner.executor, _run_and_judge, runner, prepared, explain)
-    metrics.inference.observe(elapsed)
-    metrics.batch_size.observe(len(prepared))
+    outputs = await runner.predict(
+        [item.model_input for item in prepared], deadline=_deadline(request),
+        model=_model(request),
+    )
+    # The gate and heatmaps (PNG encoding) cost CPU: off the event loop, like decoding.
+    judged = await asyncio.get_running_loop().run_in_executor(
+        runner.executor, _judge_all, outputs, prepared, explain
+    )
     for item in judged:
         if item.refusal is not None:
             log.info('{"event": "image_rejected", "code": "%s"}', item.refusal.code)
@@ -139,7 +181,7 @@ async def _infer(
         metrics.images.labels(item.scored.label).inc()
         if item.scored.screen_positive:
             metrics.screen_positive.inc()
-    return judged, elapsed * 1000
+    return judged, sum({output.run_id: output.run_ms for output in outputs}.values())
 
 
 def _error_of(item: Upload) -> ApiError:
@@ -160,7 +202,7 @@ def _result_fields(result: Judged, meta: BundleMeta) -> dict[str, Any]:
 
 async def predict(request: Request, explain: bool = _EXPLAIN) -> Prediction | Response:
     runner: ModelRunner = request.app.state.runner
-    meta = runner.require_ready()  # before reading the body: 503 model_not_ready
+    meta = _model(request).meta  # pinned by admitted(), which answered 503 if not ready
     answer = reports.negotiate(request, reports.SINGLE_OFFERS)  # 406 before the body too
     if explain and not meta.has_explain_outputs:
         raise explain_unavailable(meta)
@@ -182,16 +224,18 @@ async def predict(request: Request, explain: bool = _EXPLAIN) -> Prediction | Re
     assert upload.data is not None
     if reports.wants_dicom(answer) and (error := reports.dicom_input_required(upload.data)):
         raise error
+    request.state.deadline = deadline_from_now(request)
     try:
-        image = await _decode(request, runner, upload.data, explain)
+        image = await bounded(request, _decode(request, runner, upload.data, explain))
     except ImageError as exc:
         metrics.image_errors.labels(exc.code).inc()
         raise image_error(exc) from None
     except ApiError as exc:
-        metrics.image_errors.labels(exc.code).inc()
+        if exc.code not in ("deadline_exceeded", "client_disconnected"):
+            metrics.image_errors.labels(exc.code).inc()
         raise
-    (result,), inference_ms = await _infer(request, runner, [image], explain)
-    meta = runner.require_ready()
+    (result,), inference_ms = await bounded(request, _infer(request, runner, [image], explain))
+    meta = _model(request).meta
     if result.refusal is not None:
         metrics.image_errors.labels(result.refusal.code).inc()
         raise refusal_error(result.refusal)
@@ -207,7 +251,7 @@ async def predict(request: Request, explain: bool = _EXPLAIN) -> Prediction | Re
 
 async def predict_batch(request: Request, explain: bool = _EXPLAIN) -> BatchResponse | Response:
     runner: ModelRunner = request.app.state.runner
-    meta = runner.require_ready()  # before reading the body: 503 model_not_ready
+    meta = _model(request).meta  # pinned by admitted(), which answered 503 if not ready
     answer = reports.negotiate(request, reports.BATCH_OFFERS)  # 406 before the body too
     if explain and not meta.has_explain_outputs:
         raise explain_unavailable(meta)
@@ -222,9 +266,11 @@ async def predict_batch(request: Request, explain: bool = _EXPLAIN) -> BatchResp
                 422, "missing_file",
                 "send the images as multipart/form-data, repeating the field 'files'",
             )
+        request.state.ticket.grow(len(uploads))
         read = [await read_upload(item, settings.max_file_bytes) for item in uploads]
     finally:
         await form.close()
+    request.state.deadline = deadline_from_now(request)
 
     async def decode_one(data: bytes) -> Prepared | ApiError:
         if reports.wants_dicom(answer) and (error := reports.dicom_input_required(data)):
@@ -237,14 +283,16 @@ async def predict_batch(request: Request, explain: bool = _EXPLAIN) -> BatchResp
             return exc
 
     pending = [decode_one(item.data) for item in read if item.data is not None]
-    decoded = iter(await asyncio.gather(*pending))
+    decoded = iter(await bounded(request, asyncio.gather(*pending)))
     outcomes: list[Prepared | ApiError] = [
         next(decoded) if item.data is not None else _error_of(item) for item in read
     ]
     images = [outcome for outcome in outcomes if isinstance(outcome, Prepared)]
-    scored, inference_ms = (await _infer(request, runner, images, explain) if images
-                            else ([], 0.0))
-    meta = runner.require_ready()
+    scored, inference_ms = (
+        await bounded(request, _infer(request, runner, images, explain)) if images
+        else ([], 0.0)
+    )
+    meta = _model(request).meta
     scores = iter(scored)
     results: list[BatchItem] = []
     report_items: list[ReportItem] = []
@@ -280,7 +328,7 @@ def build_router(max_batch_files: int) -> APIRouter:
     router = APIRouter(tags=["prediction"], dependencies=[Depends(require_api_key)])
     router.add_api_route(
         "/predict",
-        predict,
+        admitted(predict),
         methods=["POST"],
         response_model=Prediction,
         response_model_exclude_none=True,
@@ -293,20 +341,21 @@ def build_router(max_batch_files: int) -> APIRouter:
             "file_too_large", "request_too_large", "too_many_files", "image_too_large",
             "unsupported_media_type", "missing_file", "image_too_small", "model_not_ready",
             "not_acceptable", "dicom_input_required", "dicom_header_incomplete",
-            *GATE_CODES, "explain_unavailable",
+            *GATE_CODES, "explain_unavailable", "server_busy", "deadline_exceeded",
         )},
     )
     router.add_api_route(
         "/predict/batch",
-        predict_batch,
+        admitted(predict_batch),
         methods=["POST"],
         response_model=BatchResponse,
         response_model_exclude_none=True,
         summary="Screen several chest X-rays in one request",
         description=f"Upload 1 to {max_batch_files} radiographs as multipart/form-data, "
         "repeating the field `files`. Results come back in request order; a file that "
-        "cannot be read gets an `error` entry and does not fail the others. All readable "
-        "images run through the model as one batch. A screening aid, not a diagnosis. "
+        "cannot be read gets an `error` entry and does not fail the others. The readable "
+        "images go to the model together (the scheduler may merge them with other "
+        "requests' images). A screening aid, not a diagnosis. "
         + _GATE_NOTE + " In a batch a refused image is that entry's `error`.",
         openapi_extra=_multipart_body("files", {
             "type": "array",
@@ -319,6 +368,7 @@ def build_router(max_batch_files: int) -> APIRouter:
         responses={**reports.openapi_responses(batch=True), **_errors(
             "invalid_multipart", "unauthorized", "request_too_large", "too_many_files",
             "missing_file", "model_not_ready", "not_acceptable", "explain_unavailable",
+            "server_busy", "deadline_exceeded",
         )},
     )
     return router

@@ -6,18 +6,37 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.errors import ERROR_CODES, RETRY_AFTER_SECONDS
-from service.gate import unavailable_card
-from service.inference import ModelRunner
+from service.gate import InputGate, unavailable_card
+from service.inference import LoadedModel, ModelRunner, ReloadOutcome
+from service.lifecycle import Lifecycle
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
+    ErrorDetail,
     ErrorResponse,
     HealthResponse,
     LivenessResponse,
     ModelInfo,
     ModelRefWithHash,
+    ReloadReport,
 )
 
 router = APIRouter(tags=["operations"])
+
+
+def reload_report(outcome: ReloadOutcome | None) -> ReloadReport | None:
+    if outcome is None:
+        return None
+    serving = outcome.serving
+    return ReloadReport(
+        ok=outcome.ok,
+        trigger=outcome.trigger,  # type: ignore[arg-type]
+        finished_at=outcome.finished_at,
+        duration_ms=round(outcome.duration_ms, 1),
+        serving=ModelRefWithHash(
+            name=serving.name, version=serving.version, sha256=serving.onnx_sha256
+        ) if serving is not None else None,
+        error=outcome.error,
+    )
 
 
 @router.get(
@@ -37,8 +56,9 @@ async def livez() -> LivenessResponse:
     responses={
         503: {
             "model": HealthResponse,
-            "description": "The model is still loading (`status: loading`) or failed to "
-            "load (`status: failed`, with the reason in `error`).",
+            "description": "The model is still loading (`status: loading`), failed to "
+            "load (`status: failed`, with the reason in `error`), or the server is shutting "
+            "down (`status: draining`: in-flight requests finish, send new ones elsewhere).",
             "content": {"application/json": {"example": {
                 "status": "failed",
                 "providers": [],
@@ -53,14 +73,29 @@ async def livez() -> LivenessResponse:
 )
 async def health(request: Request) -> HealthResponse | JSONResponse:
     runner: ModelRunner = request.app.state.runner
-    if runner.ready and runner.meta is not None:
-        meta = runner.meta
-        return HealthResponse(
-            status="ok",
-            model=ModelRefWithHash(name=meta.name, version=meta.version, sha256=meta.onnx_sha256),
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    serving = runner.model  # one snapshot: a reload may swap the model meanwhile
+    meta = serving.meta if serving is not None else None
+    model = ModelRefWithHash(
+        name=meta.name, version=meta.version, sha256=meta.onnx_sha256
+    ) if meta is not None else None
+    last_reload = reload_report(runner.last_reload)
+    if lifecycle.draining:
+        body = HealthResponse(
+            status="draining",
+            model=model,
             providers=runner.providers,
-            gate=_gate_status(runner),
-            heatmaps="available" if meta.has_explain_outputs else "unavailable",
+            error=ErrorDetail(code="draining", message="the server is shutting down; "
+                              "requests in flight are finishing, send new ones elsewhere"),
+            last_reload=last_reload,
+            **_gate_fields(serving),
+        )
+        return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if runner.ready and model is not None:
+        return HealthResponse(
+            status="ok", model=model, providers=runner.providers, last_reload=last_reload,
+            **_gate_fields(serving),
         )
     if runner.state == "failed":
         body = {
@@ -74,6 +109,8 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
             "providers": [],
             "error": {"code": "model_loading", "message": "the model is still loading"},
         }
+    if last_reload is not None:
+        body["last_reload"] = last_reload.model_dump(mode="json", exclude_none=True)
     return JSONResponse(
         body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
     )
@@ -87,21 +124,31 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
 )
 async def model_info(request: Request) -> ModelInfo:
     runner: ModelRunner = request.app.state.runner
-    meta = runner.require_ready()
+    model = runner.require_model()
+    meta = model.meta
     shared = set(ModelInfo.model_fields) & set(type(meta).model_fields) - {"gate"}
     return ModelInfo(
         **meta.model_dump(include=shared),
         sha256=meta.onnx_sha256,
-        providers=runner.providers,
-        gate=runner.gate.card() if runner.gate is not None else unavailable_card(meta),
+        providers=list(model.providers),
+        last_reload=reload_report(runner.last_reload),
+        gate=model.gate.card() if model.gate is not None else unavailable_card(meta),
         heatmaps="available" if meta.has_explain_outputs else "unavailable",
     )
 
 
-def _gate_status(runner: ModelRunner) -> str:
-    if runner.gate is None:
+def _gate_status(gate: InputGate | None) -> str:
+    if gate is None:
         return "unavailable"
-    return "on" if runner.gate.enabled else "off"
+    return "on" if gate.enabled else "off"
+
+
+def _gate_fields(model: LoadedModel | None) -> dict[str, str]:
+    """/health's account of the serving bundle's gate and heatmaps (none before a load)."""
+    if model is None:
+        return {}
+    return {"gate": _gate_status(model.gate),
+            "heatmaps": "available" if model.meta.has_explain_outputs else "unavailable"}
 
 
 @router.get(

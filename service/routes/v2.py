@@ -28,11 +28,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import open_inference as oip
+from service.admission import BUSY_RETRY_AFTER_SECONDS, ServerBusy
 from service.bundle import BundleMeta
-from service.errors import ERROR_CODES, RETRY_AFTER_SECONDS, ApiError, image_error
+from service.deadline import bounded, deadline_from_now
+from service.errors import (
+    ERROR_CODES,
+    RETRY_AFTER_SECONDS,
+    ApiError,
+    deadline_message,
+    image_error,
+)
 from service.inference import ModelNotReady, ModelRunner
 from service.preprocessing import ImageError
-from service.routes.predict import _decode, _infer
+from service.routes.predict import _decode, _infer, admitted
+from service.scheduler import DeadlineExceeded
 from service.screening import refusal_error
 from service.security import require_api_key
 
@@ -46,7 +55,7 @@ def protocol_error(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _as_protocol_error(exc: Exception) -> Response | None:
+def _as_protocol_error(request: Request, exc: Exception) -> Response | None:
     """Our exceptions in the protocol's error shape; None for a server bug."""
     if isinstance(exc, oip.ProtocolError):
         return protocol_error(exc.status, exc.message)
@@ -57,6 +66,10 @@ def _as_protocol_error(exc: Exception) -> Response | None:
         return protocol_error(api.status_code, api.message)
     if isinstance(exc, ModelNotReady):
         return protocol_error(503, str(exc), {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, ServerBusy):  # admission (MAX_QUEUE), as on /predict
+        return protocol_error(503, str(exc), {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+    if isinstance(exc, DeadlineExceeded):
+        return protocol_error(504, deadline_message(request))
     if isinstance(exc, StarletteHTTPException):
         return protocol_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
     if isinstance(exc, RequestValidationError):
@@ -74,7 +87,7 @@ class ProtocolRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:  # every error gets the protocol's shape
-                answer = _as_protocol_error(exc)
+                answer = _as_protocol_error(request, exc)
                 if answer is None:
                     log.exception("unexpected error on %s", request.url.path)
                     return protocol_error(500, "unexpected server error; see the server log")
@@ -89,7 +102,8 @@ def _runner(request: Request) -> ModelRunner:
 
 def _model(request: Request, name: str, version: str | None) -> BundleMeta:
     """The served model if `name` (and `version`) are its own: 404 otherwise."""
-    meta = _runner(request).require_ready()
+    pinned = getattr(request.state, "model", None)  # infer: the model admitted() pinned
+    meta = pinned.meta if pinned is not None else _runner(request).require_ready()
     if name != meta.name:
         raise oip.ProtocolError(f"unknown model '{name}'; this server serves '{meta.name}'", 404)
     if version is not None and version != meta.version:
@@ -190,10 +204,12 @@ async def _infer_v2(request: Request, name: str, version: str | None) -> Respons
         max_item_bytes=settings.max_file_bytes,
     )
     request.state.n_files = len(parsed.images)
+    request.state.ticket.grow(len(parsed.images))  # admitted() counted one image so far
+    request.state.deadline = deadline_from_now(request)
     metrics = request.app.state.metrics
-    decoded = await asyncio.gather(
+    decoded = await bounded(request, asyncio.gather(
         *(_decode(request, runner, data) for data in parsed.images), return_exceptions=True
-    )
+    ))
     for index, outcome in enumerate(decoded):
         if isinstance(outcome, ImageError | ApiError):
             api = image_error(outcome) if isinstance(outcome, ImageError) else outcome
@@ -202,7 +218,7 @@ async def _infer_v2(request: Request, name: str, version: str | None) -> Respons
         if isinstance(outcome, BaseException):
             raise outcome
     images = [outcome for outcome in decoded if not isinstance(outcome, BaseException)]
-    judged, _ = await _infer(request, runner, images)
+    judged, _ = await bounded(request, _infer(request, runner, images))
     for index, result in enumerate(judged):
         if result.refusal is not None:  # the input gate: not a chest X-ray, rotated, ...
             metrics.image_errors.labels(result.refusal.code).inc()
@@ -264,7 +280,8 @@ _INFER_ERRORS = _errors(
     (413, "Too many images (MAX_BATCH_FILES), or a file or image too large."),
     (415, "An element is not JPEG, PNG or DICOM (or a Content-Encoding we do not read)."),
     (422, "An image is too small (MIN_IMAGE_SIDE)."),
-    _NOT_READY,
+    (503, f"{ERROR_CODES['model_not_ready'][1]} Or: {ERROR_CODES['server_busy'][1]}"),
+    (504, ERROR_CODES["deadline_exceeded"][1]),
 )
 _INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object"}, "example": {
@@ -297,7 +314,7 @@ def build_router() -> APIRouter:
                              summary="Model ready", responses=_errors(_UNKNOWN_MODEL))
         router.add_api_route(
             base + "/infer",
-            infer,
+            admitted(infer),
             methods=["POST"],
             summary="Infer (JSON or binary tensors)",
             description=_INFER_DESCRIPTION,

@@ -31,6 +31,9 @@ def test_model_card(server: LiveServer, tiny_bundle: Path) -> None:
             assert value == ["CPUExecutionProvider"]
         elif name == "created_at":
             assert value.replace("Z", "+00:00") == card[name].replace("Z", "+00:00")
+        elif name == "last_reload":  # the server's, not the bundle's: the start-up load
+            assert value["ok"] is True and value["trigger"] == "startup"
+            assert value["serving"]["sha256"] == card["onnx_sha256"]
         elif name in ("gate", "heatmaps"):
             # The service's own account: a format 1 bundle has neither.
             assert card["format_version"] == 1
@@ -75,8 +78,9 @@ def test_metrics_count_requests_images_and_batches(server: LiveServer) -> None:
     assert re.search(r'pneumoscreen_model_info\{.*name="tiny-test-model".*\} 1.0', text)
     assert 'providers="CPUExecutionProvider"' in text
     # Unknown paths share one series instead of one each.
+    # (The path is looked for as a label; a bare number could be in a float, 0.0012345...)
     httpx.get(f"{url}/no/such/path/12345")
-    assert "12345" not in httpx.get(f"{url}/metrics").text
+    assert "/no/such/path" not in httpx.get(f"{url}/metrics").text
 
 
 def test_openapi_documents_routes_and_disclaimer(server: LiveServer) -> None:

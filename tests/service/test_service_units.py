@@ -203,10 +203,10 @@ def test_model_not_ready_raised_anywhere_is_a_503_not_a_500(tiny_bundle: Path) -
     runner.load()
     assert runner.ready
 
-    def unloaded(images: list[np.ndarray]) -> list:
+    async def unloaded(images: list[np.ndarray], **_: object) -> list:
         raise ModelNotReady("the model is not ready: unloaded mid-request")
 
-    runner.predict_outputs = unloaded  # type: ignore[method-assign]
+    runner.predict = unloaded  # type: ignore[method-assign]
 
     async def run() -> None:
         async with _client(app) as client:
@@ -230,10 +230,10 @@ def test_unexpected_exception_is_a_json_500_without_traceback(tiny_bundle: Path)
     runner.load()
     assert runner.ready
 
-    def explode(images: list[np.ndarray]) -> list:
+    async def explode(images: list[np.ndarray], **_: object) -> list:
         raise RuntimeError("secret internal detail")
 
-    runner.predict_outputs = explode  # type: ignore[method-assign]
+    runner.predict = explode  # type: ignore[method-assign]
 
     async def run() -> None:
         async with _client(app) as client:
@@ -299,5 +299,29 @@ def test_runner_serves_the_bundle_it_verified(tiny_bundle: Path) -> None:
         assert runner.state == "ready" and runner.error is None
         assert runner.require_ready() == read_bundle(tiny_bundle, verify=True)
         assert runner.providers == [CPU]
+    finally:
+        runner.close()
+
+
+def test_every_error_code_is_in_the_docs_table_with_its_status() -> None:
+    from service.errors import ERROR_CODES
+
+    text = (REPO / "docs/api.md").read_text()
+    documented = {code: int(status) for status, code in
+                  re.findall(r"^\| (\d{3})\s+\| `([a-z_]+)`", text, re.MULTILINE)}
+    assert documented  # the table is there
+    for code, (status, _) in ERROR_CODES.items():
+        assert documented.get(code) == status, f"docs/api.md: {code} should be {status}"
+
+
+def test_scheduler_settings_reach_the_runner(tiny_bundle: Path) -> None:
+    settings = Settings(model_dir=tiny_bundle, max_queue=7, max_batch_size=3,
+                        max_batch_wait_ms=2.5, inference_threads=2)
+    runner = ModelRunner(settings)
+    try:
+        assert runner.admission.max_images == 7
+        assert runner.scheduler.max_batch_size == 3
+        assert runner.scheduler.max_wait_s == pytest.approx(0.0025)
+        assert runner.executor._max_workers == 2
     finally:
         runner.close()

@@ -250,3 +250,37 @@ def test_gzip_bomb_is_refused(tiny_bundle: Path) -> None:
                               headers={"Content-Encoding": "gzip"}, timeout=30)
         assert response.status_code == 413
         assert "decompressed body" in response.json()["error"]
+
+
+def test_infer_goes_through_admission(tiny_bundle: Path) -> None:
+    """v2 infer is admitted like /predict: with MAX_QUEUE images in, 503 at once, in the
+    protocol's error shape, with Retry-After; admitted again once they are out."""
+    import asyncio
+
+    from service.config import Settings
+    from service.main import create_app
+
+    app = create_app(Settings(model_dir=tiny_bundle, providers="cpu", max_queue=2))
+    runner = app.state.runner
+    runner.load()
+    name = runner.meta.name
+    data = base64.b64encode(SMALL[0].read_bytes()).decode()
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [data]}]}
+
+    async def run() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            with runner.admission.enter() as ticket:
+                ticket.grow(2)  # MAX_QUEUE images in
+                busy = await client.post(f"/v2/models/{name}/infer", json=body)
+            served = await client.post(f"/v2/models/{name}/infer", json=body)
+            return busy, served
+
+    try:
+        busy, served = asyncio.run(run())
+    finally:
+        runner.close()
+    assert busy.status_code == 503, busy.text
+    assert "busy" in busy.json()["error"] and busy.headers["retry-after"] == "1"
+    assert served.status_code == 200, served.text
+    assert runner.admission.in_flight == 0

@@ -1,0 +1,262 @@
+"""The batching scheduler and admission control, in process.
+
+The model is the tiny ONNX bundle (real onnxruntime) where outputs matter; where the test
+is about the queue itself, a gate model holds the scheduler thread on purpose so the queue
+builds up deterministically (no sleeps, no timing)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import CancelledError
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.admission import Admission, ServerBusy
+from service.config import Settings
+from service.inference import ModelRunner
+from service.scheduler import BatchScheduler, DeadlineExceeded, SchedulerClosed, run_sync
+
+
+class GateModel:
+    """Records each batch it runs; blocks in run() until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.batches: list[list[int]] = []
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.started.set()
+        assert self.release.wait(30), "the test never released the gate"
+        self.batches.append([int(image[0, 0, 0]) for image in batch])
+        return {"probabilities": batch[:, 0, 0, :2].astype(np.float32),
+                "features": batch.reshape(len(batch), -1)[:, :4].astype(np.float32)}
+
+
+def _image(value: int, size: int = 8) -> np.ndarray:
+    return np.full((size, size, 3), value, dtype=np.uint8)
+
+
+def _hold(scheduler: BatchScheduler, model: GateModel) -> None:
+    """Put one job in the model and wait until the scheduler thread is inside it."""
+    scheduler.submit(model, [_image(0)])
+    assert model.started.wait(30)
+
+
+def test_concurrent_jobs_merge_into_one_batch_in_order() -> None:
+    model = GateModel()
+    scheduler = BatchScheduler(max_batch_size=8)
+    try:
+        _hold(scheduler, model)
+        futures = [scheduler.submit(model, [_image(v)])[0] for v in (1, 2, 3)]
+        futures += scheduler.submit(model, [_image(4), _image(5)])
+        model.release.set()
+        results = [future.result(30) for future in futures]
+    finally:
+        scheduler.close()
+    assert model.batches == [[0], [1, 2, 3, 4, 5]]
+    assert {r.run_id for r in results} == {2} and {r.batch_size for r in results} == {5}
+    # Every output of the graph comes back per image, not just probabilities.
+    assert [r.outputs[0]["features"][0] for r in results] == [1, 2, 3, 4]
+    assert [o["probabilities"][0] for o in results[3].outputs] == [4, 5]
+
+
+def test_batches_never_exceed_max_batch_size_and_big_jobs_are_split() -> None:
+    model = GateModel()
+    scheduler = BatchScheduler(max_batch_size=3)
+    try:
+        _hold(scheduler, model)
+        futures = scheduler.submit(model, [_image(v) for v in range(1, 8)])
+        assert len(futures) == 3  # 3 + 3 + 1
+        model.release.set()
+        outputs = [o for future in futures for o in future.result(30).outputs]
+    finally:
+        scheduler.close()
+    assert [int(o["features"][0]) for o in outputs] == list(range(1, 8))
+    assert all(len(batch) <= 3 for batch in model.batches)
+
+
+def test_cancelled_jobs_are_dropped_and_never_run() -> None:
+    dropped: list[tuple[str, int]] = []
+
+    class Hooks:
+        def model_run(self, batch_size: int, seconds: float) -> None:
+            pass
+
+        def dropped(self, reason: str, images: int) -> None:
+            dropped.append((reason, images))
+
+        def queue_depth(self, images: int) -> None:
+            pass
+
+    model = GateModel()
+    scheduler = BatchScheduler(max_batch_size=1, hooks=Hooks())
+    try:
+        _hold(scheduler, model)
+        keep = scheduler.submit(model, [_image(1)])[0]
+        gone = scheduler.submit(model, [_image(2), _image(3)])  # max 1: two jobs
+        for future in gone:
+            assert future.cancel()
+        model.release.set()
+        assert keep.result(30).outputs[0]["features"][0] == 1
+        run_sync(scheduler, model, [_image(9)], timeout=30)  # the queue is past them now
+    finally:
+        scheduler.close()
+    assert model.batches == [[0], [1], [9]]
+    assert dropped == [("cancelled", 1), ("cancelled", 1)]
+    for future in gone:
+        with pytest.raises(CancelledError):
+            future.result(0)
+
+
+def test_jobs_past_their_deadline_are_dropped_with_deadline_exceeded() -> None:
+    model = GateModel()
+    scheduler = BatchScheduler(max_batch_size=4)
+    try:
+        _hold(scheduler, model)
+        late = scheduler.submit(model, [_image(1)], deadline=time.monotonic() - 1)[0]
+        on_time = scheduler.submit(model, [_image(2)], deadline=time.monotonic() + 300)[0]
+        model.release.set()
+        with pytest.raises(DeadlineExceeded):
+            late.result(30)
+        assert on_time.result(30).outputs[0]["features"][0] == 2
+    finally:
+        scheduler.close()
+    assert model.batches == [[0], [2]]
+
+
+def test_a_batch_holds_one_model_only() -> None:
+    first, second = GateModel(), GateModel()
+    second.release.set()
+    scheduler = BatchScheduler(max_batch_size=8)
+    try:
+        _hold(scheduler, first)
+        futures = [scheduler.submit(model, [_image(v)])[0]
+                   for model, v in ((first, 1), (second, 2), (second, 3), (first, 4))]
+        first.release.set()
+        for future in futures:
+            future.result(30)
+    finally:
+        scheduler.close()
+    assert first.batches == [[0], [1], [4]]
+    assert second.batches == [[2, 3]]
+
+
+def test_max_wait_lets_a_batch_fill() -> None:
+    class Counting:
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+
+        def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+            self.batches.append(len(batch))
+            return {"probabilities": batch[:, 0, 0, :2].astype(np.float32)}
+
+    model = Counting()
+    # A long wait; the batch is full (4) long before it ends, and runs at once then.
+    scheduler = BatchScheduler(max_batch_size=4, max_wait_s=60)
+    try:
+        futures = [scheduler.submit(model, [_image(v)])[0] for v in range(4)]
+        for future in futures:
+            future.result(30)
+    finally:
+        scheduler.close()
+    assert model.batches == [4]
+
+
+def test_close_fails_what_is_queued() -> None:
+    model = GateModel()
+    scheduler = BatchScheduler(max_batch_size=1)
+    _hold(scheduler, model)
+    queued = scheduler.submit(model, [_image(1)])[0]
+    threading.Timer(0.2, model.release.set).start()
+    scheduler.close()
+    with pytest.raises(SchedulerClosed):
+        queued.result(30)
+    with pytest.raises(SchedulerClosed):
+        scheduler.submit(model, [_image(2)])
+
+
+def test_runner_results_equal_unbatched_onnxruntime(tiny_bundle: Path) -> None:
+    """Merged into batches by the scheduler, every image gets exactly the outputs it gets
+    alone (batch of 1, straight from onnxruntime)."""
+    runner = ModelRunner(Settings(model_dir=tiny_bundle, providers="cpu", max_batch_size=16))
+    runner.load()
+    assert runner.ready, runner.error
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(24)]
+    try:
+        async def all_at_once() -> list:
+            return await asyncio.gather(*(runner.predict([image]) for image in images))
+
+        batched = [outputs[0] for outputs in asyncio.run(all_at_once())]
+        model = runner.require_model()
+        alone = [model.run(image[None]) for image in images]
+    finally:
+        runner.close()
+    assert max(output.batch_size for output in batched) > 1, "nothing was merged"
+    for output, reference in zip(batched, alone, strict=True):
+        assert set(output.outputs) == set(reference)
+        for name, value in reference.items():
+            assert np.array_equal(output.outputs[name], value[0]), name
+        assert output.meta.name == "tiny-test-model"
+
+
+def test_admission_counts_images_and_refuses_when_full() -> None:
+    seen: list[int] = []
+    admission = Admission(max_images=3, on_change=seen.append)
+    with admission.enter() as first:
+        first.grow(2)  # a batch of two files
+        with admission.enter():
+            assert admission.in_flight == 3
+            with pytest.raises(ServerBusy, match="busy"):
+                admission.enter()
+        assert admission.in_flight == 2
+    assert admission.in_flight == 0
+    # A request admitted with room for one may still bring its whole batch.
+    with admission.enter(), admission.enter() as batch:
+        batch.grow(32)
+        assert admission.in_flight == 33
+    assert admission.in_flight == 0 and seen[-1] == 0
+
+
+def test_idle_scheduler_releases_the_last_models_memory_once() -> None:
+    class Releasing:
+        def __init__(self) -> None:
+            self.released = threading.Event()
+            self.releases = 0
+
+        def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+            return {"probabilities": batch[:, 0, 0, :2].astype(np.float32)}
+
+        def release_memory(self) -> None:
+            self.releases += 1
+            self.released.set()
+
+    model = Releasing()
+    scheduler = BatchScheduler(max_batch_size=4, idle_release_s=0.05)
+    try:
+        assert not model.released.wait(0.3)  # nothing ran yet: nothing to give back
+        run_sync(scheduler, model, [_image(1)], timeout=30)
+        assert model.released.wait(30)
+        time.sleep(0.3)  # idle again, but nothing ran since: no second release
+        assert model.releases == 1
+        run_sync(scheduler, model, [_image(2)], timeout=30)  # still serves afterwards
+    finally:
+        scheduler.close()
+
+
+def test_release_memory_on_a_real_session(tiny_bundle: Path) -> None:
+    runner = ModelRunner(Settings(model_dir=tiny_bundle, providers="cpu"))
+    runner.load()
+    try:
+        model = runner.require_model()
+        before = model.run(np.full((1, 64, 64, 3), 99, dtype=np.uint8))
+        model.release_memory()
+        after = model.run(np.full((1, 64, 64, 3), 99, dtype=np.uint8))
+        assert np.array_equal(before["probabilities"], after["probabilities"])
+    finally:
+        runner.close()
