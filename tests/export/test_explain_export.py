@@ -14,6 +14,7 @@ and report (training's own code), and exported with `export_run`. What is checke
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,11 @@ def test_cam_in_numpy_equals_the_onnx_output(exported: dict[str, Path]) -> None:
                                                {"image": images})
     maps = feature_maps(model, images).astype(np.float64)
     kernel, bias = model.get_layer("probabilities").get_weights()
+    # Export folds the run's fitted temperature into the head (export.onnx_export), so the
+    # served CAM is the calibrated head's: kernel and bias divided by T.
+    temperature = json.loads((exported["run"] / "run.json").read_text())["calibration"][
+        "temperature"]
+    kernel, bias = kernel / temperature, bias / temperature
     weights, offset = cam_direction(kernel, bias, [1])
     np.testing.assert_allclose(weights, kernel[:, 1] - kernel[:, 0], rtol=1e-6)
     numpy_cam = maps @ weights.astype(np.float64) + offset
