@@ -63,9 +63,12 @@ train: $(VENV)/.all
 evaluate: $(VENV)/.all
 	$(BIN)/pneumoscreen evaluate --run $(RUN_DIR) --data $(DATA)
 
+# --force on purpose: `make export` is the recipe that (re)writes the shipped bundle in
+# models/default; `pneumoscreen export` alone writes a new <run>/bundle and refuses to
+# replace an existing bundle.
 export: $(VENV)/.all
 	$(BIN)/pneumoscreen export --run $(RUN_DIR) --out $(MODEL_DIR) --data $(DATA) \
-		--version $(MODEL_VERSION)
+		--version $(MODEL_VERSION) --force
 
 clean:
 	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache

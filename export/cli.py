@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from export.bundle_target import TargetRefused, check_target, default_out
 from training.cli import CacheDirOption
 from training.data import DATA_CREDIT, DEFAULT_CACHE_DIR
 
@@ -17,7 +18,9 @@ def export_command(
     data: Annotated[Path, typer.Option(
         help="The data folder the run was trained on (real X-rays for the parity check).",
         exists=True, file_okay=False)],
-    out: Annotated[Path, typer.Option(help="Bundle folder to write.")] = Path("models/default"),
+    out: Annotated[Path | None, typer.Option(
+        help="Bundle folder to write (default: <run>/bundle, a new folder; an existing "
+             "bundle, such as the served models/default, only with --force).")] = None,
     name: Annotated[str | None, typer.Option(help="Model name (default from the run).")] = None,
     version: Annotated[str, typer.Option(help="Model version.")] = "1.0.0",
     data_source: Annotated[str, typer.Option(
@@ -37,9 +40,20 @@ def export_command(
     int8_out: Annotated[Path | None, typer.Option(
         help="Also write an INT8 bundle here (static quantization calibrated on training "
              "images, with its own validation metrics beside the FP32 ones).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace the bundle already in --out (and --int8-out).")] = False,
 ) -> None:
     """Convert to ONNX (tf2onnx, opset 17) with the features and CAM outputs, prove parity
     with Keras, fit the input gate, write the bundle (format 2)."""
+    out = default_out(run) if out is None else out
+    try:
+        check_target(out, force)
+        if int8_out is not None:
+            check_target(int8_out, force, option="--int8-out")
+    except TargetRefused as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+
     from export.onnx_export import export_run
 
     export_run(run, out, data, name=name, version=version, data_source=data_source,

@@ -1,13 +1,7 @@
-"""`pneumoscreen`: one command line for the whole product.
+"""`pneumoscreen serve`: the service's own command (the command line itself is assembled in
+pneumoscreen/cli.py; this module imports nothing from training/ or export/).
 
-    pneumoscreen serve      run the HTTP API on a model bundle          (serve extra)
-    pneumoscreen train      fine-tune a CNN on a folder of X-rays       (train extra)
-    pneumoscreen evaluate   report metrics of a trained run on a split  (train extra)
-    pneumoscreen export     Keras -> ONNX, parity check, write a bundle (train extra)
-    pneumoscreen calibrate  re-choose a bundle's threshold on a site's X-rays (serve extra)
-
-TensorFlow is imported only inside the training commands, so `serve` works in an
-install without it.
+`python -m service.cli serve` runs it without the other commands (tests/live_server.py).
 """
 
 from __future__ import annotations
@@ -18,20 +12,15 @@ from typing import Annotated
 
 import typer
 
-from export.calibrate_cli import calibrate_command
-from export.cli import export_command
-from training.cli import evaluate_command, train_command
+SETTINGS_EXIT_CODE = 2
 
-app = typer.Typer(
-    name="pneumoscreen",
-    help="Pediatric chest X-ray pneumonia screening aid (not a diagnosis).",
-    no_args_is_help=True,
-    add_completion=False,
-)
-app.command("train")(train_command)
-app.command("evaluate")(evaluate_command)
-app.command("export")(export_command)
-app.command("calibrate")(calibrate_command)
+app = typer.Typer(name="pneumoscreen", no_args_is_help=True, add_completion=False,
+                  rich_markup_mode=None)
+
+
+@app.callback()
+def _root() -> None:
+    """`pneumoscreen serve` alone (the full command line: `pneumoscreen`)."""
 
 
 @app.command("serve")
@@ -47,9 +36,12 @@ def serve_command(
     log_level: Annotated[str | None, typer.Option(help="Env: LOG_LEVEL.")] = None,
 ) -> None:
     """Serve /predict, /predict/batch, /health, /model, /metrics and /docs over HTTP."""
+    from pydantic import ValidationError
+
     from service.bundle import BundleError, read_bundle
     from service.config import Settings
     from service.server import serve
+    from service.settings_errors import settings_error_lines
 
     # Command-line options win over the environment; the app reads them back through
     # Settings, so every worker process sees the same configuration.
@@ -58,7 +50,12 @@ def serve_command(
     for name, value in overrides.items():
         if value is not None:
             os.environ[name] = str(value)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for line in settings_error_lines(exc):
+            typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=SETTINGS_EXIT_CODE) from None
     try:
         meta = read_bundle(settings.model_dir)
     except BundleError as exc:

@@ -19,8 +19,8 @@ from bundle_factory import make_tiny_bundle
 from live_server import live_server
 from typer.testing import CliRunner
 
+from pneumoscreen.cli import app
 from service.bundle import read_bundle
-from service.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "chest_xray"
@@ -298,7 +298,7 @@ def test_runs_without_tensorflow_or_scikit_learn(source: Path, site: Path,
                                                  tmp_path: Path) -> None:
     script = (
         "import sys\n"
-        "from service.cli import app\n"
+        "from pneumoscreen.cli import app\n"
         "from typer.testing import CliRunner\n"
         f"r = CliRunner().invoke(app, ['calibrate', '--model-dir', {str(source)!r}, "
         f"'--data', {str(site)!r}, '--out', {str(tmp_path / 'out')!r}, "

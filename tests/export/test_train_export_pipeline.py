@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from pneumoscreen.cli import app
 from service.bundle import read_bundle
-from service.cli import app
 from service.preprocessing import load_model_input
 from training.calibration import scale_probabilities
 

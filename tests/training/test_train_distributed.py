@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from pneumoscreen.cli import app
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 DATA = FIXTURES / "chest_xray"

@@ -1,0 +1,1 @@
+"""The `pneumoscreen` command line: the one module allowed to import every part."""

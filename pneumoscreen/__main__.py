@@ -1,0 +1,5 @@
+"""`python -m pneumoscreen ...` is `pneumoscreen ...`."""
+
+from pneumoscreen.cli import main
+
+main()
