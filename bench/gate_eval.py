@@ -184,7 +184,9 @@ def generated_images(seed: int = 0) -> list[tuple[str, bytes]]:
     stripes = ((np.sin(xx * 40) > 0) * 255).astype(np.uint8)
     out.append(("stripes", _png(Image.fromarray(stripes))))
     font = ImageFont.load_default()
-    words = ["patient", "request", "form", "radiology", "department", "referral", "chest", "examination", "clinical", "history", "cough", "fever", "three", "days", "please", "assess"]
+    words = ["patient", "request", "form", "radiology", "department", "referral", "chest",
+             "examination", "clinical", "history", "cough", "fever", "three", "days", "please",
+             "assess"]
     for i in range(3):
         page = Image.new("L", (600, 800), 255)
         draw = ImageDraw.Draw(page)

@@ -462,7 +462,8 @@ def report(results: dict) -> str:
         ans = soak.get("answered_ms", {})
         lines.append(f"  answered {soak['answered']}   served {soak['served_images_per_s']:.1f} "
                      f"images/s   latency ms p50 {ans.get('p50', float('nan')):.1f}  "
-                     f"p95 {ans.get('p95', float('nan')):.1f}  p99 {ans.get('p99', float('nan')):.1f}")
+                     f"p95 {ans.get('p95', float('nan')):.1f}  "
+                     f"p99 {ans.get('p99', float('nan')):.1f}")
         refused_p99 = soak["refused_ms_p99"]
         lines.append(f"  refused 503 server_busy {soak['refused_503']}"
                      + (f" (answered in p99 {refused_p99:.1f} ms)" if refused_p99 else "")
@@ -485,7 +486,8 @@ def report(results: dict) -> str:
         lines.append("")
     ip = results["in_process"]
     lines.append(f"In process, per image (input {ip['input']}), median ms")
-    lines.append(f"  decode+preprocess, no draft : {ip['decode_preprocess_ms_no_draft']['p50']:8.2f}")
+    no_draft_p50 = ip['decode_preprocess_ms_no_draft']['p50']
+    lines.append(f"  decode+preprocess, no draft : {no_draft_p50:8.2f}")
     lines.append(f"  decode+preprocess, draft    : {ip['decode_preprocess_ms_draft']['p50']:8.2f}"
                  "   (what the service runs)")
     lines.append(f"  onnxruntime inference, b=1  : {ip['inference_ms_batch1']['p50']:8.2f}")
@@ -578,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
 
     batch_sizes = [int(part) for part in args.batch_sizes.split(",") if part.strip()]
     env = dict(item.split("=", 1) for item in args.env)
-    env.setdefault("MAX_BATCH_FILES", str(max(batch_sizes + [32])))
+    env.setdefault("MAX_BATCH_FILES", str(max([*batch_sizes, 32])))
     folder, samples = find_images(args.images)
 
     with ExitStack() as stack:

@@ -310,6 +310,8 @@ def model_card(meta: BundleMeta, run: dict) -> str:
     weights = run["config"]["weights"]
     start = {"imagenet": "ImageNet-pretrained", "none": "randomly initialised, no pretraining"}.get(
         weights, f"ImageNet-pretrained, weights file {Path(weights).name}")
+    validation_row = (f"| validation ({validation_name(run)}) | {v['n']} | {_fmt(v['auc'])} | "
+                      f"{v['sensitivity']:.3f} | {v['specificity']:.3f} |")
     return f"""# Model card: {meta.name} {meta.version}
 
 ## Intended use
@@ -340,7 +342,7 @@ Threshold: {v.get("threshold_rule", "chosen on the validation split")}.
 
 | split | images | AUC | sensitivity | specificity |
 |---|---|---|---|---|
-| validation ({validation_name(run)}) | {v["n"]} | {_fmt(v["auc"])} | {v["sensitivity"]:.3f} | {v["specificity"]:.3f} |
+{validation_row}
 {rows}{_intervals_text(v)}{_calibration_text(v)}
 Accuracy {v["accuracy"]:.3f}, precision {v["precision"]:.3f}, F1 {v["f1"]:.3f};
 confusion matrix {v["confusion_matrix"]}.{small_note} Figures: report/metrics.json,

@@ -367,10 +367,10 @@ def _model_card_section(meta: BundleMeta, record: dict[str, Any]) -> str:
         f"screens positive at P({meta.positive_label}) >= {record['threshold']:.4f} (was "
         f"{record['old_threshold']:.4f}). On the site's {images} images of {patients} "
         f"patients: sensitivity {_with_interval(metrics['sensitivity'])}, specificity "
-        f"{_with_interval(metrics['specificity'])}, AUC {_with_interval(metrics['auc'])} (patient-level "
-        "bootstrap). The figures in the sections above are the training validation's, at "
-        "the old threshold. Details: report/site_calibration.md, and `site_calibration` "
-        "in model.json.\n"
+        f"{_with_interval(metrics['specificity'])}, AUC {_with_interval(metrics['auc'])} "
+        "(patient-level bootstrap). The figures in the sections above are the training "
+        "validation's, at the old threshold. Details: report/site_calibration.md, and "
+        "`site_calibration` in model.json.\n"
     )
 
 

@@ -9,7 +9,8 @@ Checks, cheapest first; the first that fails answers 422 with its code:
 3. The model's own pooled features (the `features` output of the same forward pass),
    projected on their top principal components (fitted at export): Mahalanobis distance
    to Gaussian classes fitted at export on the training X-rays (one per label) and on the
-   same X-rays turned by 90, 180 and 270 degrees, with one shared covariance. Nearest class upright and within `threshold` -> scored; nearest
+   same X-rays turned by 90, 180 and 270 degrees, with one shared covariance. Nearest class
+   upright and within `threshold` -> scored; nearest
    class rotated and within `rotated_threshold` -> `rotated_image`; otherwise
    `not_chest_xray`. The thresholds were set at export so that the target share of the
    validation X-rays (and of their rotations) fall within them (model.json `gate`).

@@ -24,8 +24,8 @@ DataOption = Annotated[
 
 def train_command(
     data: DataOption,
-    out: Annotated[Path, typer.Option(help="Run folder to write (model, report, run.json).")] = Path(
-        "runs/mobilenet-224"),
+    out: Annotated[Path, typer.Option(
+        help="Run folder to write (model, report, run.json).")] = Path("runs/mobilenet-224"),
     backbone: Annotated[str, typer.Option(help="mobilenet | xception | mobilenetv2")] = "mobilenet",
     weights: Annotated[str, typer.Option(
         help="imagenet (the normal Keras download/cache), none, or a local weights file.")

@@ -3,7 +3,8 @@
     report/metrics.json         every split's AUC, accuracy, sensitivity, specificity,
                                 precision, F1 and confusion matrix at the run's threshold
     report/roc.png              ROC curves with the operating points marked
-    report/confusion_matrix.png the patient-level validation split (and _test.png, _official_val.png)
+    report/confusion_matrix.png the patient-level validation split (and _test.png,
+                                _official_val.png)
 
 Splits: the patient-level validation split carved from train (recorded in split.json; the
 one the threshold was chosen on), and the data folder's own `val/` and `test/` when present.

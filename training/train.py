@@ -165,7 +165,8 @@ def train(config: TrainConfig) -> dict:
             callbacks=[auc, checkpoint, stop, history_log],  # auc first: the others read it
             verbose=config.verbose,
         )
-        rows = [dict(zip(result.history, values)) for values in zip(*result.history.values())]
+        rows = [dict(zip(result.history, values, strict=True))
+                for values in zip(*result.history.values(), strict=False)]  # as Keras logs them
         history.extend({k: float(v) for k, v in row.items()} for row in rows)
         return initial_epoch + len(result.epoch)
 

@@ -143,7 +143,7 @@ def test_format_2_bundle_round_trip_and_sha256_of_the_gate(tmp_path: Path) -> No
     with pytest.raises(BundleError, match="sha256"):
         read_bundle(tmp_path)
     (tmp_path / GATE_FILE).unlink()
-    with pytest.raises(BundleError, match="gate.npz"):
+    with pytest.raises(BundleError, match=r"gate\.npz"):
         read_bundle(tmp_path)
 
 

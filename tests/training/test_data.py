@@ -24,7 +24,8 @@ from training.data import (
 )
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "chest_xray"
-SHARED_MANIFEST = Path(__file__).parents[2].parent / "shared" / "data" / "chest_xray" / "manifest.csv"
+SHARED_MANIFEST = (Path(__file__).parents[2].parent / "shared" / "data" / "chest_xray"
+                   / "manifest.csv")
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,9 @@ def test_split_keeps_each_patient_on_one_side_and_is_stratified() -> None:
     assert len(train) + len(val) == len(samples)
     assert not {s.patient for s in train} & {s.patient for s in val}
     assert 0.10 < len(val) / len(samples) < 0.20
-    share = lambda xs: sum(s.label == "PNEUMONIA" for s in xs) / len(xs)
+    def share(xs: list[Sample]) -> float:
+        return sum(s.label == "PNEUMONIA" for s in xs) / len(xs)
+
     assert abs(share(val) - share(samples)) < 0.05
 
 
@@ -92,20 +95,27 @@ def test_split_is_seeded() -> None:
     assert first != split_by_patient(samples, 0.2, seed=2)[1]
 
 
-@pytest.mark.skipif(not SHARED_MANIFEST.is_file(), reason="../shared/data is not beside this checkout")
+def readme_id(filename: str) -> str:
+    """The data set README's patient id of a file name."""
+    if filename.startswith("person"):
+        return filename.split("_")[0]
+    return re.sub(r"-\d+\.jpe?g$", "", filename)
+
+
+@pytest.mark.skipif(not SHARED_MANIFEST.is_file(),
+                    reason="../shared/data is not beside this checkout")
 def test_split_of_the_real_training_set_has_no_shared_patient() -> None:
     rows = [r for r in csv.DictReader(SHARED_MANIFEST.open()) if r["split"] == "train"]
     samples = [Sample(Path(r["filename"]), r["label"], patient_id(r["filename"])) for r in rows]
     # The data set README counts 2913 patients by dropping only the last "-NNNN" group
     # (IM-0429-0001-0002 -> IM-0429-0001). Our ids are coarser (-> IM-0429): they never split
     # one of its patients across two ids, so they can only merge, never leak.
-    readme_ids = {re.sub(r"-\d+\.jpe?g$", "", r["filename"]) if not r["filename"].startswith("person")
-                  else r["filename"].split("_")[0] for r in rows}
+    readme_ids = {readme_id(r["filename"]) for r in rows}
     assert len(readme_ids) == 2913
     ours_of_readme = {}
     for r in rows:
         name = r["filename"]
-        readme = name.split("_")[0] if name.startswith("person") else re.sub(r"-\d+\.jpe?g$", "", name)
+        readme = readme_id(name)
         ours_of_readme.setdefault(readme, set()).add(patient_id(name))
     assert all(len(ours) == 1 for ours in ours_of_readme.values())
     assert len({s.patient for s in samples}) == 2846
