@@ -671,3 +671,42 @@ def test_image_on_the_repository_models_folder(image_venv: Path, tmp_path: Path)
             output = _stop(process)
         assert process.returncode == 2, output
         assert "no model bundle in" in output
+
+
+# Set by the image and the compose file themselves (BUNDLE picks MODEL_DIR's folder).
+COMPOSE_FIXED_SETTINGS = {"MODEL_DIR", "HOST", "PORT", "PROVIDERS"}
+
+
+def compose_setting_names(environment: list[str]) -> set[str]:
+    return {entry.split("=", 1)[0] for entry in environment}
+
+
+def test_compose_and_env_example_pass_every_setting_of_the_app() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    example = {m.group(1) for line in ENV_EXAMPLE.read_text().splitlines()
+               if (m := re.fullmatch(r"#?([A-Z][A-Z0-9_]*)=.*", line.strip()))}
+    wanted = set(settings_fields()) - COMPOSE_FIXED_SETTINGS
+    for name in ("api", "api-gpu"):
+        missing = wanted - compose_setting_names(services[name]["environment"])
+        assert not missing, f"compose service {name} does not pass {sorted(missing)}"
+    assert not wanted - example, f".env.example lacks {sorted(wanted - example)}"
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", str(duration))
+    assert match, duration
+    return float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[match.group(2)]
+
+
+@pytest.mark.parametrize("drain", [None, "45"])
+def test_compose_waits_longer_than_the_drain(drain: str | None, tmp_path: Path) -> None:
+    env_file = tmp_path / "drain.env"
+    env_file.write_text("" if drain is None else
+                        f"DRAIN_TIMEOUT_S={drain}\nSTOP_GRACE_PERIOD={int(drain) + 10}s\n")
+    config = compose_config(env_file)
+    app_default = settings_fields()["DRAIN_TIMEOUT_S"]
+    for name in ("api", "api-gpu"):
+        service = config["services"][name]
+        drain_s = float(service["environment"]["DRAIN_TIMEOUT_S"])
+        assert drain_s == float(drain if drain is not None else app_default)
+        assert _seconds(service["stop_grace_period"]) > drain_s
