@@ -81,7 +81,8 @@ def test_ui_scores_an_xray_with_its_heatmap_and_shows_refusals(
         cdp.wait_for("document.getElementById('heatmap').complete && "
                      "document.getElementById('heatmap').naturalWidth > 0 && "
                      "document.getElementById('image').naturalWidth > 0", what="images loaded")
-        original = Image.open(FIXTURE_XRAY).size
+        with Image.open(FIXTURE_XRAY) as image:  # .size alone leaves the file open
+            original = image.size
         assert cdp.evaluate("document.getElementById('heatmap').naturalWidth") == original[0]
 
         box = _stage_box(cdp)

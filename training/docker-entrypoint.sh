@@ -32,6 +32,13 @@ if [ ! -d "${DATA_DIR}/train" ]; then
   echo "Mount your data folder there (compose: TRAIN_DATA=/path/to/chest_xray)." >&2
   exit 2
 fi
+# `pneumoscreen export` refuses to replace a bundle without --force (API pods may be serving
+# it): say so now, not after an hour of training.
+if [ -f "${BUNDLE_DIR}/model.json" ] && [[ " ${EXPORT_ARGS:-} " != *" --force "* ]]; then
+  echo "error: ${BUNDLE_DIR} already holds a bundle; choose another BUNDLE_DIR (compose: TRAIN_BUNDLE)," >&2
+  echo "or set EXPORT_ARGS=--force to replace it." >&2
+  exit 2
+fi
 case "${WEIGHTS}" in
   imagenet|none) ;;
   *)

@@ -135,3 +135,31 @@ def test_entrypoint_passes_distribute_to_train(tmp_path: Path) -> None:
     calls.unlink()
     subprocess.run(["bash", str(ENTRYPOINT)], env=env, capture_output=True, timeout=30, check=True)
     assert "--distribute" not in calls.read_text()
+
+
+def test_entrypoint_refuses_an_existing_bundle_before_training(tmp_path: Path) -> None:
+    """export would refuse it after the training; the entry point says so before it."""
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "model.json").write_text("{}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    fake = bin_dir / "pneumoscreen"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DATA_DIR": str(tmp_path / "data"),
+           "WEIGHTS": "none", "RUN_DIR": str(tmp_path / "run"), "BUNDLE_DIR": str(bundle),
+           "CACHE_DIR": str(tmp_path / "cache")}
+    refused = subprocess.run(["bash", str(ENTRYPOINT)], env=env, capture_output=True, text=True,
+                             timeout=30, check=False)
+    assert refused.returncode == 2 and "EXPORT_ARGS=--force" in refused.stderr
+    assert not calls.exists()
+
+    forced = subprocess.run(["bash", str(ENTRYPOINT)], env={**env, "EXPORT_ARGS": "--force"},
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert forced.returncode == 0, forced.stderr
+    train_call, export_call = calls.read_text().splitlines()
+    assert train_call.startswith("train ")
+    assert export_call.startswith("export ") and export_call.endswith("--force")

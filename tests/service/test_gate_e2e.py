@@ -137,13 +137,14 @@ def test_dicom_tag_rules(gated_server: LiveServer, tags: dict[str, str],
 
 def test_explain_adds_a_heatmap_sized_to_the_original(gated_server: LiveServer) -> None:
     path = FULLRES[0]
-    original = Image.open(path)
+    with Image.open(path) as original:
+        original_size = original.size
     response = _post(gated_server, path.read_bytes(), path.name, explain="true")
     assert response.status_code == 200, response.text
     body = response.json()
     heatmap = body["heatmap"]
     image = _decode_png(heatmap)
-    assert image.size == original.size == (heatmap["width"], heatmap["height"])
+    assert image.size == original_size == (heatmap["width"], heatmap["height"])
     rgba = np.asarray(image.convert("RGBA"))
     assert rgba[..., 3].max() == 255, "the strongest positive evidence is opaque"
     assert "preview" not in body  # a JPEG needs none
@@ -177,7 +178,8 @@ def test_batch_mixes_xrays_and_refusals(gated_server: LiveServer) -> None:
     assert [r["filename"] for r in results] == [name for _, (name, _) in files]
     assert results[0]["label"] in {"NORMAL", "PNEUMONIA"} and "heatmap" in results[0]
     assert results[4]["label"] in {"NORMAL", "PNEUMONIA"}
-    assert _decode_png(results[4]["heatmap"]).size == Image.open(FULLRES[2]).size
+    with Image.open(FULLRES[2]) as original:  # .size alone leaves the file open
+        assert _decode_png(results[4]["heatmap"]).size == original.size
     for index in (1, 2, 3):
         assert results[index]["error"]["code"] in GATE_CODES, results[index]
         assert "label" not in results[index] and "heatmap" not in results[index]

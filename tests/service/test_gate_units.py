@@ -97,7 +97,8 @@ def test_pixel_checks() -> None:
 
 def test_facts_read_size_colour_and_orientation() -> None:
     facts = read_facts(FULLRES[0].read_bytes())
-    width, height = Image.open(FULLRES[0]).size
+    with Image.open(FULLRES[0]) as original:  # .size alone leaves the file open
+        width, height = original.size
     assert (facts.width, facts.height, facts.colour_share) == (width, height, 0.0)
     buffer = io.BytesIO()
     exif = Image.Exif()
