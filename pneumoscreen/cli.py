@@ -3,6 +3,7 @@
     pneumoscreen serve      run the HTTP API on a model bundle                  (serve extra)
     pneumoscreen train      fine-tune a CNN on a folder of X-rays               (train extra)
     pneumoscreen evaluate   report metrics of a trained run on a split          (train extra)
+    pneumoscreen crossval   pool k-fold members: per-fold and pooled figures    (train extra)
     pneumoscreen export     Keras -> ONNX, parity check, write a bundle         (train extra)
     pneumoscreen calibrate  re-choose a bundle's threshold on a site's X-rays   (serve extra)
 
@@ -54,6 +55,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "serve": CommandSpec("service.cli", "serve_command", "serve"),
     "train": CommandSpec("training.cli", "train_command", "train"),
     "evaluate": CommandSpec("training.cli", "evaluate_command", "train"),
+    "crossval": CommandSpec("training.cli", "crossval_command", "train"),
     "export": CommandSpec("export.cli", "export_command", "train"),
     "calibrate": CommandSpec("export.calibrate_cli", "calibrate_command", "serve"),
 }

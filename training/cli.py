@@ -94,3 +94,19 @@ def evaluate_command(
     from training.evaluate import evaluate_run
 
     evaluate_run(run, data, batch_size=batch_size, cache_dir=cache_dir)
+
+
+def crossval_command(
+    run: Annotated[list[Path], typer.Option(
+        help="A k-fold member's run folder (repeat for every fold).", exists=True,
+        file_okay=False)],
+    data: DataOption,
+    out: Annotated[Path, typer.Option(help="Folder for crossval.json.")] = Path(
+        "runs/crossval"),
+    batch_size: int = 32,
+    cache_dir: CacheDirOption = DEFAULT_CACHE_DIR,
+) -> None:
+    """Pool k-fold members' out-of-fold scores: per-fold and pooled figures, one threshold."""
+    from training.crossval import crossval_report
+
+    crossval_report(run, data, out, cache_dir=cache_dir, batch_size=batch_size)
