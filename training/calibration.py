@@ -48,29 +48,23 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray,
-                               bins: int = ECE_BINS) -> float:
-    """Binary ECE of P(positive): |observed rate - mean score| per equal-width bin, weighted
-    by the bin's share of images."""
-    y_true = np.asarray(y_true, dtype=np.float64)
-    scores = np.asarray(scores, dtype=np.float64)
-    which = np.minimum((scores * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.mean() * abs(y_true[inside].mean() - scores[inside].mean())
-    return float(total)
-
-
 def reliability_curve(y_true: np.ndarray, scores: np.ndarray,
                       bins: int = ECE_BINS) -> list[tuple[float, float, int]]:
-    """(mean score, observed positive rate, count) for every non-empty bin."""
+    """(mean score, observed positive rate, count) for every non-empty equal-width bin."""
     y_true = np.asarray(y_true, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     which = np.minimum((scores * bins).astype(int), bins - 1)
     return [(float(scores[which == b].mean()), float(y_true[which == b].mean()),
              int((which == b).sum())) for b in range(bins) if (which == b).any()]
+
+
+def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray,
+                               bins: int = ECE_BINS) -> float:
+    """Binary ECE of P(positive): |observed rate - mean score| per bin of the reliability
+    curve, weighted by the bin's share of images."""
+    curve = reliability_curve(y_true, scores, bins)
+    total = sum(count for _, _, count in curve)
+    return float(sum(count / total * abs(observed - mean) for mean, observed, count in curve))
 
 
 @dataclass(frozen=True)

@@ -66,10 +66,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity",
            title="ROC: pneumonia vs normal", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    _save_with_legend(plt, fig, ax, path, "lower right")
 
 
 def plot_confusion(metrics: dict, path: Path, title: str,
@@ -126,7 +123,11 @@ def plot_reliability(curves: dict[str, list[tuple[float, float, int]]], path: Pa
         ax.plot(mean, observed, "o-", label=name)
     ax.set(xlabel="mean P(pneumonia) in bin", ylabel="observed share with pneumonia",
            title="Reliability (validation split)", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="upper left")
+    _save_with_legend(plt, fig, ax, path, "upper left")
+
+
+def _save_with_legend(plt, fig, ax, path: Path, legend_loc: str) -> None:
+    ax.legend(loc=legend_loc)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
