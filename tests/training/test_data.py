@@ -105,7 +105,8 @@ def readme_id(filename: str) -> str:
 @pytest.mark.skipif(not SHARED_MANIFEST.is_file(),
                     reason="../shared/data is not beside this checkout")
 def test_split_of_the_real_training_set_has_no_shared_patient() -> None:
-    rows = [r for r in csv.DictReader(SHARED_MANIFEST.open()) if r["split"] == "train"]
+    with SHARED_MANIFEST.open() as manifest:
+        rows = [r for r in csv.DictReader(manifest) if r["split"] == "train"]
     samples = [Sample(Path(r["filename"]), r["label"], patient_id(r["filename"])) for r in rows]
     # The data set README counts 2913 patients by dropping only the last "-NNNN" group
     # (IM-0429-0001-0002 -> IM-0429-0001). Our ids are coarser (-> IM-0429): they never split
