@@ -94,10 +94,11 @@ class Settings(BaseSettings):
         "server_busy and Retry-After.",
     )
     max_batch_size: int = Field(
-        32,
+        16,
         ge=1,
         description="Most images in one model run; the scheduler merges queued images from "
-        "concurrent requests up to this many.",
+        "concurrent requests up to this many (16 keeps onnxruntime's arena, and RSS under "
+        "load, at about half of 32's for the same throughput: bench/README.md).",
     )
     max_batch_wait_ms: float = Field(
         0,
