@@ -10,6 +10,7 @@ for every model and is measured by bench.service_bench). Ratios are to the first
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -20,6 +21,8 @@ import onnxruntime as ort
 
 from bench.service_bench import find_images
 from service.bundle import INPUT_NAME, read_bundle
+from service.config import Settings
+from service.onnx_session import SessionThreads, make_session
 from service.preprocessing import load_model_input
 
 
@@ -44,6 +47,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT default)")
     args = parser.parse_args()
+    # The service's session options (inter-op threads, no spinning), intra-op from --threads.
+    service = SessionThreads.of(Settings.model_construct())
+    threads = dataclasses.replace(service, intra_op=args.threads)
 
     images = xray_bytes()
     print(f"CPU cores: {os.cpu_count()}, onnxruntime {ort.__version__}, {len(images)} real X-rays")
@@ -53,10 +59,7 @@ def main() -> None:
     for directory in args.bundles:
         meta = read_bundle(directory)
         size = meta.input.height
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        session = ort.InferenceSession(str(directory / "model.onnx"), options,
-                                       providers=["CPUExecutionProvider"])
+        session = make_session(directory / "model.onnx", threads)
         inputs = np.stack([load_model_input(b, size, meta.input.width) for b in images])
         single = time_calls(session, inputs[:1], args.runs)
         batch = time_calls(session, inputs[:16], max(5, args.runs // 5))

@@ -54,6 +54,8 @@ for _path in (str(REPO_ROOT), str(TESTS_DIR)):
         sys.path.insert(0, _path)
 
 from service.bundle import INPUT_NAME, MODEL_FILE, BundleError, read_bundle
+from service.config import Settings
+from service.onnx_session import SessionThreads, make_session
 from service.preprocessing import decode_grey, load_model_input, to_model_input
 from training.data import IMAGE_SUFFIXES
 
@@ -355,15 +357,9 @@ def _time_per_item(function: Callable[[Sample], object], samples: list[Sample]) 
 
 
 def service_session(model_dir: Path) -> Any:
-    """An onnxruntime session with the service's default options (service/inference.py)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model_dir / MODEL_FILE), sess_options=options,
-                                providers=["CPUExecutionProvider"])
+    """An onnxruntime session built as the runner builds it (service.onnx_session), with
+    the settings' defaults (not this shell's environment) on the CPU."""
+    return make_session(model_dir / MODEL_FILE, SessionThreads.of(Settings.model_construct()))
 
 
 def bench_single_interleaved(base_url: str, model_dir: Path, samples: list[Sample],

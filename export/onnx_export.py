@@ -38,6 +38,7 @@ from service.bundle import (
     read_bundle,
     write_bundle,
 )
+from service.onnx_session import make_session
 from training.data import DATA_CREDIT, load_arrays, split_samples
 from training.evaluate import validation_name
 
@@ -93,9 +94,7 @@ def onnx_predict(onnx_path: Path, images: np.ndarray, batch_size: int = 32) -> n
 def onnx_outputs(onnx_path: Path, images: np.ndarray,
                  batch_size: int = 32) -> dict[str, np.ndarray]:
     """Every output of the graph, by name, for a stack of model inputs."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = make_session(onnx_path)
     names = [output.name for output in session.get_outputs()]
     parts = [session.run(names, {INPUT_NAME: images[i : i + batch_size]})
              for i in range(0, len(images), batch_size)]
@@ -166,7 +165,6 @@ def export_run(
     gate_components: int = COMPONENTS,
 ) -> BundleMeta:
     import keras
-    import onnxruntime as ort
 
     from export.explain_graph import explain_model
 
@@ -197,7 +195,7 @@ def export_run(
               + ("n/a" if gap is None else f"{gap:.2e}"))
 
         # The gate: features of every training X-ray, thresholds on the validation ones.
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        session = make_session(onnx_path)
         x_train, y_train = split_arrays(run_dir, data_root, run, "train", cache_dir)
         x_val, _ = split_arrays(run_dir, data_root, run, "validation", cache_dir)
         stats, gate = fit_gate(onnx_features(session), x_train, y_train, run["labels"],

@@ -16,6 +16,7 @@ import numpy as np
 from export.gate_fit import fit_gate, onnx_features
 from export.onnx_export import onnx_predict, split_arrays, write_model_card
 from service.bundle import GATE_FILE, INPUT_NAME, BundleMeta, read_bundle, write_bundle
+from service.onnx_session import make_session
 from training.metrics import binary_metrics, choose_threshold, positive_scores
 
 CALIBRATION_IMAGES = 256
@@ -79,9 +80,7 @@ def quantize_bundle(fp32_dir: Path, out_dir: Path, run_dir: Path, data_root: Pat
         gate_path = None
         if fp32.gate is not None:
             # INT8 features differ from the FP32 ones: the gate is fitted again on them.
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+            session = make_session(quantized)
             x_train, y_train = split_arrays(run_dir, data_root, run, "train", cache_dir)
             stats, gate = fit_gate(onnx_features(session), x_train, y_train, fp32.labels,
                                    x_val, fp32.gate.target_acceptance,

@@ -39,6 +39,13 @@ from service.bundle import (
 )
 from service.config import Settings
 from service.gate import InputGate
+from service.onnx_session import (
+    CUDA,
+    SessionThreads,
+    available_providers,
+    choose_providers,
+    make_session,
+)
 from service.scheduler import BatchScheduler, Outputs, run_sync
 from service.scoring import normalise, positive_probability
 
@@ -46,9 +53,6 @@ if TYPE_CHECKING:
     from service.metrics import Metrics
 
 log = logging.getLogger("pneumoscreen.model")
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 
 State = Literal["loading", "ready", "failed"]
 
@@ -73,19 +77,6 @@ class Scored:
     screen_positive: bool
     probabilities: dict[str, float]
     positive_probability: float
-
-
-def choose_providers(setting: str, available: list[str]) -> list[str]:
-    if setting == "cpu":
-        return [CPU]
-    if setting == "cuda":
-        if CUDA not in available:
-            raise RuntimeError(
-                "PROVIDERS=cuda but onnxruntime reports no CUDAExecutionProvider "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu or use auto"
-            )
-        return [CUDA, CPU]
-    return [CUDA, CPU] if CUDA in available else [CPU]
 
 
 def score(meta: BundleMeta, row: np.ndarray) -> Scored:
@@ -365,22 +356,11 @@ class ModelRunner:
         return True
 
     def _load_model(self, directory: Path) -> LoadedModel:
-        import onnxruntime as ort
-
         meta = read_bundle(directory, verify=True)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.settings.intra_op_threads
-        options.inter_op_num_threads = self.settings.inter_op_threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning intra-op threads burn the cores the decode threads need between operators.
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if self.settings.intra_op_spinning else "0"
-        )
-        available = list(ort.get_available_providers())
-        wanted = choose_providers(self.settings.providers, available)
+        wanted = choose_providers(self.settings.providers, available_providers())
         try:
-            session = ort.InferenceSession(
-                str(directory / MODEL_FILE), sess_options=options, providers=wanted
+            session = make_session(
+                directory / MODEL_FILE, SessionThreads.of(self.settings), providers=wanted
             )
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             raise RuntimeError(

@@ -204,14 +204,13 @@ def make_tiny_gated_bundle(directory: Path, size: int = 64, threshold: float = 0
                            version: str = "0.0.2") -> BundleMeta:
     """A format 2 bundle whose gate was fitted on the fixture X-rays' tiny features:
     classes and rotations on fixtures/chest_xray/train, thresholds on .../val."""
-    import onnxruntime as ort
-
     from export.gate_fit import fit_gate, onnx_features
+    from service.onnx_session import make_session
 
     directory.mkdir(parents=True, exist_ok=True)
     onnx_path = directory / "model.onnx"
     make_tiny_explain_onnx(onnx_path, size=size)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = make_session(onnx_path)
     train, train_labels = fixture_inputs(size, "train")
     val, _ = fixture_inputs(size, "val")
     stats, info = fit_gate(onnx_features(session), train, train_labels,

@@ -54,14 +54,13 @@ def _fixture_inputs() -> np.ndarray:
 
 def test_cam_in_numpy_equals_the_onnx_output(exported: dict[str, Path]) -> None:
     import keras
-    import onnxruntime as ort
 
     from export.explain_graph import cam_direction, feature_maps
+    from service.onnx_session import make_session
 
     model = keras.models.load_model(exported["run"] / "model.keras")
     images = _fixture_inputs()
-    session = ort.InferenceSession(str(exported["bundle"] / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = make_session(exported["bundle"] / "model.onnx")
     probabilities, features, cam = session.run(["probabilities", "features", "cam"],
                                                {"image": images})
     maps = feature_maps(model, images).astype(np.float64)

@@ -57,13 +57,11 @@ def _make_site(root: Path) -> Path:
 
 def _reference_scores(bundle: Path, site: Path) -> tuple[np.ndarray, np.ndarray, list[Path]]:
     """P(positive) of every site image by onnxruntime directly, not through the runner."""
-    import onnxruntime as ort
-
+    from service.onnx_session import make_session
     from service.preprocessing import load_model_input
 
     meta = read_bundle(bundle)
-    session = ort.InferenceSession(str(bundle / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = make_session(bundle / "model.onnx")
     paths = sorted(site.glob("*/*.jpeg"))
     images = np.stack([load_model_input(p.read_bytes(), meta.input.height, meta.input.width)
                        for p in paths])

@@ -82,7 +82,8 @@ def test_report_files_hold_sane_values(trained: dict[str, Path]) -> None:
 
 def test_bundle_loads_and_matches_keras(trained: dict[str, Path]) -> None:
     import keras
-    import onnxruntime as ort
+
+    from service.onnx_session import make_session
 
     meta = read_bundle(trained["bundle"])  # sha256 verified, as at service start-up
     assert meta.labels == ["NORMAL", "PNEUMONIA"] and meta.input.height == SIZE
@@ -92,8 +93,7 @@ def test_bundle_loads_and_matches_keras(trained: dict[str, Path]) -> None:
 
     images = np.stack([load_model_input(p.read_bytes(), SIZE, SIZE)
                        for p in sorted((FIXTURES / "fullres").iterdir())])
-    session = ort.InferenceSession(str(trained["bundle"] / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = make_session(trained["bundle"] / "model.onnx")
     assert session.get_inputs()[0].name == "image"
     assert session.get_inputs()[0].type == "tensor(uint8)"
     onnx_probabilities = session.run(["probabilities"], {"image": images})[0]

@@ -122,10 +122,10 @@ def test_heatmap_is_normalised_positive_evidence() -> None:
 
 
 def test_tiny_cam_mean_is_the_log_odds(tmp_path: Path) -> None:
-    import onnxruntime as ort
+    from service.onnx_session import make_session
 
     make_tiny_explain_onnx(tmp_path / "m.onnx", size=64)
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    session = make_session(tmp_path / "m.onnx")
     images = np.random.default_rng(1).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
     probabilities, features, cam = session.run(["probabilities", "features", "cam"],
                                                {"image": images})

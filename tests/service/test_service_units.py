@@ -17,8 +17,9 @@ from xray_samples import SMALL
 from service.bundle import read_bundle
 from service.config import Settings
 from service.docs import openapi_3_0
-from service.inference import CPU, CUDA, ModelNotReady, ModelRunner, choose_providers, score
+from service.inference import ModelNotReady, ModelRunner, score
 from service.main import create_app
+from service.onnx_session import CPU, CUDA, choose_providers
 from service.scoring import normalise, positive_probability
 from service.security import key_matches
 

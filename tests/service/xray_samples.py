@@ -32,15 +32,12 @@ def tiny_png(side: int) -> bytes:
 
 def reference_probabilities(bundle_dir: Path, data: bytes) -> dict[str, float]:
     """What the model says about `data` when run directly on the shared preprocessing."""
-    import onnxruntime as ort
-
     from service.bundle import read_bundle
+    from service.onnx_session import make_session
     from service.preprocessing import load_model_input
 
     meta = read_bundle(bundle_dir)
-    session = ort.InferenceSession(
-        str(bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+    session = make_session(bundle_dir / "model.onnx")
     image = load_model_input(data, meta.input.height, meta.input.width)
     (output,) = session.run(["probabilities"], {"image": image[None]})
     row = np.asarray(output[0], dtype=np.float64)

@@ -1,0 +1,85 @@
+"""The one onnxruntime session factory: the runner, export, bench and tests build
+sessions here, so a benchmark times the very options the service serves with.
+
+Importable without FastAPI (export and bench use it); onnxruntime is imported lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class ThreadSettings(Protocol):
+    """The session fields of service.config.Settings (duck-typed: no pydantic needed)."""
+
+    intra_op_threads: int
+    inter_op_threads: int
+    intra_op_spinning: bool
+
+
+@dataclass(frozen=True)
+class SessionThreads:
+    """Thread options of a session; the defaults are onnxruntime's own (export, tests)."""
+
+    intra_op: int = 0  # 0: onnxruntime's default
+    inter_op: int = 0
+    spinning: bool | None = None  # None: onnxruntime's default (spinning allowed)
+
+    @classmethod
+    def of(cls, settings: ThreadSettings) -> SessionThreads:
+        """The service's options: INTRA_OP_THREADS, INTER_OP_THREADS, INTRA_OP_SPINNING."""
+        return cls(settings.intra_op_threads, settings.inter_op_threads,
+                   settings.intra_op_spinning)
+
+
+ONNXRUNTIME_DEFAULTS = SessionThreads()
+
+
+def choose_providers(setting: str, available: list[str]) -> list[str]:
+    """PROVIDERS (auto, cpu or cuda) -> the providers to ask for, CUDA first when used."""
+    if setting == "cpu":
+        return [CPU]
+    if setting == "cuda":
+        if CUDA not in available:
+            raise RuntimeError(
+                "PROVIDERS=cuda but onnxruntime reports no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use auto"
+            )
+        return [CUDA, CPU]
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def make_session(
+    path: Path | str,
+    threads: SessionThreads = ONNXRUNTIME_DEFAULTS,
+    providers: Sequence[str] = (CPU,),
+) -> onnxruntime.InferenceSession:
+    """An onnxruntime session on the model at `path` (CPU with onnxruntime's default
+    threads unless told otherwise)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads.intra_op
+    options.inter_op_num_threads = threads.inter_op
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads.spinning is not None:
+        # Spinning intra-op threads burn the cores the decode threads need between operators.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if threads.spinning else "0"
+        )
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
