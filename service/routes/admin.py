@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
+from service.deps import RunnerDep
 from service.errors import ERROR_CODES, ApiError
-from service.inference import ModelRunner
 from service.routes.status import reload_report
 from service.schemas import ErrorResponse, ReloadReport
 from service.security import require_admin_key
@@ -41,8 +41,7 @@ router = APIRouter(tags=["operations"], dependencies=[Depends(require_admin_key)
     "answer (and /health's `last_reload`) says why. Needs API_KEY set on the server.",
     responses=_error("unauthorized", "admin_disabled", "reload_in_progress", "reload_failed"),
 )
-async def reload(request: Request) -> ReloadReport:
-    runner: ModelRunner = request.app.state.runner
+async def reload(runner: RunnerDep) -> ReloadReport:
     outcome = await asyncio.to_thread(runner.reload, "admin")
     report = reload_report(outcome)
     assert report is not None

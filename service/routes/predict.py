@@ -12,11 +12,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from service import deps
 from service.bundle import BundleMeta
 from service.deadline import bounded, deadline_from_now
+from service.deps import MetricsDep, RunnerDep, SettingsDep
 from service.errors import ERROR_CODES, ApiError, image_error
 from service.gate import GATE_CODES, GateRefusal
-from service.inference import LoadedModel, ModelOutput, ModelRunner
+from service.inference import ModelOutput, ModelRunner
 from service.preprocessing import ImageError, sniff_format
 from service.reports import responses as reports
 from service.reports.items import ReportItem
@@ -101,21 +103,13 @@ def admitted(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
 
     @functools.wraps(handler)
     async def route(request: Request, *args: Any, **kwargs: Any) -> Any:
-        runner: ModelRunner = request.app.state.runner
+        runner = deps.runner(request)
         request.state.model = runner.require_model()
         with runner.admission.enter() as ticket:
             request.state.ticket = ticket
             return await handler(request, *args, **kwargs)
 
     return route
-
-
-def _model(request: Request) -> LoadedModel:
-    """The model pinned by `admitted` (the one serving now for a route without it)."""
-    model: LoadedModel | None = getattr(request.state, "model", None)
-    if model is None:
-        model = request.state.model = request.app.state.runner.require_model()
-    return model
 
 
 def _deadline(request: Request) -> float:
@@ -130,9 +124,9 @@ async def _decode(request: Request, runner: ModelRunner, data: bytes,
                   explain: bool = False) -> Prepared:
     """The model input, the gate's image facts, and the DICOM header (no pixels; None for
     JPEG/PNG) for reports, for the model pinned by the request."""
-    model = _model(request)
+    model = deps.ready_model(request)
     meta = model.meta
-    limits = request.app.state.limits
+    limits = deps.limits(request)
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     try:
@@ -147,7 +141,7 @@ async def _decode(request: Request, runner: ModelRunner, data: bytes,
             raise refusal_error(exc) from None
         raise
     finally:
-        request.app.state.metrics.decode.observe(time.perf_counter() - started)
+        deps.metrics(request).decode.observe(time.perf_counter() - started)
 
 
 def _judge_all(outputs: list[ModelOutput], prepared: list[Prepared],
@@ -164,10 +158,10 @@ async def _infer(
     spent on them in ms: the runs (batches) they were part of, each counted once, shared
     with the other requests in those runs. The model runs through the scheduler; each
     image is judged by the gate of the bundle that produced its outputs."""
-    metrics = request.app.state.metrics
+    metrics = deps.metrics(request)
     outputs = await runner.predict(
         [item.model_input for item in prepared], deadline=_deadline(request),
-        model=_model(request),
+        model=deps.ready_model(request),
     )
     # The gate and heatmaps (PNG encoding) cost CPU: off the event loop, like decoding.
     judged = await asyncio.get_running_loop().run_in_executor(
@@ -200,13 +194,12 @@ def _result_fields(result: Judged, meta: BundleMeta) -> dict[str, Any]:
             **result.extras}
 
 
-async def predict(request: Request, explain: bool = _EXPLAIN) -> Prediction | Response:
-    runner: ModelRunner = request.app.state.runner
-    meta = _model(request).meta  # pinned by admitted(), which answered 503 if not ready
+async def predict(request: Request, runner: RunnerDep, settings: SettingsDep,
+                  metrics: MetricsDep, explain: bool = _EXPLAIN) -> Prediction | Response:
+    meta = deps.ready_model(request).meta  # pinned by admitted(), which answered 503 if not ready
     answer = reports.negotiate(request, reports.SINGLE_OFFERS)  # 406 before the body too
     if explain and not meta.has_explain_outputs:
         raise explain_unavailable(meta)
-    settings = request.app.state.settings
     form = await parse_form(request, max_files=1)
     try:
         uploads = files_in(form, "file")
@@ -217,7 +210,6 @@ async def predict(request: Request, explain: bool = _EXPLAIN) -> Prediction | Re
         upload = await read_upload(uploads[0], settings.max_file_bytes)
     finally:
         await form.close()
-    metrics = request.app.state.metrics
     if upload.error is not None:
         metrics.image_errors.labels(upload.error.code).inc()
         raise upload.error
@@ -235,7 +227,7 @@ async def predict(request: Request, explain: bool = _EXPLAIN) -> Prediction | Re
             metrics.image_errors.labels(exc.code).inc()
         raise
     (result,), inference_ms = await bounded(request, _infer(request, runner, [image], explain))
-    meta = _model(request).meta
+    meta = deps.ready_model(request).meta
     if result.refusal is not None:
         metrics.image_errors.labels(result.refusal.code).inc()
         raise refusal_error(result.refusal)
@@ -249,14 +241,13 @@ async def predict(request: Request, explain: bool = _EXPLAIN) -> Prediction | Re
     )
 
 
-async def predict_batch(request: Request, explain: bool = _EXPLAIN) -> BatchResponse | Response:
-    runner: ModelRunner = request.app.state.runner
-    meta = _model(request).meta  # pinned by admitted(), which answered 503 if not ready
+async def predict_batch(request: Request, runner: RunnerDep, settings: SettingsDep,
+                        metrics: MetricsDep, explain: bool = _EXPLAIN
+                        ) -> BatchResponse | Response:
+    meta = deps.ready_model(request).meta  # pinned by admitted(), which answered 503 if not ready
     answer = reports.negotiate(request, reports.BATCH_OFFERS)  # 406 before the body too
     if explain and not meta.has_explain_outputs:
         raise explain_unavailable(meta)
-    settings = request.app.state.settings
-    metrics = request.app.state.metrics
     form = await parse_form(request, max_files=settings.max_batch_files)
     try:
         uploads = files_in(form, "files")
@@ -292,7 +283,7 @@ async def predict_batch(request: Request, explain: bool = _EXPLAIN) -> BatchResp
         await bounded(request, _infer(request, runner, images, explain)) if images
         else ([], 0.0)
     )
-    meta = _model(request).meta
+    meta = deps.ready_model(request).meta
     scores = iter(scored)
     results: list[BatchItem] = []
     report_items: list[ReportItem] = []

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from service.deps import LifecycleDep, MetricsDep, ReadyModelDep, RunnerDep
 from service.errors import ERROR_CODES, RETRY_AFTER_SECONDS
 from service.gate import InputGate, unavailable_card
-from service.inference import LoadedModel, ModelRunner, ReloadOutcome
-from service.lifecycle import Lifecycle
+from service.inference import LoadedModel, ReloadOutcome
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
     ErrorDetail,
@@ -71,9 +71,7 @@ async def livez() -> LivenessResponse:
         }
     },
 )
-async def health(request: Request) -> HealthResponse | JSONResponse:
-    runner: ModelRunner = request.app.state.runner
-    lifecycle: Lifecycle = request.app.state.lifecycle
+async def health(runner: RunnerDep, lifecycle: LifecycleDep) -> HealthResponse | JSONResponse:
     serving = runner.model  # one snapshot: a reload may swap the model meanwhile
     meta = serving.meta if serving is not None else None
     model = ModelRefWithHash(
@@ -122,9 +120,7 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
     summary="The served model: labels, threshold, input size, validation metrics, intended use",
     responses={503: {"model": ErrorResponse, "description": ERROR_CODES["model_not_ready"][1]}},
 )
-async def model_info(request: Request) -> ModelInfo:
-    runner: ModelRunner = request.app.state.runner
-    model = runner.require_model()
+async def model_info(runner: RunnerDep, model: ReadyModelDep) -> ModelInfo:
     meta = model.meta
     shared = set(ModelInfo.model_fields) & set(type(meta).model_fields) - {"gate"}
     return ModelInfo(
@@ -158,5 +154,5 @@ def _gate_fields(model: LoadedModel | None) -> dict[str, str]:
     responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
                      "description": "Prometheus text exposition format."}},
 )
-async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+async def metrics(registry: MetricsDep) -> Response:
+    return Response(registry.render(), media_type=CONTENT_TYPE)

@@ -27,10 +27,12 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from service import deps
 from service import open_inference as oip
 from service.admission import BUSY_RETRY_AFTER_SECONDS, ServerBusy
 from service.bundle import BundleMeta
 from service.deadline import bounded, deadline_from_now
+from service.deps import RunnerDep
 from service.errors import (
     ERROR_CODES,
     RETRY_AFTER_SECONDS,
@@ -38,7 +40,7 @@ from service.errors import (
     deadline_message,
     image_error,
 )
-from service.inference import ModelNotReady, ModelRunner
+from service.inference import ModelNotReady
 from service.preprocessing import ImageError
 from service.routes.predict import _decode, _infer, admitted
 from service.scheduler import DeadlineExceeded
@@ -96,14 +98,10 @@ class ProtocolRoute(APIRoute):
         return protocol_handler
 
 
-def _runner(request: Request) -> ModelRunner:
-    return request.app.state.runner
-
-
 def _model(request: Request, name: str, version: str | None) -> BundleMeta:
     """The served model if `name` (and `version`) are its own: 404 otherwise."""
     pinned = getattr(request.state, "model", None)  # infer: the model admitted() pinned
-    meta = pinned.meta if pinned is not None else _runner(request).require_ready()
+    meta = pinned.meta if pinned is not None else deps.runner(request).require_ready()
     if name != meta.name:
         raise oip.ProtocolError(f"unknown model '{name}'; this server serves '{meta.name}'", 404)
     if version is not None and version != meta.version:
@@ -126,8 +124,8 @@ async def server_live() -> dict[str, bool]:
     return {"live": True}
 
 
-async def server_ready(request: Request) -> Response:
-    ready = _runner(request).ready
+async def server_ready(runner: RunnerDep) -> Response:
+    ready = runner.ready
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
@@ -142,7 +140,7 @@ async def version_metadata(request: Request, name: str, version: str) -> dict[st
 
 
 def _ready(request: Request, name: str, version: str | None) -> Response:
-    if not _runner(request).ready:
+    if not deps.runner(request).ready:
         return JSONResponse({"name": name, "ready": False}, status_code=503)
     _model(request, name, version)
     return JSONResponse({"name": name, "ready": True})
@@ -165,7 +163,7 @@ async def _body(request: Request) -> bytes:
         return body
     if encoding not in ("gzip", "deflate"):
         raise oip.ProtocolError(f"unsupported Content-Encoding '{encoding}'", 415)
-    limit = request.app.state.settings.max_request_bytes
+    limit = deps.settings(request).max_request_bytes
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         inflated = inflater.decompress(body, limit + 1)
@@ -195,8 +193,8 @@ def _element_error(index: int, api: ApiError) -> oip.ProtocolError:
 
 async def _infer_v2(request: Request, name: str, version: str | None) -> Response:
     meta = _model(request, name, version)
-    runner = _runner(request)
-    settings = request.app.state.settings
+    runner = deps.runner(request)
+    settings = deps.settings(request)
     parsed = oip.parse_infer_request(
         await _body(request),
         request.headers.get(oip.HEADER_LENGTH),
@@ -206,7 +204,7 @@ async def _infer_v2(request: Request, name: str, version: str | None) -> Respons
     request.state.n_files = len(parsed.images)
     request.state.ticket.grow(len(parsed.images))  # admitted() counted one image so far
     request.state.deadline = deadline_from_now(request)
-    metrics = request.app.state.metrics
+    metrics = deps.metrics(request)
     decoded = await bounded(request, asyncio.gather(
         *(_decode(request, runner, data) for data in parsed.images), return_exceptions=True
     ))
