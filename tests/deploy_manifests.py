@@ -161,6 +161,17 @@ def app_get_routes() -> list[str]:
     return sorted(path for path, operations in schema["paths"].items() if "get" in operations)
 
 
+def assert_probes_served(paths: dict[str, str], base_url: str) -> None:
+    """Every probe path is a GET route of the app, and a loaded server answers it 200."""
+    import httpx
+
+    served = app_serves_get(set(paths.values()))
+    for kind, path in paths.items():
+        assert served[path], f"{kind} {path} is not a GET route of the app: {app_get_routes()}"
+        response = httpx.get(f"{base_url}{path}", timeout=10)
+        assert response.status_code == 200, f"{kind} {path}: {response.status_code}"
+
+
 def drain_timeout(literals: dict[str, str]) -> tuple[float, str]:
     """The drain the pod gets after SIGTERM, and where that figure comes from."""
     from service.config import Settings

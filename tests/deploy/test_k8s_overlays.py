@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from deploy_manifests import (
     COMPONENTS,
@@ -17,8 +16,7 @@ from deploy_manifests import (
     OVERLAYS,
     REPO,
     TRAINING,
-    app_get_routes,
-    app_serves_get,
+    assert_probes_served,
     container,
     container_env,
     drain_timeout,
@@ -74,11 +72,7 @@ def test_probes_are_routes_the_app_serves(rendered: list[dict[str, Any]],
     # liveness on the one that answers as soon as the process does.
     assert paths == {"startupProbe": "/health", "readinessProbe": "/health",
                      "livenessProbe": "/livez"}
-    served = app_serves_get(set(paths.values()))
-    for kind, path in paths.items():
-        assert served[path], f"{kind} {path} is not a GET route of the app: {app_get_routes()}"
-        response = httpx.get(server.url(path), timeout=10)
-        assert response.status_code == 200, f"{kind} {path}: {response.status_code}"
+    assert_probes_served(paths, server.base_url)
 
 
 def test_every_env_name_is_a_setting_of_the_app(rendered: list[dict[str, Any]]) -> None:

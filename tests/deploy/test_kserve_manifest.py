@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from deploy_manifests import (
     K8S,
-    app_get_routes,
-    app_serves_get,
+    assert_probes_served,
     container,
     container_env,
     drain_timeout,
@@ -80,11 +78,7 @@ def test_probes_are_the_oip_health_routes_of_the_app(documents: list[dict[str, A
     paths = {kind: api[kind]["httpGet"]["path"] for kind in PROBES}
     assert paths == {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
                      "livenessProbe": "/v2/health/live"}
-    served = app_serves_get(set(paths.values()))
-    for kind, path in paths.items():
-        assert served[path], f"{kind} {path} is not a GET route of the app: {app_get_routes()}"
-        response = httpx.get(server.url(path), timeout=10)
-        assert response.status_code == 200, f"{kind} {path}: {response.status_code}"
+    assert_probes_served(paths, server.base_url)
 
 
 def test_env_port_and_threads_are_the_apps(documents: list[dict[str, Any]]) -> None:
