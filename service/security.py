@@ -27,19 +27,23 @@ def key_matches(given: str | None, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-async def require_api_key(
-    request: Request, given: str | None = Security(api_key_scheme)
-) -> None:
-    secret = request.app.state.settings.api_key
-    if secret is None:
-        return
-    if not key_matches(given, secret.get_secret_value()):
+def _require_match(given: str | None, expected: str) -> None:
+    """401 unauthorized unless `given` is the key (compared in constant time)."""
+    if not key_matches(given, expected):
         raise ApiError(
             401,
             "unauthorized",
             f"a valid API key is required in the {API_KEY_HEADER} header",
             headers={"WWW-Authenticate": API_KEY_HEADER},
         )
+
+
+async def require_api_key(
+    request: Request, given: str | None = Security(api_key_scheme)
+) -> None:
+    secret = request.app.state.settings.api_key
+    if secret is not None:
+        _require_match(given, secret.get_secret_value())
 
 
 async def require_admin_key(
@@ -53,10 +57,4 @@ async def require_admin_key(
             "admin_disabled",
             "admin routes are disabled: set API_KEY on the server to use them",
         )
-    if not key_matches(given, secret.get_secret_value()):
-        raise ApiError(
-            401,
-            "unauthorized",
-            f"a valid API key is required in the {API_KEY_HEADER} header",
-            headers={"WWW-Authenticate": API_KEY_HEADER},
-        )
+    _require_match(given, secret.get_secret_value())
