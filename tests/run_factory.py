@@ -10,6 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+FIXTURE_DATA = Path(__file__).parent / "fixtures" / "chest_xray"
+SHARED_MOBILENET_WEIGHTS = (Path(__file__).parents[1].parent / "shared" / "weights"
+                            / "mobilenet_1_0_224_tf_no_top.h5")
+
+
+def mobilenet_weights() -> str:
+    """The ImageNet MobileNet weights of ../shared when present (CI), else "none"."""
+    return str(SHARED_MOBILENET_WEIGHTS) if SHARED_MOBILENET_WEIGHTS.is_file() else "none"
+
 
 def make_untrained_run(run_dir: Path, data: Path, size: int, cache: Path | None,
                        weights: str = "none", backbone: str = "mobilenet") -> Path:

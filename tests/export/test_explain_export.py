@@ -19,16 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_factory import make_untrained_run
+from run_factory import (
+    FIXTURE_DATA,
+    SHARED_MOBILENET_WEIGHTS,
+    make_untrained_run,
+    mobilenet_weights,
+)
 
 from service.bundle import GATE_FILE, BundleError, read_bundle
 
 pytestmark = pytest.mark.slow
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-DATA = FIXTURES / "chest_xray"
-SHARED_WEIGHTS = (Path(__file__).parents[2].parent / "shared" / "weights"
-                  / "mobilenet_1_0_224_tf_no_top.h5")
+DATA = FIXTURE_DATA
+FIXTURES = DATA.parent
 SIZE = 96
 
 
@@ -38,7 +41,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     base = tmp_path_factory.mktemp("explain")
     run_dir, bundle = base / "run", base / "bundle"
-    weights = str(SHARED_WEIGHTS) if SHARED_WEIGHTS.is_file() else "none"
+    weights = mobilenet_weights()
     make_untrained_run(run_dir, DATA, SIZE, base / "cache", weights)
     export_run(run_dir, bundle, DATA, version="0.0.1-test", cache_dir=base / "cache",
                gate_rotation_images=64)
@@ -80,7 +83,7 @@ def test_cam_in_numpy_equals_the_onnx_output(exported: dict[str, Path]) -> None:
     # The exact decomposition: the CAM's mean is the log-odds of the 2-label softmax.
     log_odds = np.log(probabilities[:, 1].astype(np.float64)) - np.log(probabilities[:, 0])
     np.testing.assert_allclose(cam.mean(axis=(1, 2)), log_odds, atol=1e-3)
-    if SHARED_WEIGHTS.is_file():
+    if SHARED_MOBILENET_WEIGHTS.is_file():
         assert np.ptp(cam) > 1e-3, "real features: the maps differ between images"
 
 

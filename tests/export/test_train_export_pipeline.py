@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_factory import FIXTURE_DATA, mobilenet_weights
 from typer.testing import CliRunner
 
 from pneumoscreen.cli import app
@@ -22,10 +23,8 @@ from training.calibration import scale_probabilities
 
 pytestmark = pytest.mark.slow
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-DATA = FIXTURES / "chest_xray"
-SHARED_WEIGHTS = (Path(__file__).parents[2].parent / "shared" / "weights"
-                  / "mobilenet_1_0_224_tf_no_top.h5")
+DATA = FIXTURE_DATA
+FIXTURES = DATA.parent
 SIZE = 96
 
 
@@ -33,7 +32,7 @@ SIZE = 96
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("pipeline")
     run_dir, bundle_dir = base / "run", base / "bundle"
-    weights = str(SHARED_WEIGHTS) if SHARED_WEIGHTS.is_file() else "none"
+    weights = mobilenet_weights()
     runner = CliRunner()
     result = runner.invoke(app, [
         "train", "--data", str(DATA), "--out", str(run_dir), "--backbone", "mobilenet",
