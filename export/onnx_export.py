@@ -164,13 +164,12 @@ def export_run(
     gate_rotation_images: int = ROTATION_IMAGES,
     gate_components: int = COMPONENTS,
 ) -> BundleMeta:
-    import keras
-
     from export.explain_graph import explain_model
+    from training.model import load_trained
 
     run = json.loads((run_dir / "run.json").read_text())
     report = json.loads((run_dir / "report" / "metrics.json").read_text())
-    model = keras.models.load_model(run_dir / "model.keras")
+    model = load_trained(run_dir / "model.keras")
     size = run["input_size"]
     calibration = run.get("calibration")
     threshold = run["threshold"]

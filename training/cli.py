@@ -57,6 +57,9 @@ def train_command(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
     cosine_decay: Annotated[bool, typer.Option(
         help="Phase 2: one warm-up epoch, then cosine decay of the learning rate.")] = False,
+    intensity_stretch: Annotated[bool, typer.Option(
+        help="Stretch each image's 1st-99th grey-level percentiles to 0-255 inside the "
+             "model (so the exported ONNX graph does it too).")] = False,
     seed: int = 42,
     cache_dir: CacheDirOption = DEFAULT_CACHE_DIR,
     distribute: Annotated[str, typer.Option(
@@ -78,7 +81,7 @@ def train_command(
         val_fraction=val_fraction, validation=validation, folds=folds, fold=fold,
         target_sensitivity=target_sensitivity, augment=augment, strong_augment=strong_augment,
         label_smoothing=label_smoothing, cosine_decay=cosine_decay,
-        seed=seed, cache_dir=cache_dir, distribute=distribute,
+        intensity_stretch=intensity_stretch, seed=seed, cache_dir=cache_dir, distribute=distribute,
     )
     train(config)
 

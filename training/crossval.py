@@ -24,7 +24,7 @@ from training.metrics import binary_metrics, bootstrap_intervals, choose_thresho
 
 def _fold_scores(run_dir: Path, data_root: Path, cache_dir: Path | None,
                  batch_size: int) -> tuple[dict, np.ndarray, np.ndarray, list[str]]:
-    import keras
+    from training.model import load_trained
 
     run = json.loads((run_dir / "run.json").read_text())
     if run.get("validation") != "kfold":
@@ -34,7 +34,7 @@ def _fold_scores(run_dir: Path, data_root: Path, cache_dir: Path | None,
     samples = split_samples(run_dir, data_root, "validation", len(labels))
     size = (run["input_size"], run["input_size"])
     x, y = load_arrays(samples, labels, size, cache_dir)
-    model = keras.models.load_model(run_dir / "model.keras")
+    model = load_trained(run_dir / "model.keras")
     positive = [labels.index(p) for p in run["positive_labels"]]
     scores = positive_scores(model.predict(x, batch_size=batch_size, verbose=0), positive)
     return run, np.isin(y, positive), scores, [s.patient for s in samples]

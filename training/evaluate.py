@@ -87,12 +87,12 @@ def evaluate_run(
 ) -> dict:
     """Predict every split with the run's best Keras model, fit the temperature on the
     validation split (recorded in run.json for export) and write report/."""
-    import keras
+    from training.model import load_trained
 
     run_path = run_dir / "run.json"
     run = json.loads(run_path.read_text())
     if model is None:
-        model = keras.models.load_model(run_dir / "model.keras")
+        model = load_trained(run_dir / "model.keras")
     splits = run_splits(run_dir, data_root, len(run["labels"]))
     size = (run["input_size"], run["input_size"])
 

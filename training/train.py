@@ -66,6 +66,7 @@ class TrainConfig:
     strong_augment: bool = False  # + gamma, wider contrast/exposure, blur, noise, crop-zoom
     label_smoothing: float = 0.0
     cosine_decay: bool = False  # phase 2: one warm-up epoch, then cosine decay to 0
+    intensity_stretch: bool = False  # training.model.PercentileStretch in the graph
     seed: int = 42
     cache_dir: Path | None = DEFAULT_CACHE_DIR
     verbose: int = 2
@@ -78,7 +79,7 @@ def train(config: TrainConfig) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from training.distribute import describe, make_strategy
-    from training.model import backbone_spec, build_model, unfreeze_top
+    from training.model import backbone_spec, build_model, load_trained, unfreeze_top
 
     class ValidationAUC(keras.callbacks.Callback):
         """AUC of P(pneumonia) on the validation split, logged as `val_auc` each epoch."""
@@ -133,7 +134,7 @@ def train(config: TrainConfig) -> dict:
           f"{strategy.num_replicas_in_sync} replica(s))")
     with strategy.scope():
         model = build_model(config.backbone, config.input_size, len(labels), config.weights,
-                            config.dropout)
+                            config.dropout, config.intensity_stretch)
     checkpoint_path = config.out / "model.keras"
     auc = ValidationAUC(x_val, y_val, [labels.index(p) for p in positive_labels],
                         config.batch_size)
@@ -180,7 +181,7 @@ def train(config: TrainConfig) -> dict:
     fit(config.fine_tune_learning_rate, config.epochs_finetune, epoch, config.cosine_decay)
 
     # 4. The operating point, on the patient-level validation split.
-    best = keras.models.load_model(checkpoint_path)
+    best = load_trained(checkpoint_path)
     val_probabilities = best.predict(x_val, batch_size=config.batch_size, verbose=0)
     val_scores = positive_scores(val_probabilities, auc.positive_indices)
     y_val_positive = np.isin(y_val, auc.positive_indices)

@@ -56,12 +56,11 @@ def _fixture_inputs() -> np.ndarray:
 
 
 def test_cam_in_numpy_equals_the_onnx_output(exported: dict[str, Path]) -> None:
-    import keras
-
     from export.explain_graph import cam_direction, feature_maps
     from service.onnx_session import make_session
+    from training.model import load_trained
 
-    model = keras.models.load_model(exported["run"] / "model.keras")
+    model = load_trained(exported["run"] / "model.keras")
     images = _fixture_inputs()
     session = make_session(exported["bundle"] / "model.onnx")
     probabilities, features, cam = session.run(["probabilities", "features", "cam"],

@@ -80,9 +80,8 @@ def test_report_files_hold_sane_values(trained: dict[str, Path]) -> None:
 
 
 def test_bundle_loads_and_matches_keras(trained: dict[str, Path]) -> None:
-    import keras
-
     from service.onnx_session import make_session
+    from training.model import load_trained
 
     meta = read_bundle(trained["bundle"])  # sha256 verified, as at service start-up
     assert meta.labels == ["NORMAL", "PNEUMONIA"] and meta.input.height == SIZE
@@ -96,7 +95,7 @@ def test_bundle_loads_and_matches_keras(trained: dict[str, Path]) -> None:
     assert session.get_inputs()[0].name == "image"
     assert session.get_inputs()[0].type == "tensor(uint8)"
     onnx_probabilities = session.run(["probabilities"], {"image": images})[0]
-    keras_probabilities = keras.models.load_model(trained["run"] / "model.keras").predict(
+    keras_probabilities = load_trained(trained["run"] / "model.keras").predict(
         images, verbose=0)
     np.testing.assert_allclose(onnx_probabilities.sum(axis=1), 1.0, atol=1e-5)
     # The bundle serves the trained model with its fitted temperature folded into the head:

@@ -20,7 +20,7 @@ SIZE = 64
 
 @pytest.mark.slow
 def test_mirrored_strategy_trains_one_replica_on_cpu(tmp_path: Path) -> None:
-    import keras
+    from training.model import load_trained
 
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, [
@@ -39,7 +39,7 @@ def test_mirrored_strategy_trains_one_replica_on_cpu(tmp_path: Path) -> None:
     assert "CPU" in distribute["devices"][0].upper()
     assert run["epochs_run"] == 2  # both phases ran: phase 2 recompiled in the scope
 
-    model = keras.models.load_model(run_dir / "model.keras")
+    model = load_trained(run_dir / "model.keras")
     images = np.zeros((2, SIZE, SIZE, 3), dtype=np.uint8)
     probabilities = model.predict(images, verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
