@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -229,7 +230,9 @@ def load_arrays(
         x[i] = load_model_input(sample.path.read_bytes(), height, width)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_suffix(".partial.npy")
+        # One partial file per process: two runs started together both write the cache,
+        # and a shared name let one rename the other's file away mid-write.
+        partial = cache_file.with_suffix(f".{os.getpid()}.partial.npy")
         np.save(partial, x)
         partial.replace(cache_file)
     return x, y

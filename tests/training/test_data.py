@@ -155,6 +155,31 @@ def test_load_arrays_uses_the_service_preprocessing_and_caches(
         load_arrays(samples, ("NORMAL", "PNEUMONIA"), (64, 64), tmp_path)
 
 
+def test_a_second_writer_of_the_same_cache_entry_does_not_break_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs started together both miss the cache and both write it: the other one
+    finishing its write and rename between our save and our rename must not fail us."""
+    samples = list_split(FIXTURES, "val")
+    labels = ("NORMAL", "PNEUMONIA")
+    real_save = np.save
+    pids = iter([1001, 1002])  # this process, then the other writer
+    monkeypatch.setattr("training.data.os.getpid", lambda: next(pids))
+    other_ran = []
+
+    def save_then_the_other_writer_finishes(path, array):
+        real_save(path, array)
+        if not other_ran:
+            other_ran.append(True)
+            load_arrays(samples, labels, (64, 64), tmp_path)  # the whole other write
+
+    monkeypatch.setattr("training.data.np.save", save_then_the_other_writer_finishes)
+    x, _ = load_arrays(samples, labels, (64, 64), tmp_path)
+    assert other_ran and x.shape == (4, 64, 64, 3)
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+    assert len(list(tmp_path.glob("inputs-*.npy"))) == 1
+
+
 def _series_samples() -> list[Sample]:
     """20 patients in each id series, some with two images."""
     samples = []

@@ -14,7 +14,8 @@ def _radiograph_like(seed: int) -> np.ndarray:
     """A smooth grey image with a dark border, repeated into 3 channels like the service's."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    grey = 60 + 120 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 6) + rng.normal(0, 3, (SIZE, SIZE))
+    grey = 60 + 120 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 6)
+    grey += rng.normal(0, 3, (SIZE, SIZE))
     grey[:4] = 5
     return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
 
