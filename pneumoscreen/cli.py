@@ -4,6 +4,7 @@
     pneumoscreen train      fine-tune a CNN on a folder of X-rays               (train extra)
     pneumoscreen evaluate   report metrics of a trained run on a split          (train extra)
     pneumoscreen crossval   pool k-fold members: per-fold and pooled figures    (train extra)
+    pneumoscreen ensemble   several runs as one model (one graph, one bundle)   (train extra)
     pneumoscreen export     Keras -> ONNX, parity check, write a bundle         (train extra)
     pneumoscreen calibrate  re-choose a bundle's threshold on a site's X-rays   (serve extra)
 
@@ -56,6 +57,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "train": CommandSpec("training.cli", "train_command", "train"),
     "evaluate": CommandSpec("training.cli", "evaluate_command", "train"),
     "crossval": CommandSpec("training.cli", "crossval_command", "train"),
+    "ensemble": CommandSpec("training.cli", "ensemble_command", "train"),
     "export": CommandSpec("export.cli", "export_command", "train"),
     "calibrate": CommandSpec("export.calibrate_cli", "calibrate_command", "serve"),
 }

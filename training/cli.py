@@ -113,3 +113,22 @@ def crossval_command(
     from training.crossval import crossval_report
 
     crossval_report(run, data, out, cache_dir=cache_dir, batch_size=batch_size)
+
+
+def ensemble_command(
+    run: Annotated[list[Path], typer.Option(
+        help="A member's run folder (repeat; at least two, all validated on the same split).",
+        exists=True, file_okay=False)],
+    data: DataOption,
+    out: Annotated[Path, typer.Option(
+        help="Run folder to write; `pneumoscreen export --run` makes it a bundle.")],
+    batch_size: int = 32,
+    cache_dir: CacheDirOption = DEFAULT_CACHE_DIR,
+) -> None:
+    """Average several runs inside one model (mean of their logits), choose its threshold on
+    their shared validation split and write an evaluated run folder."""
+    from training.ensemble import ensemble_runs
+
+    if len(run) < 2:
+        raise typer.BadParameter("give at least two --run folders", param_hint="--run")
+    ensemble_runs(run, out, data, cache_dir=cache_dir, batch_size=batch_size)
