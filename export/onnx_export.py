@@ -324,7 +324,7 @@ probabilities of {", ".join(meta.labels)} and a screening label at threshold
 - Fine-tuned in two phases (frozen backbone, then top layers), class-weighted, with
   geometric and exposure augmentation (no flips). {run["epochs_run"]} epochs,
   {run["wall_time_s"] / 60:.0f} min on the training machine.
-- ONNX (opset {OPSET}). {conversion}
+{_recipe_text(run)}- ONNX (opset {OPSET}). {conversion}
 
 ## Data
 {data["source"]}
@@ -354,6 +354,20 @@ report/roc.png, report/confusion_matrix.png.
   figures elsewhere. Sensitivity was fixed on validation, not on the deployment population.
 - Not a diagnosis. Not cleared as a medical device. A clinician reads every image.
 """
+
+
+def _recipe_text(run: dict) -> str:
+    """Card lines for what changes the graph itself: the intensity stretch, an ensemble."""
+    lines = ""
+    if run["config"].get("intensity_stretch"):
+        lines += ("- Each image's 1st and 99th grey-level percentiles are stretched to 0 and "
+                  "255 inside the model (training.model.PercentileStretch).\n")
+    ensemble = run.get("ensemble")
+    if ensemble:
+        lines += (f"- An ensemble of {len(ensemble['members'])} runs in one graph: "
+                  f"{ensemble['combination']}. Members: "
+                  f"{', '.join(Path(m).name for m in ensemble['members'])}.\n")
+    return lines
 
 
 def _intervals_text(v: dict) -> str:

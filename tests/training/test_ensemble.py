@@ -112,6 +112,7 @@ def test_ensemble_run_exports_to_a_bundle_the_service_serves(members: dict[str, 
     export_run(run_dir, bundle, FIXTURE_DATA, version="0.0.1-test",
                cache_dir=members["cache"], gate_rotation_images=64)
     meta = read_bundle(bundle)
+    assert "An ensemble of 2 runs in one graph" in (bundle / "MODEL_CARD.md").read_text()
     assert meta.gate is not None and meta.gate.feature_dim == 2 * 1024  # both members' features
     session = make_session(bundle / "model.onnx")
     images = _inputs()
