@@ -19,13 +19,11 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
+from training.config import TrainConfig  # also imported from here: training.train.TrainConfig
 from training.data import (
-    DEFAULT_CACHE_DIR,
     NEGATIVE_LABEL,
     POSITIVE_LABEL,
     Sample,
@@ -37,40 +35,7 @@ from training.data import (
     split_for_validation,
 )
 from training.metrics import binary_metrics, choose_threshold, positive_scores
-
-
-@dataclass
-class TrainConfig:
-    data: Path
-    out: Path
-    backbone: str = "mobilenet"
-    weights: str = "imagenet"
-    input_size: int = 224
-    n_labels: int = 2
-    epochs_frozen: int = 3
-    epochs_finetune: int = 10
-    fine_tune_layers: int | None = None  # None: the backbone's default
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    fine_tune_learning_rate: float = 1e-4
-    dropout: float = 0.3
-    patience: int = 3
-    val_fraction: float = 0.15
-    # patient: random patients; acquisition: the most recent ids (training.data); kfold: fold i.
-    validation: str = "patient"
-    folds: int = 5
-    fold: int = 0
-    target_sensitivity: float = 0.95
-    augment: bool = True
-    # Recipe options of issue 13 (off by default: the shipped recipe is the baseline).
-    strong_augment: bool = False  # + gamma, wider contrast/exposure, blur, noise, crop-zoom
-    label_smoothing: float = 0.0
-    cosine_decay: bool = False  # phase 2: one warm-up epoch, then cosine decay to 0
-    intensity_stretch: bool = False  # training.model.PercentileStretch in the graph
-    seed: int = 42
-    cache_dir: Path | None = DEFAULT_CACHE_DIR
-    verbose: int = 2
-    distribute: str = "none"  # training.distribute.DISTRIBUTE_CHOICES
+from training.run_record import DataCounts, RunRecord, write_run
 
 
 def train(config: TrainConfig) -> dict:
@@ -191,43 +156,43 @@ def train(config: TrainConfig) -> dict:
           f"validation AUC {val_metrics['auc']:.4f}, sensitivity "
           f"{val_metrics['sensitivity']:.3f}, specificity {val_metrics['specificity']:.3f}")
 
-    run = {
-        "config": _jsonable(asdict(config)),
-        "backbone": config.backbone,
-        "input_size": config.input_size,
-        "labels": list(labels),
-        "positive_label": POSITIVE_LABEL,
-        "positive_labels": positive_labels,
-        "negative_label": NEGATIVE_LABEL,
-        "threshold": threshold,
-        "target_sensitivity": config.target_sensitivity,
-        "validation": config.validation,
-        "data": {
-            "root": str(config.data),
-            "train_images": len(train_samples),
-            "validation_images": len(val_samples),
-            "train_patients": len({s.patient for s in train_samples}),
-            "validation_patients": len({s.patient for s in val_samples}),
-            "train_counts": label_counts(train_samples),
-            "validation_counts": label_counts(val_samples),
-        },
-        "distribute": describe(strategy, model),
-        "epochs_run": len(history),
-        "best_val_auc": auc.best,
-        "history": history,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "tool_versions": tool_versions(),
-    }
-    (config.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    record = RunRecord(
+        config=config,
+        backbone=config.backbone,
+        input_size=config.input_size,
+        labels=list(labels),
+        positive_label=POSITIVE_LABEL,
+        positive_labels=positive_labels,
+        negative_label=NEGATIVE_LABEL,
+        threshold=threshold,
+        target_sensitivity=config.target_sensitivity,
+        validation=config.validation,
+        data=DataCounts(
+            root=str(config.data),
+            train_images=len(train_samples),
+            validation_images=len(val_samples),
+            train_patients=len({s.patient for s in train_samples}),
+            validation_patients=len({s.patient for s in val_samples}),
+            train_counts=label_counts(train_samples),
+            validation_counts=label_counts(val_samples),
+        ),
+        distribute=describe(strategy, model),
+        epochs_run=len(history),
+        best_val_auc=auc.best,
+        history=history,
+        wall_time_s=round(time.perf_counter() - started, 1),
+        tool_versions=tool_versions(),
+    )
+    write_run(config.out, record)
 
     # 5. The report: validation split, official val and test folders when present.
-    from training.evaluate import evaluate_run
+    from training.evaluate import evaluate_model
 
-    report = evaluate_run(config.out, config.data, batch_size=config.batch_size,
-                          cache_dir=config.cache_dir, model=best)
-    run["wall_time_s"] = round(time.perf_counter() - started, 1)
-    (config.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    print(f"done in {run['wall_time_s']:.0f} s: {config.out}")
+    record, report = evaluate_model(config.out, record, config.data, best,
+                                    batch_size=config.batch_size, cache_dir=config.cache_dir)
+    record = record.model_copy(update={"wall_time_s": round(time.perf_counter() - started, 1)})
+    write_run(config.out, record)
+    print(f"done in {record.wall_time_s:.0f} s: {config.out}")
     return report
 
 
@@ -348,11 +313,3 @@ def tool_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return versions
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
