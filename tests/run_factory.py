@@ -28,8 +28,7 @@ def make_untrained_run(run_dir: Path, data: Path, size: int, cache: Path | None,
     from training.data import label_counts, list_split, split_by_patient
     from training.evaluate import evaluate_run
     from training.model import build_model
-    from training.run_record import DataCounts, RunRecord, write_run
-    from training.train import tool_versions
+    from training.run_record import DataCounts, RunRecord, tool_versions, write_run
 
     run_dir.mkdir(parents=True)
     keras.utils.set_random_seed(3)

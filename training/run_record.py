@@ -13,6 +13,7 @@ config missing fields takes TrainConfig's defaults (which is what those runs use
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,3 +144,17 @@ def write_run(run_dir: Path, record: RunRecord) -> Path:
     path = run_dir / RUN_FILE
     path.write_text(json.dumps(fields, indent=2) + "\n")
     return path
+
+
+def tool_versions() -> dict[str, str]:
+    """The versions a run records: Python and the packages that shape a model."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime",
+                    "numpy", "pillow", "scikit-learn", "pneumoscreen"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
