@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_factory import (
+
+from service.bundle import GATE_FILE, BundleError, read_bundle
+from tests.support.run_factory import (
     FIXTURE_DATA,
     SHARED_MOBILENET_WEIGHTS,
     make_untrained_run,
     mobilenet_weights,
 )
-
-from service.bundle import GATE_FILE, BundleError, read_bundle
 
 pytestmark = pytest.mark.slow
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_factory import FIXTURE_DATA, mobilenet_weights
 from typer.testing import CliRunner
 
 from pneumoscreen.cli import app
 from service.bundle import read_bundle
 from service.preprocessing import load_model_input
+from tests.support.run_factory import FIXTURE_DATA, mobilenet_weights
 from training.calibration import scale_probabilities
 from training.run_record import read_run
 

@@ -82,7 +82,7 @@ def test_a_record_of_an_older_run_reads_with_the_defaults_it_ran_with(tmp_path: 
 
 
 def test_a_partial_config_is_completed_from_the_record(tmp_path: Path) -> None:
-    """tests/run_factory.py's untrained runs used to record only the seed and weights."""
+    """tests/support/run_factory.py's untrained runs used to record only the seed and weights."""
     raw = _current_record(tmp_path)
     raw["config"] = {"seed": 1, "weights": "none"}
     raw["input_size"] = 96

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FIXTURE_DATA = Path(__file__).parent / "fixtures" / "chest_xray"
-SHARED_MOBILENET_WEIGHTS = (Path(__file__).parents[1].parent / "shared" / "weights"
+FIXTURE_DATA = Path(__file__).parents[1] / "fixtures" / "chest_xray"
+SHARED_MOBILENET_WEIGHTS = (Path(__file__).parents[2].parent / "shared" / "weights"
                             / "mobilenet_1_0_224_tf_no_top.h5")
 
 
