@@ -4,14 +4,15 @@
     python -m bench.bombs --model-dir models/default
     python -m bench.bombs --only dicom-deflated-bomb --modes single
 
-Starts the service under uvicorn on a free loopback port (tests/live_server.py) and
-sends each attack, generated on the fly (tests/attack_images.py, tests/dicom_factory.py),
-three ways: one /predict; one /predict/batch of several copies; several clients at once
-(/predict each) while one normal X-ray is sent beside them. For each it reports the
-wall time, the answers (status and error code), and the server's resident memory: its
-peak during the attack (VmHWM, reset before each attack through /proc/<pid>/clear_refs)
-and what is left after it (VmRSS). Memory is also read after a warm-up of normal
-requests, after all attacks, and after normal requests again (is memory given back?).
+Starts the service under uvicorn on a free loopback port (tests/support/live_server.py)
+and sends each attack, generated on the fly (tests/support/attack_images.py,
+tests/support/dicom_factory.py), three ways: one /predict; one /predict/batch of several
+copies; several clients at once (/predict each) while one normal X-ray is sent beside
+them. For each it reports the wall time, the answers (status and error code), and the
+server's resident memory: its peak during the attack (VmHWM, reset before each attack
+through /proc/<pid>/clear_refs) and what is left after it (VmRSS). Memory is also read
+after a warm-up of normal requests, after all attacks, and after normal requests again
+(is memory given back?).
 
 Every loop is bounded; only 127.0.0.1 is contacted. A benchmark, not a test: it asserts
 nothing. See bench/README.md.
@@ -36,13 +37,12 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = REPO_ROOT / "tests"
-for _path in (str(REPO_ROOT), str(TESTS_DIR)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(REPO_ROOT) not in sys.path:  # run as a script: the repo (and tests.support)
+    sys.path.insert(0, str(REPO_ROOT))
 
-from attack_images import black_png, png_rgba16, progressive_jpeg, twenty_byte_jpeg
-from dicom_factory import deflated_dicom_bomb
-from proc_memory import MB, peak_bytes, reset_peak, rss_bytes
+from tests.support.attack_images import black_png, png_rgba16, progressive_jpeg, twenty_byte_jpeg
+from tests.support.dicom_factory import deflated_dicom_bomb
+from tests.support.proc_memory import MB, peak_bytes, reset_peak, rss_bytes
 
 FULLRES = TESTS_DIR / "fixtures" / "fullres"
 MiB = 1024 * 1024
@@ -225,8 +225,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bundle_factory import make_tiny_bundle
-    from live_server import live_server
+    from tests.support.bundle_factory import make_tiny_bundle
+    from tests.support.live_server import live_server
 
     env = dict(item.split("=", 1) for item in args.env)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -21,14 +21,12 @@ import numpy as np
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for _path in (str(REPO_ROOT), str(REPO_ROOT / "tests")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from dicom_factory import dicom_bytes
+if str(REPO_ROOT) not in sys.path:  # run as a script: the repo (and tests.support)
+    sys.path.insert(0, str(REPO_ROOT))
 
 from service import preprocessing
 from service.preprocessing import decode_grey
+from tests.support.dicom_factory import dicom_bytes
 
 
 def cases(side: int) -> dict[str, bytes]:

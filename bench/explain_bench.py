@@ -3,13 +3,13 @@
     python -m bench.explain_bench --model-dir models/default        # a format 2 bundle
     python -m bench.explain_bench --untrained-mobilenet             # no trained bundle needed
 
-Starts the service (tests/live_server.py) on the bundle and sends the full-resolution
+Starts the service (tests/support/live_server.py) on the bundle and sends the full-resolution
 X-rays of ../shared/data/chest_xray_fullres (else tests/fixtures/fullres), each once
 plain and once with explain=true, in alternating order, after a warm-up; reports the p50
 and p95 latency of both and their ratio (target: explain p50 <= 1.3 x plain p50).
 
 `--untrained-mobilenet` exports, with `export_run`, the real MobileNet 224 classifier
-with random weights on a run folder of the test fixtures (tests/run_factory.py; needs the
+with random weights on a run folder of the test fixtures (tests/support/run_factory.py; needs the
 train extra): the inference, the gate and the heatmap cost what they cost for the shipped
 model, since costs do not depend on the weights. The gate is switched off for it (an
 untrained model's gate says nothing), so every image is scored and drawn. A benchmark,
@@ -31,17 +31,15 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = REPO_ROOT / "tests"
-for _path in (str(REPO_ROOT), str(TESTS_DIR)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(REPO_ROOT) not in sys.path:  # run as a script: the repo (and tests.support)
+    sys.path.insert(0, str(REPO_ROOT))
 
 from bench.service_bench import find_images
 
 
 def untrained_mobilenet(directory: Path) -> Path:
-    from run_factory import make_untrained_run
-
     from export.onnx_export import export_run
+    from tests.support.run_factory import make_untrained_run
 
     data = TESTS_DIR / "fixtures" / "chest_xray"
     run = make_untrained_run(directory / "run", data, 224, directory / "cache")
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
 
-    from live_server import live_server
+    from tests.support.live_server import live_server
 
     env = dict(item.split("=", 1) for item in args.env)
     with ExitStack() as stack:

@@ -95,9 +95,9 @@ def _jpeg(image: Image.Image) -> bytes:
 
 def validation_split(run: Path, data: Path) -> list[tuple[str, bytes]]:
     from training.data import split_samples
+    from training.run_record import read_run
 
-    run_info = json.loads((run / "run.json").read_text())
-    samples = split_samples(run, data, "validation", len(run_info["labels"]))
+    samples = split_samples(run, data, "validation", len(read_run(run).labels))
     return [(str(s.path), s.path.read_bytes()) for s in samples]
 
 

@@ -3,7 +3,7 @@
     python -m bench.service_bench --model-dir models/default     # (make bench)
     python -m bench.service_bench --tiny                          # no trained bundle needed
 
-Starts the service with `pneumoscreen serve` on a free loopback port (tests/live_server.py),
+Starts the service with `pneumoscreen serve` on a free loopback port (tests/support/live_server.py),
 so with its HTTP budgets, admission control and batching scheduler, then,
 over real HTTP with the full-resolution JPEGs of ../shared/data/chest_xray_fullres
 (falling back to tests/fixtures/fullres):
@@ -49,9 +49,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = REPO_ROOT / "tests"
 SHARED_FULLRES = REPO_ROOT.parent / "shared" / "data" / "chest_xray_fullres"
 FIXTURE_FULLRES = TESTS_DIR / "fixtures" / "fullres"
-for _path in (str(REPO_ROOT), str(TESTS_DIR)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(REPO_ROOT) not in sys.path:  # run as a script: the repo (and tests.support)
+    sys.path.insert(0, str(REPO_ROOT))
 
 from service.bundle import INPUT_NAME, MODEL_FILE, BundleError, read_bundle
 from service.config import Settings
@@ -593,8 +592,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bundle_factory import make_tiny_bundle
-    from live_server import live_server
+    from tests.support.bundle_factory import make_tiny_bundle
+    from tests.support.live_server import live_server
 
     batch_sizes = [int(part) for part in args.batch_sizes.split(",") if part.strip()]
     env = dict(item.split("=", 1) for item in args.env)

@@ -40,7 +40,7 @@ from service.bundle import (
 )
 from service.onnx_session import make_session
 from training.data import DATA_CREDIT, load_arrays, split_samples
-from training.evaluate import validation_name
+from training.run_record import RunCalibration, RunRecord, read_run
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -142,14 +142,13 @@ def cam_logit_gap(outputs: dict[str, np.ndarray], positive: list[int]) -> float 
     return float(np.max(np.abs(outputs[CAM_NAME][usable].mean(axis=(1, 2)) - log_odds)))
 
 
-def split_arrays(run_dir: Path, data_root: Path, run: dict, part: str,
+def split_arrays(run_dir: Path, data_root: Path, run: RunRecord, part: str,
                  cache_dir: Path | None = None, limit: int | None = None):
     """Model inputs and labels of one side of the run's split, evenly thinned to `limit`."""
-    samples = split_samples(run_dir, data_root, part, len(run["labels"]))
+    samples = split_samples(run_dir, data_root, part, len(run.labels))
     if limit is not None:
         samples = samples[:: max(1, len(samples) // limit)][:limit]
-    size = (run["input_size"], run["input_size"])
-    return load_arrays(samples, tuple(run["labels"]), size, cache_dir)
+    return load_arrays(samples, tuple(run.labels), run.image_size, cache_dir)
 
 
 def export_run(
@@ -167,16 +166,16 @@ def export_run(
     from export.explain_graph import explain_model
     from training.model import load_trained
 
-    run = json.loads((run_dir / "run.json").read_text())
+    run = read_run(run_dir)
     report = json.loads((run_dir / "report" / "metrics.json").read_text())
     model = load_trained(run_dir / "model.keras")
-    size = run["input_size"]
-    calibration = run.get("calibration")
-    threshold = run["threshold"]
+    size = run.input_size
+    calibration = run.calibration
+    threshold = run.threshold
     if calibration:
-        fold_temperature(model, calibration["temperature"])
-        threshold = calibration["threshold"]
-    positive = [run["labels"].index(label) for label in run["positive_labels"]]
+        fold_temperature(model, calibration.temperature)
+        threshold = calibration.threshold
+    positive = run.positive_indices()
     explained = explain_model(model, positive)
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -197,7 +196,7 @@ def export_run(
         session = make_session(onnx_path)
         x_train, y_train = split_arrays(run_dir, data_root, run, "train", cache_dir)
         x_val, _ = split_arrays(run_dir, data_root, run, "validation", cache_dir)
-        stats, gate = fit_gate(onnx_features(session), x_train, y_train, run["labels"],
+        stats, gate = fit_gate(onnx_features(session), x_train, y_train, run.labels,
                                x_val, gate_acceptance, gate_rotation_images, gate_components)
         gate_path = Path(scratch) / GATE_FILE
         stats.save(gate_path)
@@ -209,20 +208,20 @@ def export_run(
 
         validation = report["splits"]["validation"]
         meta = BundleMeta(
-            name=name or f"pneumonia-{run['backbone']}-{size}",
+            name=name or f"pneumonia-{run.backbone}-{size}",
             version=version,
-            labels=run["labels"],
-            positive_label=run["positive_label"],
-            positive_labels=run["positive_labels"],
-            negative_label=run["negative_label"],
+            labels=run.labels,
+            positive_label=run.positive_label,
+            positive_labels=run.positive_labels,
+            negative_label=run.negative_label,
             threshold=threshold,
             input=InputSpec(height=size, width=size),
             onnx_sha256="0" * 64,  # write_bundle fills in the real digest
-            backbone=run["backbone"],
+            backbone=run.backbone,
             training_data={
                 "source": data_source,
-                **run["data"],
-                "root": Path(run["data"]["root"]).name,
+                **run.data.model_dump(),
+                "root": Path(run.data.root).name,
                 "validation": _validation_text(run),
             },
             validation_metrics={
@@ -232,13 +231,13 @@ def export_run(
                 "threshold_rule": report["threshold_rule"],
                 "intervals_95": validation.get("intervals_95"),
                 "other_splits": {k: v for k, v in report["splits"].items() if k != "validation"},
-                "calibration": _calibration_record(calibration, run["threshold"]),
+                "calibration": _calibration_record(calibration, run.threshold),
                 "parity_max_abs_diff": difference,
                 "parity_by_output": parity,
                 "cam_minus_log_odds_max_abs": gap,
             },
             created_at=datetime.now(UTC),
-            tool_versions={**run["tool_versions"], "onnx_opset": str(OPSET)},
+            tool_versions={**run.tool_versions, "onnx_opset": str(OPSET)},
             outputs=list(ALL_OUTPUTS),
             gate=gate,
         )
@@ -258,31 +257,32 @@ def fold_temperature(model, temperature: float, layer: str = OUTPUT_NAME) -> Non
     dense.set_weights([weight / temperature for weight in dense.get_weights()])
 
 
-def _calibration_record(calibration: dict | None, uncalibrated_threshold: float) -> dict | None:
+def _calibration_record(calibration: RunCalibration | None,
+                        uncalibrated_threshold: float) -> dict | None:
     if not calibration:
         return None
-    keep = ("method", "temperature", "fitted_on", "n", "nll_before", "nll_after", "ece_before",
-            "ece_after")
-    return {**{k: calibration[k] for k in keep}, "folded_into": "the Dense head's weights",
+    keep = {"method", "temperature", "fitted_on", "n", "nll_before", "nll_after", "ece_before",
+            "ece_after"}
+    return {**calibration.model_dump(include=keep), "folded_into": "the Dense head's weights",
             "uncalibrated_threshold": uncalibrated_threshold}
 
 
-def _validation_text(run: dict) -> str:
-    scheme = run.get("validation", "patient")
-    if scheme == "acquisition":
+def _validation_text(run: RunRecord) -> str:
+    config = run.config
+    if run.validation == "acquisition":
         return (f"carved from train by acquisition order: the most recent "
-                f"{run['config']['val_fraction']:.0%} of patients of each id series")
-    if scheme == "kfold":
-        return (f"fold {run['config']['fold']} of {run['config']['folds']} (by patient, "
-                f"stratified, seed {run['config']['seed']})")
-    return f"carved from train by patient, stratified, seeded (seed {run['config']['seed']})"
+                f"{config.val_fraction:.0%} of patients of each id series")
+    if run.validation == "kfold":
+        return (f"fold {config.fold} of {config.folds} (by patient, "
+                f"stratified, seed {config.seed})")
+    return f"carved from train by patient, stratified, seeded (seed {config.seed})"
 
 
-def write_model_card(out_dir: Path, meta: BundleMeta, run: dict) -> None:
+def write_model_card(out_dir: Path, meta: BundleMeta, run: RunRecord) -> None:
     (out_dir / "MODEL_CARD.md").write_text(model_card(meta, run))
 
 
-def model_card(meta: BundleMeta, run: dict) -> str:
+def model_card(meta: BundleMeta, run: RunRecord) -> str:
     """MODEL_CARD.md from the bundle's own metadata (so an INT8 card shows INT8 figures)."""
     v = meta.validation_metrics
     data = meta.training_data
@@ -304,10 +304,10 @@ def model_card(meta: BundleMeta, run: dict) -> str:
                   if "parity_max_abs_diff" in v else
                   f"{v.get('quantization', '')}; validation AUC {_fmt(v['auc'])} against "
                   f"{_fmt(v.get('fp32_reference', {}).get('auc'))} for the FP32 model.")
-    weights = run["config"]["weights"]
+    weights = run.config.weights
     start = {"imagenet": "ImageNet-pretrained", "none": "randomly initialised, no pretraining"}.get(
         weights, f"ImageNet-pretrained, weights file {Path(weights).name}")
-    validation_row = (f"| validation ({validation_name(run)}) | {v['n']} | {_fmt(v['auc'])} | "
+    validation_row = (f"| validation ({run.validation_name}) | {v['n']} | {_fmt(v['auc'])} | "
                       f"{v['sensitivity']:.3f} | {v['specificity']:.3f} |")
     return f"""# Model card: {meta.name} {meta.version}
 
@@ -322,8 +322,8 @@ probabilities of {", ".join(meta.labels)} and a screening label at threshold
 - Backbone: {meta.backbone} ({start}), input {meta.input.height} x {meta.input.width}
   greyscale repeated to 3 channels, uint8; global average pooling, dropout, linear softmax head.
 - Fine-tuned in two phases (frozen backbone, then top layers), class-weighted, with
-  geometric and exposure augmentation (no flips). {run["epochs_run"]} epochs,
-  {run["wall_time_s"] / 60:.0f} min on the training machine.
+  geometric and exposure augmentation (no flips). {run.epochs_run} epochs,
+  {run.wall_time_s / 60:.0f} min on the training machine.
 {_recipe_text(run)}- ONNX (opset {OPSET}). {conversion}
 
 ## Data
@@ -356,17 +356,16 @@ report/roc.png, report/confusion_matrix.png.
 """
 
 
-def _recipe_text(run: dict) -> str:
+def _recipe_text(run: RunRecord) -> str:
     """Card lines for what changes the graph itself: the intensity stretch, an ensemble."""
     lines = ""
-    if run["config"].get("intensity_stretch"):
+    if run.config.intensity_stretch:
         lines += ("- Each image's 1st and 99th grey-level percentiles are stretched to 0 and "
                   "255 inside the model (training.model.PercentileStretch).\n")
-    ensemble = run.get("ensemble")
-    if ensemble:
-        lines += (f"- An ensemble of {len(ensemble['members'])} runs in one graph: "
-                  f"{ensemble['combination']}. Members: "
-                  f"{', '.join(Path(m).name for m in ensemble['members'])}.\n")
+    if run.ensemble:
+        lines += (f"- An ensemble of {len(run.ensemble.members)} runs in one graph: "
+                  f"{run.ensemble.combination}. Members: "
+                  f"{', '.join(Path(m).name for m in run.ensemble.members)}.\n")
     return lines
 
 

@@ -7,7 +7,6 @@ carries both figures, so nobody deploys it on faith.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from export.onnx_export import onnx_predict, split_arrays, write_model_card
 from service.bundle import GATE_FILE, INPUT_NAME, BundleMeta, read_bundle, write_bundle
 from service.onnx_session import make_session
 from training.metrics import binary_metrics, choose_threshold, positive_scores
+from training.run_record import read_run
 
 CALIBRATION_IMAGES = 256
 
@@ -40,7 +40,7 @@ def quantize_bundle(fp32_dir: Path, out_dir: Path, run_dir: Path, data_root: Pat
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32 = read_bundle(fp32_dir)
-    run = json.loads((run_dir / "run.json").read_text())
+    run = read_run(run_dir)
     calibration, _ = split_arrays(run_dir, data_root, run, "train", cache_dir,
                                    CALIBRATION_IMAGES)
     x_val, y_val = split_arrays(run_dir, data_root, run, "validation", cache_dir)
@@ -60,7 +60,7 @@ def quantize_bundle(fp32_dir: Path, out_dir: Path, run_dir: Path, data_root: Pat
         int8_scores = positive_scores(onnx_predict(quantized, x_val), positives)
         fp32_metrics = binary_metrics(y_positive, fp32_scores, fp32.threshold)
         # Quantization moves scores a little: the same rule picks the INT8 model's own threshold.
-        threshold = choose_threshold(y_positive, int8_scores, run["target_sensitivity"])
+        threshold = choose_threshold(y_positive, int8_scores, run.target_sensitivity)
         int8_metrics = binary_metrics(y_positive, int8_scores, threshold)
         print(f"validation AUC through onnxruntime: FP32 {fp32_metrics['auc']:.4f}, "
               f"INT8 {int8_metrics['auc']:.4f}; at threshold {threshold:.4f} INT8 "

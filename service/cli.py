@@ -1,7 +1,7 @@
 """`pneumoscreen serve`: the service's own command (the command line itself is assembled in
 pneumoscreen/cli.py; this module imports nothing from training/ or export/).
 
-`python -m service.cli serve` runs it without the other commands (tests/live_server.py).
+`python -m service.cli serve` runs it without the other commands (tests/support/live_server.py).
 """
 
 from __future__ import annotations

@@ -1,23 +1,17 @@
-"""Shared fixtures. `tests/` is put on sys.path so tests can `from bundle_factory import ...`
-and `from live_server import ...` without tests being a package."""
+"""Shared fixtures. The helpers they build on are the `tests.support` package
+(tests/ is a package: pytest puts the repository root on sys.path for it)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.bundle_factory import make_tiny_bundle, make_tiny_gated_bundle
+from tests.support.live_server import LiveServer, live_server
+
 TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
-for _path in (str(TESTS_DIR), str(REPO_ROOT)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from bundle_factory import make_tiny_bundle, make_tiny_gated_bundle
-from live_server import LiveServer, live_server
-
 FIXTURES = TESTS_DIR / "fixtures"
 
 

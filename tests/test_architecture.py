@@ -17,8 +17,29 @@ ALLOWED = {
     "training": {"service"},
     "export": {"service", "training"},
     "pneumoscreen": set(),  # it names the others' modules as strings, imported on demand
-    "bench": {"service", "training", "export"},
+    # bench/ drives the service the way the tests do: tests.support only (next test).
+    "bench": {"service", "training", "export", "tests"},
 }
+
+
+def modules_imported(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_bench_imports_of_tests_are_the_support_package() -> None:
+    wrong = {str(path.relative_to(REPO)): sorted(
+        name for name in modules_imported(path)
+        if name.split(".")[0] == "tests" and not name.startswith("tests.support."))
+        for path in sorted((REPO / "bench").rglob("*.py"))}
+    assert not {k: v for k, v in wrong.items() if v}, wrong
+
+
 # Never in the service, even lazily: its install has no TensorFlow.
 SERVICE_FORBIDDEN = {"tensorflow", "keras", "tf2onnx", "sklearn", "training", "export"}
 

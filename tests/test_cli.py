@@ -16,9 +16,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from bundle_factory import make_tiny_bundle
 
 from pneumoscreen.cli import COMMANDS, extra_hint, load_command
+from tests.support.bundle_factory import make_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_EXTRA = ("tensorflow", "keras", "tf2onnx", "onnx", "sklearn", "matplotlib")

@@ -28,7 +28,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from bundle_factory import make_tiny_bundle
+
+from tests.support.bundle_factory import make_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE_API = REPO / "Dockerfile.api"

@@ -71,7 +71,8 @@ def train_command(
     if distribute not in DISTRIBUTE_CHOICES:
         raise typer.BadParameter(f"{distribute!r} is not one of {', '.join(DISTRIBUTE_CHOICES)}",
                                  param_hint="--distribute")
-    from training.train import TrainConfig, train
+    from training.config import TrainConfig
+    from training.train import train
 
     config = TrainConfig(
         data=data, out=out, backbone=backbone, weights=weights, input_size=input_size,

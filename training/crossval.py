@@ -20,22 +20,22 @@ import numpy as np
 
 from training.data import load_arrays, split_samples
 from training.metrics import binary_metrics, bootstrap_intervals, choose_threshold, positive_scores
+from training.run_record import RunRecord, read_run
 
 
 def _fold_scores(run_dir: Path, data_root: Path, cache_dir: Path | None,
-                 batch_size: int) -> tuple[dict, np.ndarray, np.ndarray, list[str]]:
+                 batch_size: int) -> tuple[RunRecord, np.ndarray, np.ndarray, list[str]]:
     from training.model import load_trained
 
-    run = json.loads((run_dir / "run.json").read_text())
-    if run.get("validation") != "kfold":
+    run = read_run(run_dir)
+    if run.validation != "kfold":
         raise ValueError(f"{run_dir} is not a k-fold member (trained with --validation "
-                         f"{run.get('validation', 'patient')})")
-    labels = tuple(run["labels"])
+                         f"{run.validation})")
+    labels = tuple(run.labels)
     samples = split_samples(run_dir, data_root, "validation", len(labels))
-    size = (run["input_size"], run["input_size"])
-    x, y = load_arrays(samples, labels, size, cache_dir)
+    x, y = load_arrays(samples, labels, run.image_size, cache_dir)
     model = load_trained(run_dir / "model.keras")
-    positive = [labels.index(p) for p in run["positive_labels"]]
+    positive = run.positive_indices()
     scores = positive_scores(model.predict(x, batch_size=batch_size, verbose=0), positive)
     return run, np.isin(y, positive), scores, [s.patient for s in samples]
 
@@ -54,12 +54,12 @@ def crossval_report(run_dirs: list[Path], data_root: Path, out: Path,
     for run_dir in run_dirs:
         run, y, scores, patients = _fold_scores(run_dir, data_root, cache_dir, batch_size)
         if target is None:
-            target = run["target_sensitivity"]
-        elif run["target_sensitivity"] != target:
+            target = run.target_sensitivity
+        elif run.target_sensitivity != target:
             raise ValueError("the folds were trained for different target sensitivities")
-        folds.append({"run": run_dir.name, "fold": run["config"]["fold"],
-                      "folds": run["config"]["folds"], "threshold": run["threshold"],
-                      "own_threshold": _figures(y, scores, run["threshold"], patients),
+        folds.append({"run": run_dir.name, "fold": run.config.fold,
+                      "folds": run.config.folds, "threshold": run.threshold,
+                      "own_threshold": _figures(y, scores, run.threshold, patients),
                       "_data": (y, scores, patients)})
         pooled_y.append(y)
         pooled_scores.append(scores)

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from training.data import load_arrays, split_samples
 from training.metrics import binary_metrics, choose_threshold, positive_scores
+from training.run_record import EnsembleInfo, read_run, write_run
 
 POOL, DENSE = "pool", "probabilities"
 
@@ -119,48 +121,48 @@ def ensemble_runs(run_dirs: list[Path], out: Path, data_root: Path,
 
     started = time.perf_counter()
     split = _same_split(run_dirs)
-    runs = [json.loads((d / "run.json").read_text()) for d in run_dirs]
+    runs = [read_run(d) for d in run_dirs]
     first = runs[0]
     for run_dir, run in zip(run_dirs, runs, strict=True):
         for key in ("labels", "positive_labels", "input_size", "target_sensitivity"):
-            if run[key] != first[key]:
-                raise ValueError(f"{run_dir}: {key} {run[key]!r} differs from "
-                                 f"{run_dirs[0]}'s {first[key]!r}")
+            if getattr(run, key) != getattr(first, key):
+                raise ValueError(f"{run_dir}: {key} {getattr(run, key)!r} differs from "
+                                 f"{run_dirs[0]}'s {getattr(first, key)!r}")
     model = build_ensemble([load_trained(d / "model.keras") for d in run_dirs])
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "model.keras")
     (out / "split.json").write_text(json.dumps(split, indent=1) + "\n")
 
     # The operating point by the members' own rule, on the shared validation split.
-    labels = tuple(first["labels"])
+    labels = tuple(first.labels)
     samples = split_samples(out, data_root, "validation", len(labels))
-    x_val, y_val = load_arrays(samples, labels, (first["input_size"],) * 2, cache_dir)
-    positive = [labels.index(p) for p in first["positive_labels"]]
+    x_val, y_val = load_arrays(samples, labels, first.image_size, cache_dir)
+    positive = first.positive_indices()
     scores = positive_scores(model.predict(x_val, batch_size=batch_size, verbose=0), positive)
     y_positive = np.isin(y_val, positive)
-    threshold = choose_threshold(y_positive, scores, first["target_sensitivity"])
+    threshold = choose_threshold(y_positive, scores, first.target_sensitivity)
     metrics = binary_metrics(y_positive, scores, threshold)
     print(f"ensemble of {len(run_dirs)}: validation AUC {metrics['auc']:.4f}, threshold "
           f"{threshold:.4f}, sensitivity {metrics['sensitivity']:.3f}, specificity "
           f"{metrics['specificity']:.3f}")
 
-    run = {key: first[key] for key in ("backbone", "input_size", "labels", "positive_label",
-                                       "positive_labels", "negative_label",
-                                       "target_sensitivity", "data", "tool_versions")}
-    run.update({
-        "config": {**first["config"], "out": str(out), "ensemble_of": [str(d) for d in run_dirs]},
-        "validation": first.get("validation", "patient"),
+    # The first member's record (its config, data counts and tool versions stand for the
+    # recipe all members share), with the ensemble's own threshold and no calibration yet.
+    record = first.model_copy(update={
+        "config": replace(first.config, out=out),
         "threshold": threshold,
-        "ensemble": {
-            "members": [str(d) for d in run_dirs],
-            "member_best_val_auc": [r.get("best_val_auc") for r in runs],
-            "combination": "mean of the members' logits (one Dense head over their "
-                           "concatenated pooled features, each member weighted 1/M)",
-        },
-        "epochs_run": sum(r.get("epochs_run", 0) for r in runs),
+        "distribute": None,
+        "calibration": None,
+        "ensemble": EnsembleInfo(
+            members=[str(d) for d in run_dirs],
+            member_best_val_auc=[r.best_val_auc for r in runs],
+            combination="mean of the members' logits (one Dense head over their "
+                        "concatenated pooled features, each member weighted 1/M)",
+        ),
+        "epochs_run": sum(r.epochs_run for r in runs),
         "best_val_auc": metrics["auc"],
         "history": [],
         "wall_time_s": round(time.perf_counter() - started, 1),
     })
-    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    write_run(out, record)
     return evaluate_run(out, data_root, batch_size=batch_size, cache_dir=cache_dir, model=model)

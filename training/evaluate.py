@@ -30,6 +30,7 @@ from training.metrics import (
     plot_roc,
     positive_scores,
 )
+from training.run_record import RunCalibration, RunRecord, read_run, write_run
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -56,23 +57,22 @@ class SplitResult:
 def evaluate_predictions(
     splits: dict[str, list[Sample]],
     predict: Predict,
-    run: dict,
-    size: tuple[int, int],
+    record: RunRecord,
     cache_dir: Path | None,
 ) -> dict[str, SplitResult]:
     """Metrics per split at the run's threshold, with the labels and scores behind them."""
-    labels = tuple(run["labels"])
-    positive_indices = [labels.index(p) for p in run["positive_labels"]]
+    labels = tuple(record.labels)
+    positive_indices = record.positive_indices()
     results = {}
     for name, samples in splits.items():
-        x, y = load_arrays(samples, labels, size, cache_dir)
+        x, y = load_arrays(samples, labels, record.image_size, cache_dir)
         probabilities = predict(x)
         scores = positive_scores(probabilities, positive_indices)
         y_positive = np.isin(y, positive_indices)
-        metrics = binary_metrics(y_positive, scores, run["threshold"])
+        metrics = binary_metrics(y_positive, scores, record.threshold)
         patients = [patient_id(s.path.name) for s in samples]
         metrics["patients"] = len(set(patients))
-        metrics["intervals_95"] = bootstrap_intervals(y_positive, scores, run["threshold"],
+        metrics["intervals_95"] = bootstrap_intervals(y_positive, scores, record.threshold,
                                                       patients)
         results[name] = SplitResult(metrics, y_positive, scores, probabilities, y)
     return results
@@ -85,72 +85,80 @@ def evaluate_run(
     cache_dir: Path | None = None,
     model=None,
 ) -> dict:
-    """Predict every split with the run's best Keras model, fit the temperature on the
-    validation split (recorded in run.json for export) and write report/."""
+    """`pneumoscreen evaluate`: evaluate_model on the run's record and best Keras model,
+    then record the calibration in run.json (for export)."""
     from training.model import load_trained
 
-    run_path = run_dir / "run.json"
-    run = json.loads(run_path.read_text())
+    record = read_run(run_dir)
     if model is None:
         model = load_trained(run_dir / "model.keras")
-    splits = run_splits(run_dir, data_root, len(run["labels"]))
-    size = (run["input_size"], run["input_size"])
+    record, report = evaluate_model(run_dir, record, data_root, model, batch_size, cache_dir)
+    write_run(run_dir, record)
+    return report
+
+
+def evaluate_model(
+    run_dir: Path,
+    record: RunRecord,
+    data_root: Path,
+    model,
+    batch_size: int = 32,
+    cache_dir: Path | None = None,
+) -> tuple[RunRecord, dict]:
+    """Predict every split, fit the temperature on the validation split and write report/;
+    returns the record with its calibration, and the report."""
+    splits = run_splits(run_dir, data_root, len(record.labels))
 
     def predict(x: np.ndarray) -> np.ndarray:
         return model.predict(x, batch_size=batch_size, verbose=0)
 
-    results = evaluate_predictions(splits, predict, run, size, cache_dir)
-    run["calibration"] = calibrate_run(run, results["validation"])
-    run_path.write_text(json.dumps(run, indent=2) + "\n")
-    return write_report(run_dir / "report", run, results)
+    results = evaluate_predictions(splits, predict, record, cache_dir)
+    record = record.model_copy(
+        update={"calibration": calibrate_run(record, results["validation"])})
+    return record, write_report(run_dir / "report", record, results)
 
 
-def calibrate_run(run: dict, validation: SplitResult) -> dict:
+def calibrate_run(record: RunRecord, validation: SplitResult) -> RunCalibration:
     """Temperature and the threshold it maps the run's threshold to (same decisions)."""
-    labels = tuple(run["labels"])
-    positive_indices = [labels.index(p) for p in run["positive_labels"]]
+    positive_indices = record.positive_indices()
 
     def scores_of(probabilities: np.ndarray) -> np.ndarray:
         return positive_scores(probabilities, positive_indices)
 
     fit = calibrate(validation.probabilities, validation.label_indices, validation.y_positive,
-                    scores_of, fitted_on=f"the {validation_name(run)} validation split")
+                    scores_of, fitted_on=f"the {record.validation_name} validation split")
     calibrated = scores_of(scale_probabilities(validation.probabilities, fit.temperature))
-    threshold = choose_threshold(validation.y_positive, calibrated, run["target_sensitivity"])
-    return {**fit.to_json(), "threshold": threshold,
-            "reliability_before": reliability_curve(validation.y_positive, validation.scores),
-            "reliability_after": reliability_curve(validation.y_positive, calibrated)}
+    threshold = choose_threshold(validation.y_positive, calibrated, record.target_sensitivity)
+    return RunCalibration(
+        **fit.to_json(), threshold=threshold,
+        reliability_before=reliability_curve(validation.y_positive, validation.scores),
+        reliability_after=reliability_curve(validation.y_positive, calibrated))
 
 
-def validation_name(run: dict) -> str:
-    """How a run's validation split was carved (runs before issue 13 used random patients)."""
-    return {"patient": "patient-level", "acquisition": "acquisition-order (most recent ids)",
-            "kfold": "k-fold (by patient)"}.get(run.get("validation", "patient"), "patient-level")
-
-
-def write_report(report_dir: Path, run: dict, results: dict[str, SplitResult]) -> dict:
+def write_report(report_dir: Path, record: RunRecord, results: dict[str, SplitResult]
+                 ) -> dict:
     report_dir.mkdir(parents=True, exist_ok=True)
     report = {
-        "model": {"backbone": run["backbone"], "input_size": run["input_size"],
-                  "labels": run["labels"]},
-        "threshold": run["threshold"],
-        "threshold_rule": (f"highest threshold with sensitivity >= {run['target_sensitivity']} "
-                           f"on the {validation_name(run)} validation split"),
+        "model": {"backbone": record.backbone, "input_size": record.input_size,
+                  "labels": record.labels},
+        "threshold": record.threshold,
+        "threshold_rule": (f"highest threshold with sensitivity >= {record.target_sensitivity} "
+                           f"on the {record.validation_name} validation split"),
         "splits": {name: result.metrics for name, result in results.items()},
     }
-    calibration = run.get("calibration")
+    calibration = record.calibration
     if calibration:
-        report["calibration"] = calibration
-        plot_reliability({"as trained": calibration["reliability_before"],
-                          f"temperature {calibration['temperature']:.2f}":
-                              calibration["reliability_after"]},
+        report["calibration"] = calibration.model_dump(mode="json")
+        plot_reliability({"as trained": calibration.reliability_before,
+                          f"temperature {calibration.temperature:.2f}":
+                              calibration.reliability_after},
                          report_dir / "reliability.png")
     (report_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_roc({name: (r.y_positive, r.scores) for name, r in results.items()},
              report_dir / "roc.png", {name: r.metrics for name, r in results.items()})
     for name, result in results.items():
         suffix = "" if name == "validation" else f"_{name}"
-        title = {"validation": f"validation split ({validation_name(run)})",
+        title = {"validation": f"validation split ({record.validation_name})",
                  "official_val": "official val", "test": "test"}.get(name, name)
         plot_confusion(result.metrics, report_dir / f"confusion_matrix{suffix}.png", title)
     for name, result in results.items():
@@ -162,7 +170,7 @@ def write_report(report_dir: Path, run: dict, results: dict[str, SplitResult]) -
               f"{metrics['sensitivity']:.3f} spec {metrics['specificity']:.3f} "
               f"acc {metrics['accuracy']:.3f}")
     if calibration:
-        print(f"calibration: T = {calibration['temperature']:.3f}, ECE "
-              f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}, threshold "
-              f"{run['threshold']:.4f} -> {calibration['threshold']:.4f}")
+        print(f"calibration: T = {calibration.temperature:.3f}, ECE "
+              f"{calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, threshold "
+              f"{record.threshold:.4f} -> {calibration.threshold:.4f}")
     return report

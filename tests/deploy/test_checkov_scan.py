@@ -16,7 +16,16 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_manifests import OVERLAYS, REPO, TRAINING, checkov, kserve_documents, one, render
+
+from tests.support.deploy_manifests import (
+    OVERLAYS,
+    REPO,
+    TRAINING,
+    checkov,
+    kserve_documents,
+    one,
+    render,
+)
 
 DOCKERFILES = (REPO / "Dockerfile.api", REPO / "Dockerfile.train")
 # Fields of KServe's predictor that are not pod fields (replicas, scaling, the model).

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_manifests import (
+
+from tests.support.deploy_manifests import (
     COMPONENTS,
     K8S,
     OVERLAYS,
@@ -32,7 +33,7 @@ from deploy_manifests import (
     settings_names,
     validated_settings,
 )
-from live_server import LiveServer
+from tests.support.live_server import LiveServer
 
 API_CONTAINER = "api"
 

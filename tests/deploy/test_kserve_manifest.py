@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_manifests import (
+
+from tests.support.deploy_manifests import (
     K8S,
     assert_probes_served,
     container,
@@ -28,7 +29,7 @@ from deploy_manifests import (
     settings_names,
     validated_settings,
 )
-from live_server import LiveServer
+from tests.support.live_server import LiveServer
 
 KSERVE_CONTAINER = "kserve-container"  # the predictor container's name in KServe
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_manifests import (
+
+from tests.support.deploy_manifests import (
     REPO,
     TRAINING,
     container,
@@ -22,7 +23,6 @@ from deploy_manifests import (
     one,
     render,
 )
-
 from training.distribute import DISTRIBUTE_CHOICES
 
 DOCKERFILE_TRAIN = REPO / "Dockerfile.train"

@@ -14,19 +14,18 @@ and report (training's own code), and exported with `export_run`. What is checke
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from run_factory import (
+
+from service.bundle import GATE_FILE, BundleError, read_bundle
+from tests.support.run_factory import (
     FIXTURE_DATA,
     SHARED_MOBILENET_WEIGHTS,
     make_untrained_run,
     mobilenet_weights,
 )
-
-from service.bundle import GATE_FILE, BundleError, read_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +58,7 @@ def test_cam_in_numpy_equals_the_onnx_output(exported: dict[str, Path]) -> None:
     from export.explain_graph import cam_direction, feature_maps
     from service.onnx_session import make_session
     from training.model import load_trained
+    from training.run_record import read_run
 
     model = load_trained(exported["run"] / "model.keras")
     images = _fixture_inputs()
@@ -69,8 +69,9 @@ def test_cam_in_numpy_equals_the_onnx_output(exported: dict[str, Path]) -> None:
     kernel, bias = model.get_layer("probabilities").get_weights()
     # Export folds the run's fitted temperature into the head (export.onnx_export), so the
     # served CAM is the calibrated head's: kernel and bias divided by T.
-    temperature = json.loads((exported["run"] / "run.json").read_text())["calibration"][
-        "temperature"]
+    calibration = read_run(exported["run"]).calibration
+    assert calibration is not None
+    temperature = calibration.temperature
     kernel, bias = kernel / temperature, bias / temperature
     weights, offset = cam_direction(kernel, bias, [1])
     np.testing.assert_allclose(weights, kernel[:, 1] - kernel[:, 0], rtol=1e-6)

@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from bundle_factory import make_tiny_bundle
-from live_server import live_server
 from typer.testing import CliRunner
 
 from pneumoscreen.cli import app
 from service.bundle import read_bundle
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import live_server
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "chest_xray"

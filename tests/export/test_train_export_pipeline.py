@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_factory import FIXTURE_DATA, mobilenet_weights
 from typer.testing import CliRunner
 
 from pneumoscreen.cli import app
 from service.bundle import read_bundle
 from service.preprocessing import load_model_input
+from tests.support.run_factory import FIXTURE_DATA, mobilenet_weights
 from training.calibration import scale_probabilities
+from training.run_record import read_run
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "--cache-dir", str(base / "cache"),
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
+    # train evaluates too, and its last write of run.json keeps evaluate's calibration.
+    assert read_run(run_dir).calibration is not None
     cache = ["--cache-dir", str(base / "cache")]
     result = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--data", str(DATA), *cache])
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -74,9 +77,9 @@ def test_report_files_hold_sane_values(trained: dict[str, Path]) -> None:
         assert 0.0 <= validation[key] <= 1.0
     # The threshold rule: on the split it was chosen on, sensitivity reaches the target.
     assert validation["sensitivity"] >= 0.95
-    run = json.loads((trained["run"] / "run.json").read_text())
-    assert 0.0 <= run["threshold"] <= 1.0
-    assert report["threshold"] == run["threshold"]
+    run = read_run(trained["run"])
+    assert 0.0 <= run.threshold <= 1.0
+    assert report["threshold"] == run.threshold
 
 
 def test_bundle_loads_and_matches_keras(trained: dict[str, Path]) -> None:
@@ -100,11 +103,12 @@ def test_bundle_loads_and_matches_keras(trained: dict[str, Path]) -> None:
     np.testing.assert_allclose(onnx_probabilities.sum(axis=1), 1.0, atol=1e-5)
     # The bundle serves the trained model with its fitted temperature folded into the head:
     # softmax(log(p) / T) of the Keras probabilities, and the threshold mapped to match.
-    calibration = json.loads((trained["run"] / "run.json").read_text())["calibration"]
-    expected = scale_probabilities(keras_probabilities, calibration["temperature"])
+    calibration = read_run(trained["run"]).calibration
+    assert calibration is not None
+    expected = scale_probabilities(keras_probabilities, calibration.temperature)
     assert np.max(np.abs(onnx_probabilities - expected)) < 1e-4
-    assert meta.threshold == pytest.approx(calibration["threshold"])
-    assert meta.validation_metrics["calibration"]["temperature"] == calibration["temperature"]
+    assert meta.threshold == pytest.approx(calibration.threshold)
+    assert meta.validation_metrics["calibration"]["temperature"] == calibration.temperature
     if trained["weights"].is_file():
         # Real ImageNet features: different X-rays get different scores, so the parity
         # above compared something that varies.

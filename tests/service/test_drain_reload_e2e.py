@@ -15,12 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from bundle_factory import make_tiny_bundle
-from live_server import LiveServer, live_server
-from xray_samples import SMALL
 
 from service.config import Settings
 from service.main import create_app
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import LiveServer, live_server
+from tests.support.xray_samples import SMALL
 
 KEY = "admin-test-key"
 PATIENCE_S = 60.0

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from bundle_factory import make_tiny_bundle
-from live_server import LiveServer, live_server
-from xray_samples import SMALL, reference_probabilities
+
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import LiveServer, live_server
+from tests.support.xray_samples import SMALL, reference_probabilities
 
 SLOW_MATMULS = 32
 BATCH = 32  # files in the batch that keeps the model busy (MAX_BATCH_FILES' default)

@@ -1,5 +1,5 @@
 """The input gate and heatmaps over real HTTP, on a format 2 bundle whose gate was fitted
-on the fixture X-rays' features (tests/bundle_factory.py), and old-bundle behaviour."""
+on the fixture X-rays' features (tests/support/bundle_factory.py), and old-bundle behaviour."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from dicom_factory import dicom_bytes
-from live_server import LiveServer, live_server
 from PIL import Image
-from xray_samples import FULLRES, SMALL, reference_probabilities
 
 from bench.gate_eval import generated_images
+from tests.support.dicom_factory import dicom_bytes
+from tests.support.live_server import LiveServer, live_server
+from tests.support.xray_samples import FULLRES, SMALL, reference_probabilities
 
 GATE_CODES = {"not_chest_xray", "unsupported_view", "rotated_image"}
 
@@ -120,7 +120,7 @@ def _xray_pixels() -> np.ndarray:
 ])
 def test_dicom_tag_rules(gated_server: LiveServer, tags: dict[str, str],
                          code: str | None) -> None:
-    from dicom_factory import make_dataset, to_bytes
+    from tests.support.dicom_factory import make_dataset, to_bytes
 
     dataset = make_dataset(_xray_pixels())
     for name, value in tags.items():

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bundle_factory import make_tiny_bundle, make_tiny_explain_onnx, make_tiny_gated_bundle
 from PIL import Image
-from xray_samples import FULLRES
 
 from service.bundle import GATE_FILE, META_FILE, BundleError, GateInfo, read_bundle
 from service.gate import (
@@ -22,6 +20,12 @@ from service.gate import (
 )
 from service.heatmap import LEVELS, heatmap_levels, heatmap_payload, normalise_cam
 from service.image_facts import DicomTags, ImageFacts, read_facts
+from tests.support.bundle_factory import (
+    make_tiny_bundle,
+    make_tiny_explain_onnx,
+    make_tiny_gated_bundle,
+)
+from tests.support.xray_samples import FULLRES
 
 
 def _info(threshold: float = 3.0, rotated: float = 3.0) -> GateInfo:

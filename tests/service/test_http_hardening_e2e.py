@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import LiveServer, live_server
+
+from tests.support.live_server import LiveServer, live_server
 
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from doc_examples import blocks, run_examples
-from live_server import LiveServer
+from tests.support.doc_examples import blocks, run_examples
+from tests.support.live_server import LiveServer
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "integration.md"

@@ -60,8 +60,8 @@ def test_runner_builds_its_session_through_the_factory(
 
 
 CALLERS = ["service/inference.py", "export/onnx_export.py", "export/quantize.py",
-           "bench/service_bench.py", "bench/model_latency.py", "tests/bundle_factory.py",
-           *sorted(str(p.relative_to(REPO)) for p in (REPO / "tests/export").glob("*.py"))]
+           "bench/service_bench.py", "bench/model_latency.py", "tests/support/bundle_factory.py",
+           *sorted(str(p.relative_to(REPO)) for p in (REPO / "tests/export").glob("test_*.py"))]
 
 
 @pytest.mark.parametrize("path", CALLERS)

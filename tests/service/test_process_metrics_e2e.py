@@ -8,8 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import LiveServer
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from leaks import leaks
-
 from service.safe_text import MAX_FILENAME_CHARS, clean_filename, redact
+from tests.support.leaks import leaks
 
 
 def test_filenames_lose_control_and_bidi_characters() -> None:

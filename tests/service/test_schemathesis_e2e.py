@@ -21,8 +21,9 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
-from live_server import LiveServer, live_server
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from tests.support.live_server import LiveServer, live_server
 
 EXAMPLES = 5
 BUDGET_S = 60.0

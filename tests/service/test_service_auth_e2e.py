@@ -7,8 +7,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import LiveServer, live_server
-from xray_samples import SMALL
+
+from tests.support.live_server import LiveServer, live_server
+from tests.support.xray_samples import SMALL
 
 KEY = "s3cret-key-for-tests"
 

@@ -9,10 +9,11 @@
 | 20-byte JPEG answer holds `<_io.BytesIO ... 0x7f..>` | test_twenty_byte_jpeg_...          |
 | filenames echoed as sent                            | test_batch_filenames_are_cleaned   |
 
-The inputs are generated here (tests/attack_images.py, tests/dicom_factory.py). Server
-memory is read from /proc/<pid>/status of the uvicorn process: VmHWM (its peak) after
-the attacks must stay well under the issue's 1.5 GB target (measured with
-`python -m bench.bombs`: ~330 MB; see bench/README.md). Timing is not asserted.
+The inputs are generated here (tests/support/attack_images.py,
+tests/support/dicom_factory.py). Server memory is read from /proc/<pid>/status of the
+uvicorn process: VmHWM (its peak) after the attacks must stay well under the issue's 1.5
+GB target (measured with `python -m bench.bombs`: ~330 MB; see bench/README.md). Timing is
+not asserted.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from attack_images import black_png, png_rgba16, progressive_jpeg, twenty_byte_jpeg
-from dicom_factory import deflated_dicom_bomb
-from leaks import leaks
-from live_server import LiveServer, live_server
-from proc_memory import MB, peak_bytes, rss_bytes
+
+from tests.support.attack_images import black_png, png_rgba16, progressive_jpeg, twenty_byte_jpeg
+from tests.support.dicom_factory import deflated_dicom_bomb
+from tests.support.leaks import leaks
+from tests.support.live_server import LiveServer, live_server
+from tests.support.proc_memory import MB, peak_bytes, rss_bytes
 
 FULLRES = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "fullres").glob("*.jpeg"))
 MiB = 1024 * 1024

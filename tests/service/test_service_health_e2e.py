@@ -8,8 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import LiveServer, live_server
-from xray_samples import SMALL
+
+from tests.support.live_server import LiveServer, live_server
+from tests.support.xray_samples import SMALL
 
 
 def _not_ready_checks(server: LiveServer) -> dict:

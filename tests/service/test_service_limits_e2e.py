@@ -10,10 +10,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from dicom_factory import dicom_bytes
-from live_server import LiveServer, live_server
 from PIL import Image
-from xray_samples import FULLRES, SMALL, tiny_png
+
+from tests.support.dicom_factory import dicom_bytes
+from tests.support.live_server import LiveServer, live_server
+from tests.support.xray_samples import FULLRES, SMALL, tiny_png
 
 MAX_FILE = 300_000
 MAX_REQUEST = 1_500_000

@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 
 import httpx
-from live_server import LiveServer
-from xray_samples import SMALL
+
+from tests.support.live_server import LiveServer
+from tests.support.xray_samples import SMALL
 
 
 def test_model_card(server: LiveServer, tiny_bundle: Path) -> None:

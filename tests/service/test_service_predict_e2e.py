@@ -8,11 +8,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from bundle_factory import make_tiny_bundle
-from dicom_factory import FAKE_PATIENT_ID, dicom_bytes
-from live_server import LiveServer, live_server
 from PIL import Image
-from xray_samples import FULLRES, SMALL, png_bytes, reference_probabilities
+
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.dicom_factory import FAKE_PATIENT_ID, dicom_bytes
+from tests.support.live_server import LiveServer, live_server
+from tests.support.xray_samples import FULLRES, SMALL, png_bytes, reference_probabilities
 
 
 def _assert_prediction(body: dict, expected: dict[str, float], threshold: float) -> None:
@@ -132,7 +133,7 @@ def test_batch_of_only_bad_files_is_still_200(server: LiveServer) -> None:
 def test_bad_single_file_gets_json_error(
     server: LiveServer, name: str, data: bytes | None, status: int, code: str
 ) -> None:
-    from xray_samples import tiny_png
+    from tests.support.xray_samples import tiny_png
 
     payload = tiny_png(8) if data is None else data
     response = httpx.post(f"{server.base_url}/predict", files={"file": (name, payload)}, timeout=30)

@@ -19,15 +19,21 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from dicom_factory import FAKE_ACCESSION, FAKE_PATIENT_ID, FAKE_PATIENT_NAME, make_dataset, to_bytes
 from fhir.resources.R4B.bundle import Bundle
-from live_server import LiveServer
 from PIL import Image
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage
-from xray_samples import FULLRES, reference_probabilities
 
 from service.bundle import read_bundle
+from tests.support.dicom_factory import (
+    FAKE_ACCESSION,
+    FAKE_PATIENT_ID,
+    FAKE_PATIENT_NAME,
+    make_dataset,
+    to_bytes,
+)
+from tests.support.live_server import LiveServer
+from tests.support.xray_samples import FULLRES, reference_probabilities
 
 PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
 SR = "application/dicom"

@@ -9,10 +9,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from bundle_factory import make_tiny_bundle
-from live_server import LiveServer
 from pydantic import ValidationError
-from xray_samples import SMALL
 
 from service.bundle import read_bundle
 from service.config import Settings
@@ -22,6 +19,9 @@ from service.main import create_app
 from service.onnx_session import CPU, CUDA, choose_providers
 from service.scoring import normalise, positive_probability
 from service.security import key_matches
+from tests.support.bundle_factory import make_tiny_bundle
+from tests.support.live_server import LiveServer
+from tests.support.xray_samples import SMALL
 
 
 def test_score_two_labels_follows_threshold(tmp_path: Path) -> None:

@@ -13,13 +13,13 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from dicom_factory import dicom_bytes
-from live_server import LiveServer, live_server
 from PIL import Image
 from tritonclient.utils import InferenceServerException
-from xray_samples import FULLRES, SMALL, png_bytes
 
 from service.bundle import read_bundle
+from tests.support.dicom_factory import dicom_bytes
+from tests.support.live_server import LiveServer, live_server
+from tests.support.xray_samples import FULLRES, SMALL, png_bytes
 
 MODEL = "tiny-test-model"
 VERSION = "0.0.1"

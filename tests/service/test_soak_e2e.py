@@ -11,8 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from live_server import LiveServer, live_server
-from xray_samples import FULLRES
+
+from tests.support.live_server import LiveServer, live_server
+from tests.support.xray_samples import FULLRES
 
 CLIENTS = 32
 WARM_UP_S = 5.0

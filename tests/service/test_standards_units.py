@@ -10,17 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import FAKE_PATIENT_ID, dicom_bytes
 from PIL import Image
 from tritonclient.http import InferResult
 from tritonclient.utils import serialize_byte_tensor
-from xray_samples import FULLRES
 
 from service import open_inference as oip
 from service.errors import ERROR_CODES
 from service.preprocessing import load_model_input, load_model_input_with_header
 from service.reports.negotiation import MediaType, choose
 from service.reports.responses import BATCH_OFFERS, DICOM, DICOM_MULTIPART, FHIR, JSON
+from tests.support.dicom_factory import FAKE_PATIENT_ID, dicom_bytes
+from tests.support.xray_samples import FULLRES
 
 REPO = Path(__file__).resolve().parents[2]
 SINGLE = (JSON, DICOM, FHIR)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_factory import FIXTURE_DATA, make_untrained_run
+
+from tests.support.run_factory import FIXTURE_DATA, make_untrained_run
 
 pytestmark = pytest.mark.slow
 

@@ -21,6 +21,7 @@ SIZE = 64
 @pytest.mark.slow
 def test_mirrored_strategy_trains_one_replica_on_cpu(tmp_path: Path) -> None:
     from training.model import load_trained
+    from training.run_record import read_run
 
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, [
@@ -30,14 +31,15 @@ def test_mirrored_strategy_trains_one_replica_on_cpu(tmp_path: Path) -> None:
         "--cache-dir", str(tmp_path / "cache"),
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    run = json.loads((run_dir / "run.json").read_text())
-    assert run["config"]["distribute"] == "mirrored"
-    distribute = run["distribute"]
+    run = read_run(run_dir)
+    assert run.config.distribute == "mirrored"
+    distribute = run.distribute
+    assert distribute is not None
     # The model itself was built in the strategy's scope, not only the strategy made.
-    assert distribute["strategy"] == distribute["model_strategy"] == "MirroredStrategy"
-    assert distribute["replicas"] == 1 and len(distribute["devices"]) == 1
-    assert "CPU" in distribute["devices"][0].upper()
-    assert run["epochs_run"] == 2  # both phases ran: phase 2 recompiled in the scope
+    assert distribute.strategy == distribute.model_strategy == "MirroredStrategy"
+    assert distribute.replicas == 1 and len(distribute.devices) == 1
+    assert "CPU" in distribute.devices[0].upper()
+    assert run.epochs_run == 2  # both phases ran: phase 2 recompiled in the scope
 
     model = load_trained(run_dir / "model.keras")
     images = np.zeros((2, SIZE, SIZE, 3), dtype=np.uint8)

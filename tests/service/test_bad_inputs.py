@@ -25,15 +25,22 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from attack_images import black_png, png, twenty_byte_jpeg
-from damaged_images import damaged_exif_jpeg
-from dicom_factory import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, dicom_bytes, make_dataset, to_bytes
-from leaks import leaks
-from live_server import LiveServer, live_server
 from PIL import Image
 from pydicom.uid import JPEGLSLossless
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from tests.support.attack_images import black_png, png, twenty_byte_jpeg
+from tests.support.damaged_images import damaged_exif_jpeg
+from tests.support.dicom_factory import (
+    FAKE_PATIENT_ID,
+    FAKE_PATIENT_NAME,
+    dicom_bytes,
+    make_dataset,
+    to_bytes,
+)
+from tests.support.leaks import leaks
+from tests.support.live_server import LiveServer, live_server
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 GOOD_XRAY = FIXTURES / "fullres" / "NORMAL_IM-0206-0001.jpeg"  # 1040x747 grey JPEG
 SMALL_XRAY = FIXTURES / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg"  # 224 px, 7 KB
 DEFAULT_MAX_BATCH_FILES = 32

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FIXTURE_DATA = Path(__file__).parent / "fixtures" / "chest_xray"
-SHARED_MOBILENET_WEIGHTS = (Path(__file__).parents[1].parent / "shared" / "weights"
+FIXTURE_DATA = Path(__file__).parents[1] / "fixtures" / "chest_xray"
+SHARED_MOBILENET_WEIGHTS = (Path(__file__).parents[2].parent / "shared" / "weights"
                             / "mobilenet_1_0_224_tf_no_top.h5")
 
 
@@ -24,10 +24,11 @@ def make_untrained_run(run_dir: Path, data: Path, size: int, cache: Path | None,
                        weights: str = "none", backbone: str = "mobilenet") -> Path:
     import keras
 
+    from training.config import TrainConfig
     from training.data import label_counts, list_split, split_by_patient
     from training.evaluate import evaluate_run
     from training.model import build_model
-    from training.train import tool_versions
+    from training.run_record import DataCounts, RunRecord, tool_versions, write_run
 
     run_dir.mkdir(parents=True)
     keras.utils.set_random_seed(3)
@@ -38,17 +39,17 @@ def make_untrained_run(run_dir: Path, data: Path, size: int, cache: Path | None,
         "seed": 1, "val_fraction": 0.25,
         "train": [str(s.path.relative_to(data)) for s in train],
         "validation": [str(s.path.relative_to(data)) for s in val]}))
-    run = {
-        "config": {"seed": 1, "weights": weights}, "backbone": backbone,
-        "input_size": size, "labels": ["NORMAL", "PNEUMONIA"], "positive_label": "PNEUMONIA",
-        "positive_labels": ["PNEUMONIA"], "negative_label": "NORMAL", "threshold": 0.5,
-        "target_sensitivity": 0.95,
-        "data": {"root": str(data), "train_images": len(train), "validation_images": len(val),
-                 "train_patients": len({s.patient for s in train}),
-                 "validation_patients": len({s.patient for s in val}),
-                 "train_counts": label_counts(train), "validation_counts": label_counts(val)},
-        "epochs_run": 0, "wall_time_s": 0.0, "tool_versions": tool_versions(),
-    }
-    (run_dir / "run.json").write_text(json.dumps(run))
+    config = TrainConfig(data=data, out=run_dir, backbone=backbone, weights=weights,
+                         input_size=size, epochs_frozen=0, epochs_finetune=0, val_fraction=0.25,
+                         seed=1, cache_dir=cache)
+    write_run(run_dir, RunRecord(
+        config=config, backbone=backbone, input_size=size, labels=["NORMAL", "PNEUMONIA"],
+        positive_label="PNEUMONIA", positive_labels=["PNEUMONIA"], negative_label="NORMAL",
+        threshold=0.5, target_sensitivity=0.95,
+        data=DataCounts(root=str(data), train_images=len(train), validation_images=len(val),
+                        train_patients=len({s.patient for s in train}),
+                        validation_patients=len({s.patient for s in val}),
+                        train_counts=label_counts(train), validation_counts=label_counts(val)),
+        epochs_run=0, wall_time_s=0.0, tool_versions=tool_versions()))
     evaluate_run(run_dir, data, batch_size=16, cache_dir=cache, model=model)
     return run_dir

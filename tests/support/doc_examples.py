@@ -1,7 +1,7 @@
 """Run the fenced ```bash and ```python examples of a Markdown document, in order, in one
 folder, against a given server (docs/integration.md's examples must keep working).
 
-    python tests/service/doc_examples.py docs/integration.md WORKDIR [HOST:PORT MODEL]
+    python -m tests.support.doc_examples docs/integration.md WORKDIR [HOST:PORT MODEL]
 
 prints each block's output, so the figures in the document can be refreshed from a run.
 """

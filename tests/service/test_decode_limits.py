@@ -1,8 +1,8 @@
 """Decode budgets in service.preprocessing: each cost is known from the header and
 refused before decoding; a process-wide memory budget bounds what decodes hold together.
 
-The heavy inputs (issue 8) are generated here, in milliseconds (tests/attack_images.py,
-tests/dicom_factory.py). "Before decoding" is checked by making the decoder itself fail
+The heavy inputs (issue 8) are generated here, in milliseconds (tests/support/attack_images.py,
+tests/support/dicom_factory.py). "Before decoding" is checked by making the decoder itself fail
 the test if it is reached, not by timing.
 """
 
@@ -18,16 +18,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from attack_images import black_png, png_rgba16, progressive_jpeg, twenty_byte_jpeg
-from dicom_factory import (
-    deflated_dicom,
-    deflated_dicom_bomb,
-    dicom_bytes,
-    make_dataset,
-    to_12bit,
-    to_bytes,
-)
-from leaks import leaks
 from PIL import Image, ImageFile
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
@@ -45,8 +35,18 @@ from service.preprocessing import (
     decode_grey,
     load_model_input,
 )
+from tests.support.attack_images import black_png, png_rgba16, progressive_jpeg, twenty_byte_jpeg
+from tests.support.dicom_factory import (
+    deflated_dicom,
+    deflated_dicom_bomb,
+    dicom_bytes,
+    make_dataset,
+    to_12bit,
+    to_bytes,
+)
+from tests.support.leaks import leaks
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 FULLRES = sorted((FIXTURES / "fullres").glob("*.jpeg"))
 MiB = 1024 * 1024
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LIVENESS_PATH = "/livez"
 HEALTH_PATH = "/health"
 

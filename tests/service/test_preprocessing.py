@@ -12,18 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from damaged_images import TYPE_ERROR_EDITS, damaged_exif_jpeg
-from dicom_factory import (
-    CR,
-    DX,
-    FAKE_ACCESSION,
-    FAKE_PATIENT_ID,
-    FAKE_PATIENT_NAME,
-    dicom_bytes,
-    make_dataset,
-    to_12bit,
-    to_bytes,
-)
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
@@ -43,8 +31,20 @@ from service.preprocessing import (
     sniff_format,
     to_model_input,
 )
+from tests.support.damaged_images import TYPE_ERROR_EDITS, damaged_exif_jpeg
+from tests.support.dicom_factory import (
+    CR,
+    DX,
+    FAKE_ACCESSION,
+    FAKE_PATIENT_ID,
+    FAKE_PATIENT_NAME,
+    dicom_bytes,
+    make_dataset,
+    to_12bit,
+    to_bytes,
+)
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 FIXTURES = TESTS_DIR / "fixtures"
 FIXTURE_FULLRES = sorted((FIXTURES / "fullres").glob("*.jpeg"))
 FIXTURE_224 = sorted((FIXTURES / "chest_xray").glob("*/*/*.jpeg"))

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from bundle_factory import make_tiny_bundle
 
 from service.bundle import META_FILE, MODEL_FILE, BundleError, BundleMeta, read_bundle
+from tests.support.bundle_factory import make_tiny_bundle
 
 
 def test_round_trip(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from service.bundle import (
     write_bundle,
 )
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 GRID = 8
 
 

@@ -10,8 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from live_server import LiveServer
-from test_docs_browser import _OPBLOCK, FIXTURE_XRAY, headless_chromium, needs_chromium
+
+from tests.support.browser import (
+    FIXTURE_XRAY,
+    PREDICT_OPBLOCK,
+    headless_chromium,
+    needs_chromium,
+)
+from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.browser
 
@@ -31,7 +37,7 @@ def test_docs_offer_and_send_the_accept_variants(server: LiveServer, tmp_path: P
             "(p.getAttribute('data-path') || p.textContent).trim())")
         assert "/v2/models/{name}/infer" in operations, operations
 
-        cdp.evaluate(f"{_OPBLOCK}.setAttribute('data-test', 'predict')")
+        cdp.evaluate(f"{PREDICT_OPBLOCK}.setAttribute('data-test', 'predict')")
         cdp.evaluate("(() => { const b = document.querySelector('[data-test=predict]');"
                      " (b.querySelector('.opblock-summary-control') || "
                      "b.querySelector('.opblock-summary')).click(); })()")

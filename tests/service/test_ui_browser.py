@@ -16,16 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import write_dicom
-from live_server import LiveServer
 from PIL import Image
-from test_docs_browser import CDP, _non_local_requests, headless_chromium, needs_chromium
 
 from bench.gate_eval import generated_images
+from tests.support.browser import CDP, headless_chromium, needs_chromium, non_local_requests
+from tests.support.dicom_factory import write_dicom
+from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.browser
 
-FIXTURE_XRAY = Path(__file__).resolve().parent / "fixtures" / "fullres" / "NORMAL_IM-0206-0001.jpeg"
+FIXTURE_XRAY = (Path(__file__).resolve().parents[1] / "fixtures" / "fullres"
+                / "NORMAL_IM-0206-0001.jpeg")
 
 
 def _pick(cdp: CDP, path: Path) -> None:
@@ -118,6 +119,6 @@ def test_ui_scores_an_xray_with_its_heatmap_and_shows_refusals(
         assert cdp.evaluate("getComputedStyle(document.getElementById('result')).display") == \
             "none"
 
-        leaks = _non_local_requests(cdp.events)
+        leaks = non_local_requests(cdp.events)
         assert not leaks, f"/ui made requests beyond localhost: {leaks}"
     assert time.monotonic() - started < 90
