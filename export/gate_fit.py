@@ -152,34 +152,38 @@ def fit_gate(
         raise ValueError("target_acceptance must be in (0.5, 1]")
     if not 0.0 < confidence < 1.0:
         raise ValueError("confidence must be in (0, 1)")
+    rendering = render is not None
     train_features = features(train_images)
-    rendered = (rendered_features(features, render, train_images) if render is not None
-                else train_features[:0])
     by_class: dict[str, np.ndarray] = {
-        label: np.concatenate([train_features[train_labels == i],
-                               rendered[train_labels[: len(rendered)] == i]])
-        for i, label in enumerate(labels)
+        label: train_features[train_labels == i] for i, label in enumerate(labels)
     }
+    if render is not None:
+        rendered = rendered_features(features, render, train_images)
+        for i, label in enumerate(labels):
+            by_class[label] = np.concatenate([by_class[label], rendered[train_labels == i]])
+    # A mis-oriented upload reaches the model through the same decode: rotations of
+    # renditions too, so that the upright classes are not the only broadened ones.
     turned = thin(train_images, rotation_images)
+    if render is not None:
+        turned = np.concatenate([turned, render(turned)])
     for k in QUARTER_TURNS:
         by_class[rotated_class(k)] = features(rotate(turned, k))
     stats, shrinkage = fit_stats(by_class, components)
 
-    val_features = features(val_images)
-    val_rendered = (rendered_features(features, render, val_images) if render is not None
-                    else val_features[:0])
-    # Each validation X-ray counts with the worse of its renditions: both must pass.
-    val_upright = _upright_distance(stats, stats.distances(val_features))
-    if len(val_rendered):
-        val_upright = np.maximum(val_upright,
-                                 _upright_distance(stats, stats.distances(val_rendered)))
+    # Each validation X-ray counts with the worse distance of its two renditions
+    # (published, serving): both must pass; the same for each of its rotations.
+    renditions = [val_images] + ([render(val_images)] if render is not None else [])
+    val_features = [features(images) for images in renditions]
+    val_upright = np.max([_upright_distance(stats, stats.distances(values))
+                          for values in val_features], axis=0)
     threshold, threshold_confidence = quantile_upper_bound(val_upright, target_acceptance,
                                                            confidence)
-    val_turned = thin(val_images, rotation_images)
-    rotated_distances = np.concatenate([stats.distances(features(rotate(val_turned, k)))
-                                        for k in QUARTER_TURNS])
+    rotated = [np.concatenate([stats.distances(features(rotate(thin(images, rotation_images),
+                                                                  k)))
+                               for k in QUARTER_TURNS]) for images in renditions]
     rotated_threshold, rotated_confidence = quantile_upper_bound(
-        _rotated_distance(stats, rotated_distances), target_acceptance, confidence)
+        np.max([_rotated_distance(stats, values) for values in rotated], axis=0),
+        target_acceptance, confidence)
 
     bound = (f"one-sided {confidence:.0%} upper confidence bound (order statistic) of the "
              f"{target_acceptance:.1%} quantile of the validation split")
@@ -193,18 +197,19 @@ def fit_gate(
         components=int(stats.basis.shape[1]),
         fitted_on={
             "train_images": len(train_images),
-            "serving_renditions": ("one per training and validation X-ray "
-                                   "(export/serving_renditions.py)" if render is not None
-                                   else "none"),
+            "serving_renditions": ("one per training and validation X-ray and per "
+                                   "rotated one (export/serving_renditions.py)"
+                                   if rendering else "none"),
             "per_class": {c: len(v) for c, v in by_class.items()},
             "ledoit_wolf_shrinkage": shrinkage,
             "threshold_from": bound + (", each image at its worse rendition"
-                                       if render is not None else ""),
+                                       if rendering else ""),
             "threshold_confidence": threshold_confidence,
             "rotated_threshold_confidence": rotated_confidence,
         },
     )
-    info.acceptance = measure(stats, info, val_features, rotated_distances, val_rendered)
+    info.acceptance = measure(stats, info, val_features[0], np.concatenate(rotated),
+                              val_features[1] if rendering else None)
     return stats, info
 
 
