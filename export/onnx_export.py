@@ -393,12 +393,15 @@ def _gate_section(meta: BundleMeta) -> str:
         return "## Input gate\nNone (bundle format 1): every decodable image is scored.\n"
     accepted = gate.acceptance.get("validation", {})
     rotated = gate.acceptance.get("validation_rotated", {})
+    threshold_from = gate.fitted_on.get(
+        "threshold_from", f"set so that {gate.target_acceptance:.1%} of the validation "
+        "X-rays pass")
     return f"""## Input gate
 Before scoring, the service refuses images that are not upright frontal chest X-rays
 (422 `not_chest_xray`, `unsupported_view`, `rotated_image`): DICOM tags, colour, blank
 images, aspect ratio, then the Mahalanobis distance of the model's own pooled features
-to the training X-rays (threshold {gate.threshold:.2f}, set so that
-{gate.target_acceptance:.1%} of the validation X-rays pass). On the validation split it
+to the training X-rays (threshold {gate.threshold:.2f}: {threshold_from}). On the
+validation split it
 accepted {accepted.get("accepted")} of {accepted.get("n")} X-rays and refused
 {rotated.get("refused")} of {rotated.get("n")} rotated copies. `explain=true` adds a
 class activation map of the positive class (exact for the linear head).
