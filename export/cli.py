@@ -37,6 +37,14 @@ def export_command(
     gate_components: Annotated[int, typer.Option(
         help="Principal components of the features the gate's Gaussians are fitted in.",
         min=2)] = 64,
+    gate_confidence: Annotated[float, typer.Option(
+        help="Confidence of the upper bound of that quantile the gate's thresholds are set "
+             "at (a margin for estimating it from a few hundred validation images).",
+        min=0.5, max=0.999)] = 0.95,
+    gate_renditions: Annotated[bool, typer.Option(
+        help="Also fit and threshold the gate on serving renditions of the X-rays (as a "
+             "full-resolution upload reaches the model: export/serving_renditions.py).")
+    ] = True,
     int8_out: Annotated[Path | None, typer.Option(
         help="Also write an INT8 bundle here (static quantization calibrated on training "
              "images, with its own validation metrics beside the FP32 ones).")] = None,
@@ -58,7 +66,8 @@ def export_command(
 
     export_run(run, out, data, name=name, version=version, data_source=data_source,
                cache_dir=cache_dir, gate_acceptance=gate_acceptance,
-               gate_rotation_images=gate_rotation_images, gate_components=gate_components)
+               gate_rotation_images=gate_rotation_images, gate_components=gate_components,
+               gate_confidence=gate_confidence, gate_renditions=gate_renditions)
     if int8_out is not None:
         from export.quantize import quantize_bundle
 

@@ -21,11 +21,13 @@ import numpy as np
 
 from export.gate_fit import (
     COMPONENTS,
+    CONFIDENCE,
     ROTATION_IMAGES,
     TARGET_ACCEPTANCE,
     fit_gate,
     onnx_features,
 )
+from export.serving_renditions import serving_renditions
 from service.bundle import (
     CAM_NAME,
     EXPLAIN_OUTPUTS,
@@ -162,6 +164,8 @@ def export_run(
     gate_acceptance: float = TARGET_ACCEPTANCE,
     gate_rotation_images: int = ROTATION_IMAGES,
     gate_components: int = COMPONENTS,
+    gate_confidence: float = CONFIDENCE,
+    gate_renditions: bool = True,
 ) -> BundleMeta:
     from export.explain_graph import explain_model
     from training.model import load_trained
@@ -197,14 +201,19 @@ def export_run(
         x_train, y_train = split_arrays(run_dir, data_root, run, "train", cache_dir)
         x_val, _ = split_arrays(run_dir, data_root, run, "validation", cache_dir)
         stats, gate = fit_gate(onnx_features(session), x_train, y_train, run.labels,
-                               x_val, gate_acceptance, gate_rotation_images, gate_components)
+                               x_val, gate_acceptance, gate_rotation_images, gate_components,
+                               gate_confidence,
+                               serving_renditions if gate_renditions else None)
         gate_path = Path(scratch) / GATE_FILE
         stats.save(gate_path)
         accepted = gate.acceptance["validation"]
         rotated = gate.acceptance["validation_rotated"]
+        renditions = gate.acceptance.get("validation_renditions")
         print(f"gate: threshold {gate.threshold:.2f}; validation X-rays accepted "
-              f"{accepted['accepted']}/{accepted['n']}, rotated refused "
-              f"{rotated['refused']}/{rotated['n']}")
+              f"{accepted['accepted']}/{accepted['n']}"
+              + (f", their serving renditions {renditions['accepted']}/{renditions['n']}"
+                 if renditions else "")
+              + f", rotated refused {rotated['refused']}/{rotated['n']}")
 
         validation = report["splits"]["validation"]
         meta = BundleMeta(
@@ -397,12 +406,15 @@ def _gate_section(meta: BundleMeta) -> str:
         return "## Input gate\nNone (bundle format 1): every decodable image is scored.\n"
     accepted = gate.acceptance.get("validation", {})
     rotated = gate.acceptance.get("validation_rotated", {})
+    threshold_from = gate.fitted_on.get(
+        "threshold_from", f"set so that {gate.target_acceptance:.1%} of the validation "
+        "X-rays pass")
     return f"""## Input gate
 Before scoring, the service refuses images that are not upright frontal chest X-rays
 (422 `not_chest_xray`, `unsupported_view`, `rotated_image`): DICOM tags, colour, blank
 images, aspect ratio, then the Mahalanobis distance of the model's own pooled features
-to the training X-rays (threshold {gate.threshold:.2f}, set so that
-{gate.target_acceptance:.1%} of the validation X-rays pass). On the validation split it
+to the training X-rays (threshold {gate.threshold:.2f}: {threshold_from}). On the
+validation split it
 accepted {accepted.get("accepted")} of {accepted.get("n")} X-rays and refused
 {rotated.get("refused")} of {rotated.get("n")} rotated copies. `explain=true` adds a
 class activation map of the positive class (exact for the linear head).

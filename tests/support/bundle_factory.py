@@ -213,8 +213,13 @@ def make_tiny_gated_bundle(directory: Path, size: int = 64, threshold: float = 0
     session = make_session(onnx_path)
     train, train_labels = fixture_inputs(size, "train")
     val, _ = fixture_inputs(size, "val")
+    # Without serving renditions: the untrained test graph's features barely see
+    # orientation (a 180-degree fixture then lands level with the upright classes), so the
+    # renditions' wider upright classes would make these end-to-end checks a coin toss.
+    # The renditions are tested in tests/export/test_gate_fit_units.py and measured on a
+    # trained bundle with bench/gate_eval.py.
     stats, info = fit_gate(onnx_features(session), train, train_labels,
-                           ["NORMAL", "PNEUMONIA"], val, target_acceptance)
+                           ["NORMAL", "PNEUMONIA"], val, target_acceptance, render=None)
     stats.save(directory / GATE_FILE)
     meta = BundleMeta(
         name=name,
