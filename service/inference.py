@@ -278,6 +278,22 @@ class ModelRunner:
             for outputs in result.outputs
         ]
 
+    def run_if_idle(
+        self, model: LoadedModel, images: list[np.ndarray], deadline: float | None = None
+    ) -> list[ModelOutput] | None:
+        """Blocking, from a worker thread (never the event loop): what predict() returns,
+        run in this thread when the model is free and nothing is queued; else None, and
+        nothing ran (then `await predict(...)`). See BatchScheduler.run_if_idle."""
+        result = self.scheduler.run_if_idle(model, images, deadline)
+        if result is None:
+            return None
+        return [
+            ModelOutput(outputs=outputs, meta=model.meta, gate=model.gate,
+                        run_id=result.run_id, run_ms=result.run_seconds * 1000.0,
+                        batch_size=result.batch_size)
+            for outputs in result.outputs
+        ]
+
     def predict_outputs(self, images: list[np.ndarray]) -> list[Outputs]:
         """Blocking, for offline tools (site calibration, bench), never the event loop:
         every output by name per image, through the same scheduler as predict()."""
