@@ -260,3 +260,94 @@ def test_release_memory_on_a_real_session(tiny_bundle: Path) -> None:
         assert np.array_equal(before["probabilities"], after["probabilities"])
     finally:
         runner.close()
+
+
+class ThreadModel(GateModel):
+    """A GateModel that also records the thread of each run and how many ran at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[threading.Thread] = []
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.threads.append(threading.current_thread())
+        try:
+            return super().run(batch)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_run_if_idle_runs_a_lone_job_in_the_calling_thread() -> None:
+    model = ThreadModel()
+    model.release.set()
+    scheduler = BatchScheduler(max_batch_size=4, idle_release_s=None)
+    try:
+        result = scheduler.run_if_idle(model, [_image(7)])
+    finally:
+        scheduler.close()
+    assert result is not None
+    assert model.threads == [threading.current_thread()]
+    assert result.batch_size == 1 and result.run_id == 1
+    assert int(result.outputs[0]["features"][0]) == 7
+
+
+def test_run_if_idle_declines_when_the_model_is_busy_or_work_is_queued() -> None:
+    model = ThreadModel()
+    scheduler = BatchScheduler(max_batch_size=4, idle_release_s=None)
+    try:
+        _hold(scheduler, model)  # the scheduler thread is in the model
+        assert scheduler.run_if_idle(model, [_image(1)]) is None
+        queued = scheduler.submit(model, [_image(2)])
+        assert scheduler.run_if_idle(model, [_image(3)]) is None
+        model.release.set()
+        queued[0].result(30)
+    finally:
+        scheduler.close()
+    assert model.batches == [[0], [2]]  # the declined images never ran
+    assert model.most_at_once == 1
+
+
+def test_run_if_idle_declines_with_a_batch_wait_a_past_deadline_or_when_closed() -> None:
+    model = ThreadModel()
+    model.release.set()
+    waiting = BatchScheduler(max_batch_size=4, max_wait_s=0.001, idle_release_s=None)
+    scheduler = BatchScheduler(max_batch_size=4, idle_release_s=None)
+    try:
+        assert waiting.run_if_idle(model, [_image(1)]) is None
+        assert scheduler.run_if_idle(model, [_image(1)], deadline=time.monotonic() - 1) is None
+        assert scheduler.run_if_idle(model, [_image(1)] * 5) is None  # over max_batch_size
+    finally:
+        waiting.close()
+        scheduler.close()
+    assert scheduler.run_if_idle(model, [_image(1)]) is None  # closed
+    assert model.batches == []
+
+
+def test_the_scheduler_waits_for_a_run_in_the_calling_thread() -> None:
+    """One model call at a time: a job queued during a run_if_idle run starts after it."""
+    model = ThreadModel()
+    scheduler = BatchScheduler(max_batch_size=4, idle_release_s=None)
+    outcome: list[object] = []
+    caller = threading.Thread(
+        target=lambda: outcome.append(scheduler.run_if_idle(model, [_image(1)])))
+    try:
+        caller.start()
+        assert model.started.wait(30)  # the caller's thread is inside the model
+        queued = scheduler.submit(model, [_image(2)])
+        assert not queued[0].done()
+        model.release.set()
+        caller.join(30)
+        result = queued[0].result(30)
+    finally:
+        scheduler.close()
+    assert outcome and outcome[0] is not None
+    assert model.batches == [[1], [2]] and model.most_at_once == 1
+    assert model.threads[0] is caller and model.threads[1] is not caller
+    assert result.run_id == 2
