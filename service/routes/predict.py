@@ -239,6 +239,28 @@ def _result_fields(result: Judged, meta: BundleMeta) -> dict[str, Any]:
             **result.extras}
 
 
+async def _score_one(request: Request, runner: ModelRunner, data: bytes,
+                     explain: bool) -> tuple[Prepared, Judged, float]:
+    """One image decoded, run and judged (for /predict, under one `bounded`): in one
+    decode-worker hop when the model is free, else through the scheduler."""
+    metrics = deps.metrics(request)
+    try:
+        image, ran = await _decode_or_run(request, runner, data, explain, run_if_idle=True)
+    except ImageError as exc:
+        metrics.image_errors.labels(exc.code).inc()
+        raise image_error(exc) from None
+    except ApiError as exc:
+        if exc.code not in ("deadline_exceeded", "client_disconnected"):
+            metrics.image_errors.labels(exc.code).inc()
+        raise
+    if ran is not None:  # the model was free: it ran in the decode worker
+        result, inference_ms = ran
+        _count(metrics, [result])
+    else:
+        (result,), inference_ms = await _infer(request, runner, [image], explain)
+    return image, result, inference_ms
+
+
 async def predict(request: Request, runner: RunnerDep, settings: SettingsDep,
                   metrics: MetricsDep, explain: bool = _EXPLAIN) -> Prediction | Response:
     meta = deps.ready_model(request).meta  # pinned by admitted(), which answered 503 if not ready
@@ -262,22 +284,8 @@ async def predict(request: Request, runner: RunnerDep, settings: SettingsDep,
     if reports.wants_dicom(answer) and (error := reports.dicom_input_required(upload.data)):
         raise error
     request.state.deadline = deadline_from_now(request)
-    try:
-        image, ran = await bounded(
-            request, _decode_or_run(request, runner, upload.data, explain, run_if_idle=True))
-    except ImageError as exc:
-        metrics.image_errors.labels(exc.code).inc()
-        raise image_error(exc) from None
-    except ApiError as exc:
-        if exc.code not in ("deadline_exceeded", "client_disconnected"):
-            metrics.image_errors.labels(exc.code).inc()
-        raise
-    if ran is not None:  # the model was free: it ran in the decode worker
-        result, inference_ms = ran
-        _count(metrics, [result])
-    else:
-        (result,), inference_ms = await bounded(
-            request, _infer(request, runner, [image], explain))
+    image, result, inference_ms = await bounded(
+        request, _score_one(request, runner, upload.data, explain))
     meta = deps.ready_model(request).meta
     if result.refusal is not None:
         metrics.image_errors.labels(result.refusal.code).inc()
