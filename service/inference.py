@@ -6,7 +6,8 @@ warm-up inference done) or `failed` (with the reason, shown by /health).
 
 Images are decoded in `executor` (INFERENCE_THREADS threads) and run by one scheduler
 thread (service.scheduler) that merges concurrent requests into batches. `predict()` is the
-entry point of every route that runs the model.
+entry point of every route that runs the model; `run_if_idle()` lets a decode worker run a
+lone request's image itself when the model is free and nothing is queued (/predict).
 
 Hot reload (`reload()`, on SIGHUP or POST /admin/reload): the new bundle is loaded and
 warmed up beside the old one, then served by one assignment; requests already queued
