@@ -6,8 +6,7 @@ warm-up inference done) or `failed` (with the reason, shown by /health).
 
 Images are decoded in `executor` (INFERENCE_THREADS threads) and run by one scheduler
 thread (service.scheduler) that merges concurrent requests into batches. `predict()` is the
-entry point of every route that runs the model; `run_if_idle()` lets a decode worker run a
-lone request's image itself when the model is free and nothing is queued (/predict).
+entry point of every route that runs the model.
 
 Hot reload (`reload()`, on SIGHUP or POST /admin/reload): the new bundle is loaded and
 warmed up beside the old one, then served by one assignment; requests already queued
@@ -276,22 +275,6 @@ class ModelRunner:
                 batch_size=result.batch_size,
             )
             for result in results
-            for outputs in result.outputs
-        ]
-
-    def run_if_idle(
-        self, model: LoadedModel, images: list[np.ndarray], deadline: float | None = None
-    ) -> list[ModelOutput] | None:
-        """Blocking, from a worker thread (never the event loop): what predict() returns,
-        run in this thread when the model is free and nothing is queued; else None, and
-        nothing ran (then `await predict(...)`). See BatchScheduler.run_if_idle."""
-        result = self.scheduler.run_if_idle(model, images, deadline)
-        if result is None:
-            return None
-        return [
-            ModelOutput(outputs=outputs, meta=model.meta, gate=model.gate,
-                        run_id=result.run_id, run_ms=result.run_seconds * 1000.0,
-                        batch_size=result.batch_size)
             for outputs in result.outputs
         ]
 

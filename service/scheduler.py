@@ -12,11 +12,6 @@ Work that nobody waits for is never run: a job whose future was cancelled (its c
 disconnected or gave up) or whose deadline has passed when it reaches the head of the
 queue is dropped, and counted.
 
-A lone request need not pay the hops to the scheduler thread and back: `run_if_idle` runs
-images in the calling thread (a decode worker that has just decoded them) when the model is
-free and nothing is queued, which is when the scheduler would have run them at once, alone.
-The model stays one call at a time: the scheduler thread waits while such a run lasts.
-
 Each job names the model it runs on, so a hot reload (service.inference) can switch models
 while jobs for the old one are still queued: a batch only ever holds one model's jobs.
 
@@ -114,7 +109,6 @@ class BatchScheduler:
         self._queued_images = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._busy = False  # a model call is running (on either thread); the lock guards it
         self._runs = 0
         self.idle_release_s = idle_release_s
         self._ran_since_release: BatchModel | None = None  # the model to release, if any
@@ -145,40 +139,6 @@ class BatchScheduler:
             self._cond.notify()
         return [job.future for job in jobs]
 
-    def run_if_idle(
-        self, model: BatchModel, images: list[np.ndarray], deadline: float | None = None
-    ) -> JobResult | None:
-        """Blocking: run `images` on `model` in the calling thread, now, when no model call
-        is running and nothing is queued (and MAX_BATCH_WAIT_MS is 0: a wait for company
-        was asked for); None otherwise, and then nothing ran (`submit` them instead).
-
-        A lone request so skips two thread hops; what it gets is what the scheduler would
-        have given it, a run of its own at once. Model errors are raised here.
-        """
-        if not images or len(images) > self.max_batch_size or self.max_wait_s > 0:
-            return None
-        if deadline is not None and time.monotonic() >= deadline:
-            return None  # submit() fails it with DeadlineExceeded, counted as dropped
-        with self._cond:
-            if self._closed or self._busy or self._queue:
-                return None
-            self._busy = True
-            self._runs += 1
-            run_id = self._runs
-        try:
-            started = time.perf_counter()
-            outputs = model.run(_as_batch(images))
-            per_image = _split(outputs, len(images))
-            seconds = time.perf_counter() - started
-        finally:
-            with self._cond:
-                self._busy = False
-                self._ran_since_release = model
-                self._cond.notify_all()
-        self.hooks.model_run(len(images), seconds)
-        return JobResult(outputs=per_image, run_id=run_id, run_seconds=seconds,
-                         batch_size=len(images))
-
     @property
     def queued_images(self) -> int:
         """Images waiting for the model (not counting the batch being run)."""
@@ -204,26 +164,19 @@ class BatchScheduler:
         while True:
             release: BatchModel | None = None
             with self._cond:
-                while (self._busy or not self._queue) and not self._closed:
-                    if (self._busy or self._ran_since_release is None
-                            or self.idle_release_s is None):
+                while not self._queue and not self._closed:
+                    if self._ran_since_release is None or self.idle_release_s is None:
                         self._cond.wait()
-                    elif not self._cond.wait(self.idle_release_s) and not (
-                            self._queue or self._busy):
+                    elif not self._cond.wait(self.idle_release_s) and not self._queue:
                         release, self._ran_since_release = self._ran_since_release, None
                         break
                 if self._closed:
                     return
                 batch = self._take() if release is None else []
-                self._busy = bool(batch) or release is not None
-            try:
-                if release is not None:
-                    self._release(release)
-                if batch:
-                    self._run(batch)
-            finally:
-                with self._cond:
-                    self._busy = False
+            if release is not None:
+                self._release(release)
+            if batch:
+                self._run(batch)
 
     def _release(self, model: BatchModel) -> None:
         release = getattr(model, "release_memory", None)
@@ -305,12 +258,12 @@ class BatchScheduler:
     def _run(self, jobs: list[_Job]) -> None:
         images = [image for job in jobs for image in job.images]
         self._ran_since_release = jobs[0].model
-        with self._cond:
-            self._runs += 1
-            run_id = self._runs
+        self._runs += 1
+        run_id = self._runs
         started = time.perf_counter()
         try:
-            outputs = jobs[0].model.run(_as_batch(images))
+            batch = np.ascontiguousarray(np.stack(images).astype(np.uint8, copy=False))
+            outputs = jobs[0].model.run(batch)
             per_image = _split(outputs, len(images))
         except Exception as exc:  # delivered to every waiting request
             log.exception("model run of %d image(s) failed", len(images))
@@ -329,10 +282,6 @@ class BatchScheduler:
                 batch_size=len(images),
             ))
             offset += count
-
-
-def _as_batch(images: list[np.ndarray]) -> np.ndarray:
-    return np.ascontiguousarray(np.stack(images).astype(np.uint8, copy=False))
 
 
 def _split(outputs: dict[str, Any], count: int) -> list[Outputs]:

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,9 +18,8 @@ from service.deadline import bounded, deadline_from_now
 from service.deps import MetricsDep, RunnerDep, SettingsDep
 from service.errors import ERROR_CODES, ApiError, image_error
 from service.gate import GATE_CODES, GateRefusal
-from service.inference import LoadedModel, ModelOutput, ModelRunner
-from service.metrics import Metrics
-from service.preprocessing import DecodeLimits, ImageError, sniff_format
+from service.inference import ModelOutput, ModelRunner
+from service.preprocessing import ImageError, sniff_format
 from service.reports import responses as reports
 from service.reports.items import ReportItem
 from service.schemas import (
@@ -122,55 +120,19 @@ def _deadline(request: Request) -> float:
     return deadline
 
 
-# A decode's result, and the image already through the model when it could run at once
-# (`_decode_or_run(run_if_idle=True)`): its judged result and model ms, else None.
-Decoded = tuple[Prepared, tuple[Judged, float] | None]
-
-
-def _prepare_then_run(
-    runner: ModelRunner, model: LoadedModel, data: bytes, limits: DecodeLimits,
-    explain: bool, run_if_idle: bool, deadline: float | None, abandoned: threading.Event,
-    decoded_at: list[float],
-) -> Decoded:
-    """Blocking, in a decode worker: prepare(), then, for a lone request, the model run
-    and the judgement in the same thread when the model is free (one hop, not three)."""
-    prepared = prepare(data, model.meta, limits, model.gate, explain)
-    decoded_at.append(time.perf_counter())
-    if not run_if_idle or abandoned.is_set():
-        return prepared, None
-    outputs = runner.run_if_idle(model, [prepared.model_input], deadline)
-    if outputs is None:
-        return prepared, None
-    (judged,) = _judge_all(outputs, [prepared], explain)
-    return prepared, (judged, outputs[0].run_ms)
-
-
 async def _decode(request: Request, runner: ModelRunner, data: bytes,
                   explain: bool = False) -> Prepared:
     """The model input, the gate's image facts, and the DICOM header (no pixels; None for
     JPEG/PNG) for reports, for the model pinned by the request."""
-    prepared, _ = await _decode_or_run(request, runner, data, explain, run_if_idle=False)
-    return prepared
-
-
-async def _decode_or_run(request: Request, runner: ModelRunner, data: bytes,
-                         explain: bool, run_if_idle: bool) -> Decoded:
-    """_decode(); with `run_if_idle` the worker also runs the model when it is free and
-    nothing is queued (see Decoded)."""
     model = deps.ready_model(request)
+    meta = model.meta
     limits = deps.limits(request)
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    decoded_at: list[float] = []
-    abandoned = threading.Event()  # the request was cancelled: do not run the model
     try:
         return await loop.run_in_executor(
-            runner.executor, _prepare_then_run, runner, model, data, limits, explain,
-            run_if_idle, getattr(request.state, "deadline", None), abandoned, decoded_at,
+            runner.executor, prepare, data, meta, limits, model.gate, explain
         )
-    except asyncio.CancelledError:
-        abandoned.set()
-        raise
     except (ImageError, GateRefusal) as exc:
         # Size, sniffed format and code only: never the bytes, the filename or DICOM tags.
         log.info('{"event": "image_rejected", "code": "%s", "bytes": %d, "format": "%s"}',
@@ -179,8 +141,7 @@ async def _decode_or_run(request: Request, runner: ModelRunner, data: bytes,
             raise refusal_error(exc) from None
         raise
     finally:
-        finished = decoded_at[0] if decoded_at else time.perf_counter()
-        deps.metrics(request).decode.observe(finished - started)
+        deps.metrics(request).decode.observe(time.perf_counter() - started)
 
 
 def _judge_all(outputs: list[ModelOutput], prepared: list[Prepared],
@@ -197,6 +158,7 @@ async def _infer(
     spent on them in ms: the runs (batches) they were part of, each counted once, shared
     with the other requests in those runs. The model runs through the scheduler; each
     image is judged by the gate of the bundle that produced its outputs."""
+    metrics = deps.metrics(request)
     outputs = await runner.predict(
         [item.model_input for item in prepared], deadline=_deadline(request),
         model=deps.ready_model(request),
@@ -207,12 +169,6 @@ async def _infer(
         )
     else:  # the feature gate and the score: tens of microseconds an image, not worth a hop
         judged = _judge_all(outputs, prepared, explain)
-    _count(deps.metrics(request), judged)
-    return judged, sum({output.run_id: output.run_ms for output in outputs}.values())
-
-
-def _count(metrics: Metrics, judged: list[Judged]) -> None:
-    """Metrics and the log line of judged images."""
     for item in judged:
         if item.refusal is not None:
             log.info('{"event": "image_rejected", "code": "%s"}', item.refusal.code)
@@ -221,6 +177,7 @@ def _count(metrics: Metrics, judged: list[Judged]) -> None:
         metrics.images.labels(item.scored.label).inc()
         if item.scored.screen_positive:
             metrics.screen_positive.inc()
+    return judged, sum({output.run_id: output.run_ms for output in outputs}.values())
 
 
 def _error_of(item: Upload) -> ApiError:
@@ -241,11 +198,11 @@ def _result_fields(result: Judged, meta: BundleMeta) -> dict[str, Any]:
 
 async def _score_one(request: Request, runner: ModelRunner, data: bytes,
                      explain: bool) -> tuple[Prepared, Judged, float]:
-    """One image decoded, run and judged (for /predict, under one `bounded`): in one
-    decode-worker hop when the model is free, else through the scheduler."""
+    """One image decoded, run and judged, for /predict under one `bounded` (one
+    disconnect watcher and one wait per request, not one per step)."""
     metrics = deps.metrics(request)
     try:
-        image, ran = await _decode_or_run(request, runner, data, explain, run_if_idle=True)
+        image = await _decode(request, runner, data, explain)
     except ImageError as exc:
         metrics.image_errors.labels(exc.code).inc()
         raise image_error(exc) from None
@@ -253,11 +210,7 @@ async def _score_one(request: Request, runner: ModelRunner, data: bytes,
         if exc.code not in ("deadline_exceeded", "client_disconnected"):
             metrics.image_errors.labels(exc.code).inc()
         raise
-    if ran is not None:  # the model was free: it ran in the decode worker
-        result, inference_ms = ran
-        _count(metrics, [result])
-    else:
-        (result,), inference_ms = await _infer(request, runner, [image], explain)
+    (result,), inference_ms = await _infer(request, runner, [image], explain)
     return image, result, inference_ms
 
 

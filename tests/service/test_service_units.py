@@ -208,8 +208,6 @@ def test_model_not_ready_raised_anywhere_is_a_503_not_a_500(tiny_bundle: Path) -
         raise ModelNotReady("the model is not ready: unloaded mid-request")
 
     runner.predict = unloaded  # type: ignore[method-assign]
-    # A lone request would run in the decode worker (run_if_idle), not through predict().
-    runner.run_if_idle = lambda *_, **__: None  # type: ignore[method-assign]
 
     async def run() -> None:
         async with _client(app) as client:
@@ -236,12 +234,7 @@ def test_unexpected_exception_is_a_json_500_without_traceback(tiny_bundle: Path)
     async def explode(images: list[np.ndarray], **_: object) -> list:
         raise RuntimeError("secret internal detail")
 
-    def explode_in_worker(*_: object, **__: object) -> list:
-        raise RuntimeError("secret internal detail")
-
     runner.predict = explode  # type: ignore[method-assign]
-    # A lone request runs in the decode worker when the model is free (run_if_idle).
-    runner.run_if_idle = explode_in_worker  # type: ignore[method-assign]
 
     async def run() -> None:
         async with _client(app) as client:
