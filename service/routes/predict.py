@@ -163,12 +163,10 @@ async def _infer(
         [item.model_input for item in prepared], deadline=_deadline(request),
         model=deps.ready_model(request),
     )
-    if explain:  # heatmaps (PNG encoding) cost CPU: off the event loop, like decoding
-        judged = await asyncio.get_running_loop().run_in_executor(
-            runner.executor, _judge_all, outputs, prepared, explain
-        )
-    else:  # the feature gate and the score: tens of microseconds an image, not worth a hop
-        judged = _judge_all(outputs, prepared, explain)
+    # The gate and heatmaps (PNG encoding) cost CPU: off the event loop, like decoding.
+    judged = await asyncio.get_running_loop().run_in_executor(
+        runner.executor, _judge_all, outputs, prepared, explain
+    )
     for item in judged:
         if item.refusal is not None:
             log.info('{"event": "image_rejected", "code": "%s"}', item.refusal.code)
@@ -196,24 +194,6 @@ def _result_fields(result: Judged, meta: BundleMeta) -> dict[str, Any]:
             **result.extras}
 
 
-async def _score_one(request: Request, runner: ModelRunner, data: bytes,
-                     explain: bool) -> tuple[Prepared, Judged, float]:
-    """One image decoded, run and judged, for /predict under one `bounded` (one
-    disconnect watcher and one wait per request, not one per step)."""
-    metrics = deps.metrics(request)
-    try:
-        image = await _decode(request, runner, data, explain)
-    except ImageError as exc:
-        metrics.image_errors.labels(exc.code).inc()
-        raise image_error(exc) from None
-    except ApiError as exc:
-        if exc.code not in ("deadline_exceeded", "client_disconnected"):
-            metrics.image_errors.labels(exc.code).inc()
-        raise
-    (result,), inference_ms = await _infer(request, runner, [image], explain)
-    return image, result, inference_ms
-
-
 async def predict(request: Request, runner: RunnerDep, settings: SettingsDep,
                   metrics: MetricsDep, explain: bool = _EXPLAIN) -> Prediction | Response:
     meta = deps.ready_model(request).meta  # pinned by admitted(), which answered 503 if not ready
@@ -237,8 +217,16 @@ async def predict(request: Request, runner: RunnerDep, settings: SettingsDep,
     if reports.wants_dicom(answer) and (error := reports.dicom_input_required(upload.data)):
         raise error
     request.state.deadline = deadline_from_now(request)
-    image, result, inference_ms = await bounded(
-        request, _score_one(request, runner, upload.data, explain))
+    try:
+        image = await bounded(request, _decode(request, runner, upload.data, explain))
+    except ImageError as exc:
+        metrics.image_errors.labels(exc.code).inc()
+        raise image_error(exc) from None
+    except ApiError as exc:
+        if exc.code not in ("deadline_exceeded", "client_disconnected"):
+            metrics.image_errors.labels(exc.code).inc()
+        raise
+    (result,), inference_ms = await bounded(request, _infer(request, runner, [image], explain))
     meta = deps.ready_model(request).meta
     if result.refusal is not None:
         metrics.image_errors.labels(result.refusal.code).inc()
