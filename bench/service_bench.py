@@ -443,35 +443,40 @@ def report(results: dict) -> str:
     lines.append(f"pneumoscreen service benchmark  ({meta['when']})")
     lines.append(f"  bundle   : {meta['bundle']}  ({meta['model']}, input {meta['input']})"
                  + ("  [TINY TEST GRAPH, not the real model]" if meta["tiny"] else ""))
-    lines.append(f"  images   : {meta['n_images']} from {meta['images']} "
-                 f"(mean {results['in_process']['megapixels_mean']:.2f} MP)")
+    megapixels = results.get("in_process", {}).get("megapixels_mean")
+    lines.append(f"  images   : {meta['n_images']} from {meta['images']}"
+                 + (f" (mean {megapixels:.2f} MP)" if megapixels else ""))
     lines.append(f"  machine  : {meta['machine']}")
     lines.append(f"  load avg : {meta['load_before']} before, {meta['load_after']} after "
                  "(1-min; > CPUs means other work competed for the cores)")
     lines.append("")
-    lat = results["latency"]
-    lines.append(f"POST /predict, sequential ({lat['n']} requests after warm-up)")
-    lines.append(f"  latency ms     p50 {lat['p50']:8.1f}   p95 {lat['p95']:8.1f}   "
-                 f"p99 {lat['p99']:8.1f}   mean {lat['mean']:8.1f}")
-    lines.append(f"  server-reported inference_ms mean {lat['server_inference_ms_mean']:.2f}")
-    lines.append("")
-    lines.append("POST /predict/batch throughput")
-    lines.append("  batch  requests  images   images/s   ms/request p50")
-    for size, row in results["batch"].items():
-        lines.append(f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
-                     f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}")
-    after = results.get("batch_after_soak")
-    if after:
-        lines.append("  again after the soak:")
-        for size, row in after.items():
+    lat = results.get("latency")
+    if lat:
+        lines.append(f"POST /predict, sequential ({lat['n']} requests after warm-up)")
+        lines.append(f"  latency ms     p50 {lat['p50']:8.1f}   p95 {lat['p95']:8.1f}   "
+                     f"p99 {lat['p99']:8.1f}   mean {lat['mean']:8.1f}")
+        lines.append(f"  server-reported inference_ms mean "
+                     f"{lat['server_inference_ms_mean']:.2f}")
+        lines.append("")
+    if "batch" in results:
+        lines.append("POST /predict/batch throughput")
+        lines.append("  batch  requests  images   images/s   ms/request p50")
+        for size, row in results["batch"].items():
             lines.append(f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
                          f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}")
-    lines.append("")
-    conc = results["concurrent"]
-    lines.append(f"POST /predict, {conc['threads']} client threads ({conc['n']} requests)")
-    lines.append(f"  {conc['images_per_s']:.1f} images/s   latency ms p50 {conc['p50']:.1f}  "
-                 f"p95 {conc['p95']:.1f}  p99 {conc['p99']:.1f}")
-    lines.append("")
+        after = results.get("batch_after_soak")
+        if after:
+            lines.append("  again after the soak:")
+            for size, row in after.items():
+                lines.append(f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
+                             f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}")
+        lines.append("")
+    conc = results.get("concurrent")
+    if conc:
+        lines.append(f"POST /predict, {conc['threads']} client threads ({conc['n']} requests)")
+        lines.append(f"  {conc['images_per_s']:.1f} images/s   latency ms p50 "
+                     f"{conc['p50']:.1f}  p95 {conc['p95']:.1f}  p99 {conc['p99']:.1f}")
+        lines.append("")
     soak = results.get("soak")
     if soak:
         lines.append(f"Soak: POST /predict, {soak['clients']} clients for {soak['seconds']:.0f} s "
@@ -501,16 +506,17 @@ def report(results: dict) -> str:
         lines.append(f"  POST /predict p50 {single['http_ms']['p50']:.1f} ms   decode+model at "
                      f"batch 1 in process p50 {single['decode_and_model_ms']['p50']:.1f} ms")
         lines.append("")
-    ip = results["in_process"]
-    lines.append(f"In process, per image (input {ip['input']}), median ms")
-    no_draft_p50 = ip['decode_preprocess_ms_no_draft']['p50']
-    lines.append(f"  decode+preprocess, no draft : {no_draft_p50:8.2f}")
-    lines.append(f"  decode+preprocess, draft    : {ip['decode_preprocess_ms_draft']['p50']:8.2f}"
-                 "   (what the service runs)")
-    lines.append(f"  onnxruntime inference, b=1  : {ip['inference_ms_batch1']['p50']:8.2f}")
-    lines.append(f"  onnxruntime inference, b=32 : {ip['inference_ms_per_image_batch32']:8.2f}"
-                 " per image")
-    lines.append("")
+    ip = results.get("in_process")
+    if ip:
+        lines.append(f"In process, per image (input {ip['input']}), median ms")
+        no_draft_p50 = ip['decode_preprocess_ms_no_draft']['p50']
+        lines.append(f"  decode+preprocess, no draft : {no_draft_p50:8.2f}")
+        lines.append(f"  decode+preprocess, draft    : "
+                     f"{ip['decode_preprocess_ms_draft']['p50']:8.2f}   (what the service runs)")
+        lines.append(f"  onnxruntime inference, b=1  : {ip['inference_ms_batch1']['p50']:8.2f}")
+        lines.append(f"  onnxruntime inference, b=32 : "
+                     f"{ip['inference_ms_per_image_batch32']:8.2f} per image")
+        lines.append("")
     lines.append("Ratios (same run)")
     for name, value in results["ratios"].items():
         lines.append(f"  {name:<68} {value:8.2f}")
@@ -518,7 +524,7 @@ def report(results: dict) -> str:
 
 
 def ratios(results: dict) -> dict[str, float]:
-    batch, ip = results["batch"], results["in_process"]
+    batch, ip = results.get("batch", {}), results.get("in_process")
     out: dict[str, float] = {}
     if 1 in batch and 32 in batch:
         out["batch-32 / batch-1 throughput (images/s)"] = (
@@ -526,16 +532,19 @@ def ratios(results: dict) -> dict[str, float]:
     if 1 in batch and 8 in batch:
         out["batch-8 / batch-1 throughput (images/s)"] = (
             batch[8]["images_per_s"] / batch[1]["images_per_s"])
-    sequential = 1000.0 / results["latency"]["mean"]
-    out["concurrent / sequential /predict throughput"] = (
-        results["concurrent"]["images_per_s"] / sequential)
-    draft = ip["decode_preprocess_ms_draft"]["p50"]
-    out["draft speed-up of decode+preprocess (no draft / draft)"] = (
-        ip["decode_preprocess_ms_no_draft"]["p50"] / draft)
-    out["decode+preprocess (draft) / inference at batch 1"] = (
-        draft / ip["inference_ms_batch1"]["p50"])
-    out["HTTP p50 latency / in-process (draft + inference)"] = (
-        results["latency"]["p50"] / (draft + ip["inference_ms_batch1"]["p50"]))
+    latency = results.get("latency")
+    if latency and "concurrent" in results:
+        out["concurrent / sequential /predict throughput"] = (
+            results["concurrent"]["images_per_s"] / (1000.0 / latency["mean"]))
+    if ip:
+        draft = ip["decode_preprocess_ms_draft"]["p50"]
+        out["draft speed-up of decode+preprocess (no draft / draft)"] = (
+            ip["decode_preprocess_ms_no_draft"]["p50"] / draft)
+        out["decode+preprocess (draft) / inference at batch 1"] = (
+            draft / ip["inference_ms_batch1"]["p50"])
+        if latency:
+            out["HTTP p50 latency / in-process (draft + inference)"] = (
+                latency["p50"] / (draft + ip["inference_ms_batch1"]["p50"]))
     single = results.get("single")
     if single:
         out["single image: HTTP p50 / in-process decode+model p50 (alternated)"] = (
@@ -556,6 +565,9 @@ def _load() -> str:
         return f"{os.getloadavg()[0]:.1f}"
     except OSError:
         return "n/a"
+
+
+SECTIONS = ("latency", "batch", "concurrent", "soak", "single", "in_process")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -586,6 +598,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of the same load before the soak is measured")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra server setting, e.g. --env INFERENCE_THREADS=2 (repeatable)")
+    parser.add_argument("--only", default="", metavar="SECTION,...",
+                        help="run only these sections, of " + ",".join(SECTIONS)
+                        + " (default: all; a ratio needs all the sections it compares)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     return parser.parse_args(argv)
 
@@ -636,27 +651,36 @@ def main(argv: list[str] | None = None) -> int:
                        f"Python {platform.python_version()}",
             "load_before": _load(),
         }}
-        print("sequential /predict ...", file=sys.stderr)
-        results["latency"] = bench_latency(server.base_url, samples, args.warmup, args.requests)
-        print("batches ...", file=sys.stderr)
-        results["batch"] = bench_batches(server.base_url, samples, batch_sizes,
-                                         args.batch_images, warmup=2)
-        print(f"{args.threads} client threads ...", file=sys.stderr)
-        results["concurrent"] = bench_concurrent(server.base_url, samples, args.threads,
-                                                 args.concurrent_requests)
-        if args.soak_clients > 0:
+        only = set(args.only.split(",")) if args.only else set(SECTIONS)
+        if "latency" in only:
+            print("sequential /predict ...", file=sys.stderr)
+            results["latency"] = bench_latency(server.base_url, samples, args.warmup,
+                                               args.requests)
+        if "batch" in only:
+            print("batches ...", file=sys.stderr)
+            results["batch"] = bench_batches(server.base_url, samples, batch_sizes,
+                                             args.batch_images, warmup=2)
+        if "concurrent" in only:
+            print(f"{args.threads} client threads ...", file=sys.stderr)
+            results["concurrent"] = bench_concurrent(server.base_url, samples, args.threads,
+                                                     args.concurrent_requests)
+        if "soak" in only and args.soak_clients > 0:
             print(f"soak: {args.soak_clients} clients, {args.soak_warmup:.0f} s warm-up + "
                   f"{args.soak_seconds:.0f} s ...", file=sys.stderr)
             results["soak"] = bench_soak(server, samples, args.soak_clients, args.soak_seconds,
                                          args.soak_warmup)
-            print("batches again, after the soak ...", file=sys.stderr)
-            results["batch_after_soak"] = bench_batches(
-                server.base_url, samples, batch_sizes, max(32, args.batch_images // 2), warmup=1)
-        print("single image, HTTP and in process alternately ...", file=sys.stderr)
-        results["single"] = bench_single_interleaved(server.base_url, model_dir, samples,
-                                                     args.requests)
-        print("in process ...", file=sys.stderr)
-        results["in_process"] = bench_in_process(model_dir, samples, args.inference_runs)
+            if "batch" in only:
+                print("batches again, after the soak ...", file=sys.stderr)
+                results["batch_after_soak"] = bench_batches(
+                    server.base_url, samples, batch_sizes, max(32, args.batch_images // 2),
+                    warmup=1)
+        if "single" in only:
+            print("single image, HTTP and in process alternately ...", file=sys.stderr)
+            results["single"] = bench_single_interleaved(server.base_url, model_dir, samples,
+                                                         args.requests)
+        if "in_process" in only:
+            print("in process ...", file=sys.stderr)
+            results["in_process"] = bench_in_process(model_dir, samples, args.inference_runs)
         results["ratios"] = ratios(results)
         results["setup"]["load_after"] = _load()
 
