@@ -16,7 +16,7 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -25,9 +25,10 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 MODEL_FILE = "model.onnx"
 META_FILE = "model.json"
-GATE_FILE = "gate.npz"
-INPUT_NAME = "image"
-OUTPUT_NAME = "probabilities"
+# Final: their literal types are also the only values BundleMeta accepts for them.
+GATE_FILE: Final = "gate.npz"
+INPUT_NAME: Final = "image"
+OUTPUT_NAME: Final = "probabilities"
 FEATURES_NAME = "features"
 CAM_NAME = "cam"
 EXPLAIN_OUTPUTS = (FEATURES_NAME, CAM_NAME)

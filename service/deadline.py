@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
+from service import deps
 from service.errors import ApiError, deadline_message
 
 T = TypeVar("T")
@@ -29,14 +30,14 @@ T = TypeVar("T")
 class ClientDisconnected(ApiError):
     def __init__(self) -> None:
         super().__init__(
-            499, "client_disconnected",
+            "client_disconnected",
             "the client disconnected before the answer; its queued work was dropped",
         )
 
 
 def deadline_from_now(request: Request) -> float:
     """time.monotonic() value REQUEST_TIMEOUT_S from now (call it once the body is in)."""
-    return time.monotonic() + request.app.state.settings.request_timeout_s
+    return time.monotonic() + deps.settings(request).request_timeout_s
 
 
 async def _disconnected(request: Request) -> None:
@@ -54,10 +55,11 @@ async def bounded(
     if deadline is None:
         deadline = request.state.deadline
     task: asyncio.Future[T] = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher: asyncio.Future[None] = asyncio.ensure_future(_disconnected(request))
+    racing: set[asyncio.Future[Any]] = {task, watcher}
     try:
         done, _ = await asyncio.wait(
-            {task, watcher},
+            racing,
             timeout=max(0.0, deadline - time.monotonic()),
             return_when=asyncio.FIRST_COMPLETED,
         )
@@ -65,7 +67,7 @@ async def bounded(
             return task.result()
         if watcher in done:
             raise ClientDisconnected()
-        raise ApiError(504, "deadline_exceeded", deadline_message(request))
+        raise ApiError("deadline_exceeded", deadline_message(request))
     finally:
         for pending in (task, watcher):
             if not pending.done():

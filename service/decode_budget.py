@@ -37,7 +37,7 @@ class DecodeMemoryBudget:
         self,
         capacity: int,
         wait_s: float,
-        on_large_release: Callable[[], None] | None = None,
+        on_large_release: Callable[[], object] | None = None,
         large_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         if capacity <= 0:

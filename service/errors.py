@@ -7,12 +7,14 @@ bytes, patient data or tracebacks.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import deps
 from service.admission import BUSY_RETRY_AFTER_SECONDS, ServerBusy
 from service.inference import ModelNotReady, ReloadInProgress
 from service.preprocessing import ImageError
@@ -83,6 +85,11 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
 }
 
 
+def error_status(code: str) -> int:
+    """The HTTP status of an error code: ERROR_CODES is the only place it is written, so
+    call sites name the code only (an unknown code is a KeyError, i.e. a bug)."""
+    return ERROR_CODES[code][0]
+
 
 def _image_error_codes() -> set[str]:
     """The codes of ImageError and all its subclasses (service/preprocessing.py)."""
@@ -101,13 +108,11 @@ IMAGE_ERROR_STATUS: dict[str, int] = {
 
 
 class ApiError(Exception):
-    """An error the API answers with on purpose."""
+    """An error the API answers with on purpose; its status is the code's in ERROR_CODES."""
 
-    def __init__(
-        self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status_code = status_code
+        self.status_code = error_status(code)
         self.code = code
         self.message = message
         self.headers = headers
@@ -119,9 +124,10 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
 
 
 def error_response(
-    status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+    code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status_code, headers=headers)
+    return JSONResponse(error_body(code, message), status_code=error_status(code),
+                        headers=headers)
 
 
 # When to try again after 503 server_busy because the decode memory budget was taken (a
@@ -131,9 +137,9 @@ DECODE_BUSY_RETRY_AFTER_SECONDS = 2
 
 
 def image_error(exc: ImageError) -> ApiError:
-    status = IMAGE_ERROR_STATUS.get(exc.code, 400)
-    headers = {"Retry-After": str(DECODE_BUSY_RETRY_AFTER_SECONDS)} if status == 503 else None
-    return ApiError(status, exc.code, exc.message, headers)
+    busy = IMAGE_ERROR_STATUS[exc.code] == 503
+    headers = {"Retry-After": str(DECODE_BUSY_RETRY_AFTER_SECONDS)} if busy else None
+    return ApiError(exc.code, exc.message, headers)
 
 
 _HTTP_CODES = {
@@ -151,13 +157,13 @@ _HTTP_CODES = {
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+    return error_response(exc.code, exc.message, exc.headers)
 
 
 async def _image_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageError)
     api = image_error(exc)
-    return error_response(api.status_code, api.code, api.message, api.headers)
+    return error_response(api.code, api.message, api.headers)
 
 
 # How long a client should wait before asking again while the model is not ready.
@@ -167,31 +173,31 @@ RETRY_AFTER_SECONDS = 5
 async def _model_not_ready(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ModelNotReady)
     return error_response(
-        503, "model_not_ready", str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+        "model_not_ready", str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
     )
 
 
 async def _server_busy(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServerBusy)
     return error_response(
-        503, "server_busy", str(exc), headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)}
+        "server_busy", str(exc), headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)}
     )
 
 
 async def _deadline_exceeded(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DeadlineExceeded)
-    return error_response(504, "deadline_exceeded", deadline_message(request))
+    return error_response("deadline_exceeded", deadline_message(request))
 
 
 def deadline_message(request: Request) -> str:
-    seconds = request.app.state.settings.request_timeout_s
+    seconds = deps.settings(request).request_timeout_s
     return (f"the request was not answered within its deadline ({seconds:g} s after its body "
             "arrived); its queued work was dropped")
 
 
 async def _reload_in_progress(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ReloadInProgress)
-    return error_response(409, "reload_in_progress", str(exc))
+    return error_response("reload_in_progress", str(exc))
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -203,10 +209,12 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
         message = "method not allowed on this route; see /docs for the API"
     else:
         message = str(exc.detail) if exc.detail else code.replace("_", " ")
-    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+    # The status is the exception's (Starlette raised it), not a code's: no error_response.
+    return JSONResponse(error_body(code, message), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
 
 
-def _describe(error: dict) -> str:
+def _describe(error: dict[str, Any]) -> str:
     location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
     message = str(error.get("msg", "invalid value"))
     return f"{location}: {message}" if location else message
@@ -221,17 +229,17 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     )
     if missing_file:
         return error_response(
-            422, "missing_file", "send the image as multipart/form-data in the field 'file'"
+            "missing_file", "send the image as multipart/form-data in the field 'file'"
         )
     # Only locations and messages: never echo the submitted input back.
     message = "; ".join(_describe(err) for err in errors[:5]) or "invalid request"
-    return error_response(422, "validation_error", message)
+    return error_response("validation_error", message)
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     # ServerErrorMiddleware calls this, then re-raises so the server logs the traceback;
     # the client gets no internals.
-    return error_response(500, "internal_error", "unexpected server error; see the server log")
+    return error_response("internal_error", "unexpected server error; see the server log")
 
 
 def install_error_handlers(app: FastAPI) -> None:

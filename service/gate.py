@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from service.bundle import BundleError, BundleMeta, GateInfo
 from service.image_facts import ImageFacts
@@ -65,23 +66,23 @@ class GateStats:
     features (gate.npz): z = (features - center) @ basis."""
 
     classes: tuple[str, ...]
-    center: np.ndarray  # (D,) float64
-    basis: np.ndarray  # (D, k) float64, orthonormal columns
-    means: np.ndarray  # (K, k) float64
-    precision: np.ndarray  # (k, k) float64, symmetric positive definite
+    center: NDArray[np.float64]  # (D,) float64
+    basis: NDArray[np.float64]  # (D, k) float64, orthonormal columns
+    means: NDArray[np.float64]  # (K, k) float64
+    precision: NDArray[np.float64]  # (k, k) float64, symmetric positive definite
 
     @property
     def upright(self) -> np.ndarray:
         return np.array([not c.startswith(ROTATED_PREFIX) for c in self.classes])
 
-    def project(self, features: np.ndarray) -> np.ndarray:
+    def project(self, features: np.ndarray) -> NDArray[np.float64]:
         return (np.asarray(features, dtype=np.float64) - self.center) @ self.basis
 
-    def distances(self, features: np.ndarray) -> np.ndarray:
+    def distances(self, features: np.ndarray) -> NDArray[np.float64]:
         """Mahalanobis distances (N, K) of features (N, D) to every class mean."""
         z = self.project(features)
         diff = z[:, None, :] - self.means[None, :, :]
-        squared = np.einsum("nkd,nkd->nk", diff @ self.precision, diff)
+        squared: NDArray[np.float64] = np.einsum("nkd,nkd->nk", diff @ self.precision, diff)
         return np.sqrt(np.clip(squared, 0.0, None))
 
     def save(self, path: Path) -> None:

@@ -24,6 +24,7 @@ import zlib
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 
 LEVELS = 16
@@ -62,7 +63,8 @@ def smooth_levels(cam: np.ndarray, width: int, height: int) -> np.ndarray:
     smooth_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     smooth = Image.fromarray(unit.astype(np.float32), "F").resize(
         smooth_size, Image.Resampling.BILINEAR)
-    return np.clip(np.rint(np.asarray(smooth) * (LEVELS - 1)), 0, LEVELS - 1).astype(np.uint8)
+    values: NDArray[np.float32] = np.asarray(smooth, dtype=np.float32)
+    return np.clip(np.rint(values * (LEVELS - 1)), 0, LEVELS - 1).astype(np.uint8)
 
 
 def heatmap_levels(cam: np.ndarray, width: int, height: int) -> Image.Image:

@@ -28,7 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.admission import BUSY_RETRY_AFTER_SECONDS
 from service.config import Settings
-from service.errors import ERROR_CODES, error_body
+from service.errors import error_body, error_status
 
 log = logging.getLogger("pneumoscreen.http")
 
@@ -52,9 +52,9 @@ class HttpLimits:
         )
 
 
-def raw_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
+def raw_error(code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
     """A whole `Connection: close` HTTP/1.1 response with the API's JSON error body."""
-    assert code in ERROR_CODES, code
+    status = error_status(code)
     body = json.dumps(error_body(code, message)).encode()
     lines = [
         f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
@@ -80,11 +80,15 @@ class HeaderCountGuard:
                 f"the request has {len(scope['headers'])} header fields; at most "
                 f"{self.max_headers} are accepted",
             )).encode()
-            await send({"type": "http.response.start", "status": 431, "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ]})
+            await send({
+                "type": "http.response.start",
+                "status": error_status("headers_too_large"),
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            })
             await send({"type": "http.response.body", "body": body})
             return
         await self.app(scope, receive, send)
@@ -125,7 +129,7 @@ class HardenedH11Protocol(H11Protocol):
             log.warning("connection refused: %d open, MAX_CONNECTIONS is %d",
                         len(self.connections) - 1, self.http_limits.max_connections)
             transport.write(raw_error(
-                503, "server_busy",
+                "server_busy",
                 f"too many open connections (the limit is {self.http_limits.max_connections})",
                 {"retry-after": str(BUSY_RETRY_AFTER_SECONDS)},
             ))
@@ -154,11 +158,11 @@ class HardenedH11Protocol(H11Protocol):
         buffered, _ = self.conn.trailing_data
         if len(buffered) > self.http_limits.max_header_bytes:
             response = raw_error(
-                431, "headers_too_large",
+                "headers_too_large",
                 f"the request head is larger than {self.http_limits.max_header_bytes:,} bytes",
             )
         else:
-            response = raw_error(400, "invalid_http", "malformed HTTP request")
+            response = raw_error("invalid_http", "malformed HTTP request")
         self.transport.write(response)
         self.transport.close()
 
@@ -216,7 +220,7 @@ class HardenedH11Protocol(H11Protocol):
     def _close_with_timeout(self, message: str) -> None:
         cycle = self.cycle
         if cycle is None or not cycle.response_started:
-            self.transport.write(raw_error(408, "request_timeout", message))
+            self.transport.write(raw_error("request_timeout", message))
         if cycle is not None and not cycle.response_complete:
             # The app, if it is reading the body, gets http.disconnect; whatever it sends
             # after this is dropped (the connection is gone).

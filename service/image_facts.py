@@ -14,11 +14,15 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from service.preprocessing import DICOM, sniff_format
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 # A pixel counts as coloured when max(R, G, B) - min(R, G, B) exceeds this (of 255):
 # JPEG chroma noise on a greyscale radiograph stays far below it.
@@ -68,7 +72,7 @@ def colour_share(rgb: np.ndarray) -> float:
 def _pillow_facts(data: bytes, kind: str | None) -> ImageFacts:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
         width, height = image.size
         if image.getexif().get(0x0112, 1) in _TRANSPOSED_ORIENTATIONS:
             width, height = height, width
@@ -82,7 +86,7 @@ def _pillow_facts(data: bytes, kind: str | None) -> ImageFacts:
     return ImageFacts(width, height, share, kind)
 
 
-def _tag(dataset, name: str) -> str | None:
+def _tag(dataset: Dataset, name: str) -> str | None:
     value = dataset.get(name)
     if value is None:
         return None
@@ -105,7 +109,7 @@ def _dicom_facts(data: bytes) -> ImageFacts:
             pixels = np.asarray(dataset.pixel_array)
             if pixels.ndim == 3 and pixels.shape[-1] == 3:
                 if photometric.startswith("YBR"):
-                    from pydicom.pixels import convert_color_space
+                    from pydicom.pixels.processing import convert_color_space
 
                     pixels = convert_color_space(pixels, photometric, "RGB")
                 step = max(1, max(pixels.shape[:2]) // THUMBNAIL_SIDE)

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.docs import STATIC_PREFIX
-from service.errors import ApiError, error_body
+from service.errors import ApiError, error_body, error_status
 from service.metrics import Metrics
 
 access_log = logging.getLogger("pneumoscreen.access")
@@ -26,7 +26,6 @@ access_log = logging.getLogger("pneumoscreen.access")
 class RequestTooLarge(ApiError):
     def __init__(self, limit: int) -> None:
         super().__init__(
-            413,
             "request_too_large",
             f"the request body is larger than the limit of {limit:,} bytes",
         )
@@ -68,7 +67,7 @@ class RequestMiddleware:
                 body: dict[str, Any] = error_body("request_too_large", message)
                 if scope.get("path", "").startswith("/v2/"):
                     body = {"error": message}  # the Open Inference Protocol's error shape
-                await _send_json(send_wrapper, 413, body)
+                await _send_json(send_wrapper, error_status("request_too_large"), body)
                 return
             received = 0
 
@@ -116,7 +115,7 @@ def _route_template(scope: Scope, known_paths: frozenset[str] | set[str]) -> str
     if isinstance(path, str):
         return path
     # Plain (non-API) routes such as /openapi.json, /docs and the static files.
-    raw = scope.get("path", "")
+    raw: str = scope.get("path", "")
     if raw in _PLAIN_ROUTES or raw in known_paths:
         return raw
     if raw.startswith(STATIC_PREFIX + "/"):
@@ -127,7 +126,7 @@ def _route_template(scope: Scope, known_paths: frozenset[str] | set[str]) -> str
 _PLAIN_ROUTES = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect"})
 
 
-async def _send_json(send: Send, status: int, body: dict) -> None:
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
     payload = json.dumps(body).encode()
     await send({
         "type": "http.response.start",

@@ -103,7 +103,8 @@ def _element_count(shape: Any) -> int:
 
 
 def _binary_elements(raw: bytes, count: int) -> list[bytes]:
-    elements, offset = [], 0
+    elements: list[bytes] = []
+    offset = 0
     while offset < len(raw):
         if offset + _LENGTH.size > len(raw):
             raise ProtocolError(f"input '{INPUT}': truncated BYTES element length")

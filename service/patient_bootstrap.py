@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 DEFAULT_REPLICATES = 2000
 DEFAULT_SEED = 0
@@ -55,8 +56,8 @@ def _weighted_auc(y: np.ndarray, scores: np.ndarray, weights: np.ndarray | None)
     below = cumulative[:, np.searchsorted(negative_scores, positive_scores, side="left")]
     at_most = cumulative[:, np.searchsorted(negative_scores, positive_scores, side="right")]
     positive_weights = weights[:, y]
-    wins = (positive_weights * (below + 0.5 * (at_most - below))).sum(axis=1)
-    total = positive_weights.sum(axis=1) * negative_weights.sum(axis=1)
+    wins: NDArray[np.float64] = (positive_weights * (below + 0.5 * (at_most - below))).sum(axis=1)
+    total: NDArray[np.float64] = positive_weights.sum(axis=1) * negative_weights.sum(axis=1)
     return wins / total
 
 

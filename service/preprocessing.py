@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.decode_budget import BudgetUnavailable, DecodeMemoryBudget
 from service.decode_cost import (
@@ -291,7 +291,7 @@ def _pillow_cost(
 
 
 def _pillow_failure(exc: BaseException, kind: str) -> str:
-    if isinstance(exc, Image.UnidentifiedImageError):
+    if isinstance(exc, UnidentifiedImageError):
         return f"the file starts like a {kind.upper()} but its header cannot be read"
     if "truncated" in str(exc).lower():
         return "the image could not be decoded: the file is truncated"
@@ -459,7 +459,7 @@ def _dicom_pixels_to_grey(dataset: Dataset, photometric: str, syntax: object) ->
         return 255 - grey if photometric == "MONOCHROME1" else grey
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
         if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+            from pydicom.pixels.processing import convert_color_space
 
             pixels = convert_color_space(pixels, photometric, "RGB")
         rgb = Image.fromarray(_rescale_to_uint8(np.asarray(pixels)), "RGB")
@@ -473,7 +473,7 @@ def _windowed_to_uint8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     0..255, a strip of rows at a time: pydicom works in float64, which for the whole image
     at once is 8 bytes a value per step (a 16-bit 4k x 4k image peaked at ~1 GB). The
     result is the same, bit for bit, as applying each step to the whole image."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
     rows_per_strip = max(1, DICOM_STRIP_VALUES // max(1, pixels.shape[1]))
 
@@ -533,7 +533,8 @@ def _is_encapsulated(syntax: object) -> bool:
 
 
 def _is_registered(syntax: object) -> bool:
-    from pydicom.uid import UID_dictionary
+    # pydicom.uid imports the registry from its private _uid_dict and does not re-export it.
+    from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
 
     return str(syntax) in UID_dictionary
 

@@ -6,10 +6,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from service.bundle import InputSpec
 
-_PROBS_EXAMPLE = {"NORMAL": 0.03, "PNEUMONIA": 0.97}
+_PROBS_EXAMPLE: JsonDict = {"NORMAL": 0.03, "PNEUMONIA": 0.97}
 
 
 class ErrorDetail(BaseModel):

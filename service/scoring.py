@@ -8,20 +8,24 @@ by the service, so an image on the boundary is decided the same way in both plac
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import NDArray
 
 
-def normalise(probabilities: np.ndarray) -> np.ndarray:
+def normalise(probabilities: np.ndarray) -> NDArray[np.float64]:
     """Rows of softmax output in float64, renormalised to sum to 1 (float32 rounding)."""
     values = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, None)
-    totals = values.sum(axis=-1, keepdims=True)
+    totals: NDArray[np.float64] = values.sum(axis=-1, keepdims=True)
     if not np.all(np.isfinite(totals)) or np.any(totals <= 0.0):
         raise ValueError("the model returned no usable probabilities")
     return values / totals
 
 
-def positive_probability(probabilities: np.ndarray, positive_indices: list[int]) -> np.ndarray:
+def positive_probability(
+    probabilities: np.ndarray, positive_indices: list[int]
+) -> NDArray[np.float64]:
     """P(positive) per row: the sum of the positive labels' renormalised probabilities."""
-    return np.clip(normalise(probabilities)[..., positive_indices].sum(axis=-1), 0.0, 1.0)
+    summed: NDArray[np.float64] = normalise(probabilities)[..., positive_indices].sum(axis=-1)
+    return np.clip(summed, 0.0, 1.0)
 
 
 def choose_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity: float) -> float:

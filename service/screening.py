@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.bundle import CAM_NAME, FEATURES_NAME, OUTPUT_NAME, BundleMeta
-from service.errors import ERROR_CODES, ApiError
+from service.errors import ApiError
 from service.gate import GateRefusal, InputGate
 from service.heatmap import heatmap_payload, preview_payload
 from service.image_facts import ImageFacts, read_facts
@@ -48,12 +48,12 @@ class Judged:
 
 
 def refusal_error(refusal: GateRefusal) -> ApiError:
-    return ApiError(ERROR_CODES[refusal.code][0], refusal.code, refusal.message)
+    return ApiError(refusal.code, refusal.message)
 
 
 def explain_unavailable(meta: BundleMeta) -> ApiError:
     return ApiError(
-        ERROR_CODES["explain_unavailable"][0], "explain_unavailable",
+        "explain_unavailable",
         f"explain=true needs a bundle with a class activation output (format 2); the "
         f"served bundle {meta.name} {meta.version} is format {meta.format_version}",
     )

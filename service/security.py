@@ -7,6 +7,7 @@ import hmac
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader
 
+from service import deps
 from service.errors import ApiError
 
 API_KEY_HEADER = "X-API-Key"
@@ -31,7 +32,6 @@ def _require_match(given: str | None, expected: str) -> None:
     """401 unauthorized unless `given` is the key (compared in constant time)."""
     if not key_matches(given, expected):
         raise ApiError(
-            401,
             "unauthorized",
             f"a valid API key is required in the {API_KEY_HEADER} header",
             headers={"WWW-Authenticate": API_KEY_HEADER},
@@ -41,7 +41,7 @@ def _require_match(given: str | None, expected: str) -> None:
 async def require_api_key(
     request: Request, given: str | None = Security(api_key_scheme)
 ) -> None:
-    secret = request.app.state.settings.api_key
+    secret = deps.settings(request).api_key
     if secret is not None:
         _require_match(given, secret.get_secret_value())
 
@@ -50,10 +50,9 @@ async def require_admin_key(
     request: Request, given: str | None = Security(api_key_scheme)
 ) -> None:
     """Admin routes: always need the key, and are off (403 admin_disabled) without one."""
-    secret = request.app.state.settings.api_key
+    secret = deps.settings(request).api_key
     if secret is None:
         raise ApiError(
-            403,
             "admin_disabled",
             "admin routes are disabled: set API_KEY on the server to use them",
         )

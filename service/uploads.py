@@ -34,21 +34,20 @@ async def parse_form(request: Request, max_files: int) -> FormData:
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(
-            422,
             "missing_file",
             "send the image as multipart/form-data (field 'file' for /predict, "
             "repeated field 'files' for /predict/batch)",
         )
-    too_many = ApiError(413, "too_many_files", f"at most {max_files} file(s) per request")
+    too_many = ApiError("too_many_files", f"at most {max_files} file(s) per request")
     try:
         form = await request.form(max_files=max(max_files, _PARSER_MAX_FILES), max_fields=100)
     except ClientDisconnect:
-        raise ApiError(400, "invalid_multipart", "the client disconnected mid-upload") from None
+        raise ApiError("invalid_multipart", "the client disconnected mid-upload") from None
     except StarletteHTTPException as exc:
         detail = str(exc.detail)
         if detail.startswith("Too many files"):  # only past the parser's cap of 1000
             raise too_many from None
-        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {detail}") from None
+        raise ApiError("invalid_multipart", f"malformed multipart body: {detail}") from None
     files = sum(isinstance(value, UploadFile) for _, value in form.multi_items())
     if files > max_files:
         await form.close()
@@ -65,7 +64,7 @@ async def read_upload(upload: UploadFile, max_file_bytes: int) -> Upload:
     The filename is kept only as service.safe_text.clean_filename leaves it."""
     filename = clean_filename(upload.filename)
     too_large = ApiError(
-        413, "file_too_large", f"the file is larger than the limit of {max_file_bytes:,} bytes"
+        "file_too_large", f"the file is larger than the limit of {max_file_bytes:,} bytes"
     )
     if upload.size is not None and upload.size > max_file_bytes:
         return Upload(filename, None, too_large)

@@ -1,5 +1,5 @@
-"""The project's habits, as configured: ruff's rule set, `make check` before `make test`, the
-pre-commit hooks running the same ruff as constraints.txt."""
+"""The project's habits, as configured: ruff's rule set, mypy --strict on service/, `make
+check` before `make test`, the pre-commit hooks running the same ruff as constraints.txt."""
 
 from __future__ import annotations
 
@@ -26,6 +26,20 @@ def test_make_test_runs_make_check_first() -> None:
     pytest_ = next(i for i, line in enumerate(lines) if "-m pytest" in line)
     assert ruff < pytest_
     assert "pneumoscreen service training export tests bench" in lines[ruff]
+    mypy = next(i for i, line in enumerate(lines) if line.endswith("/mypy"))
+    assert ruff < mypy < pytest_
+
+
+def test_mypy_is_strict_on_the_typed_package() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    mypy = pyproject["tool"]["mypy"]
+    assert mypy["strict"] is True and mypy["files"] == ["service"]
+    assert "pydantic.mypy" in mypy["plugins"]
+    assert "ignore_missing_imports" not in mypy  # only per untyped third-party module
+    assert (REPO / "service" / "py.typed").is_file()
+    dev = pyproject["project"]["optional-dependencies"]["dev"]
+    assert any(dep.startswith("mypy") for dep in dev)
+    assert re.search(r"^mypy==\S+$", (REPO / "constraints.txt").read_text(), re.MULTILINE)
 
 
 def test_pre_commit_runs_the_pinned_ruff() -> None:

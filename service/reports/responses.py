@@ -44,7 +44,7 @@ def negotiate(request: Request, offers: Sequence[MediaType]) -> MediaType:
     chosen = choose(request.headers.get("accept"), offers)
     if chosen is None:
         supported = ", ".join(str(offer) for offer in offers)
-        raise ApiError(406, "not_acceptable",
+        raise ApiError("not_acceptable",
                        f"this route answers one of: {supported} (see the Accept header)")
     return chosen
 
@@ -58,7 +58,7 @@ def dicom_input_required(data: bytes) -> ApiError | None:
     if sniff_format(data) == DICOM_FORMAT:
         return None
     return ApiError(
-        422, "dicom_input_required",
+        "dicom_input_required",
         "a DICOM SR answer (Accept: application/dicom) needs a DICOM input: it reports on "
         "the source image's patient, study and instance; send a DICOM file, or ask for "
         "application/json or application/fhir+json",
@@ -70,7 +70,7 @@ def _sr(item: ReportItem, meta: BundleMeta) -> bytes:
     try:
         return dicom_sr.sr_bytes(item.result, meta, item.header)
     except dicom_sr.SourceHeaderError as exc:
-        raise ApiError(422, "dicom_header_incomplete", str(exc)) from None
+        raise ApiError("dicom_header_incomplete", str(exc)) from None
 
 
 def _fhir(items: list[ReportItem], meta: BundleMeta) -> bytes:

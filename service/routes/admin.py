@@ -48,6 +48,6 @@ async def reload(runner: RunnerDep) -> ReloadReport:
     if not outcome.ok:
         serving = (f"{outcome.serving.name} {outcome.serving.version} keeps serving"
                    if outcome.serving is not None else "no model is serving")
-        raise ApiError(422, "reload_failed", f"the new bundle was not loaded ({serving}): "
+        raise ApiError("reload_failed", f"the new bundle was not loaded ({serving}): "
                        f"{outcome.error}")
     return report

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from service.deps import LifecycleDep, MetricsDep, ReadyModelDep, RunnerDep
-from service.errors import ERROR_CODES, RETRY_AFTER_SECONDS
-from service.gate import InputGate, unavailable_card
+from service.errors import ERROR_CODES, RETRY_AFTER_SECONDS, error_status
+from service.gate import unavailable_card
 from service.inference import LoadedModel, ReloadOutcome
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
@@ -79,46 +81,48 @@ async def health(runner: RunnerDep, lifecycle: LifecycleDep) -> HealthResponse |
     ) if meta is not None else None
     last_reload = reload_report(runner.last_reload)
     if lifecycle.draining:
-        body = HealthResponse(
+        return _not_ready(HealthResponse(
             status="draining",
             model=model,
             providers=runner.providers,
             error=ErrorDetail(code="draining", message="the server is shutting down; "
                               "requests in flight are finishing, send new ones elsewhere"),
             last_reload=last_reload,
-            **_gate_fields(serving),
-        )
-        return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=503,
-                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            gate=_gate_status(serving),
+            heatmaps=_heatmaps(serving),
+        ))
     if runner.ready and model is not None:
         return HealthResponse(
             status="ok", model=model, providers=runner.providers, last_reload=last_reload,
-            **_gate_fields(serving),
+            gate=_gate_status(serving), heatmaps=_heatmaps(serving),
         )
     if runner.state == "failed":
-        body = {
-            "status": "failed",
-            "providers": [],
-            "error": {"code": "model_load_failed", "message": runner.error or "unknown error"},
-        }
-    else:
-        body = {
-            "status": "loading",
-            "providers": [],
-            "error": {"code": "model_loading", "message": "the model is still loading"},
-        }
-    if last_reload is not None:
-        body["last_reload"] = last_reload.model_dump(mode="json", exclude_none=True)
-    return JSONResponse(
-        body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
-    )
+        return _not_ready(HealthResponse(
+            status="failed",
+            error=ErrorDetail(code="model_load_failed",
+                              message=runner.error or "unknown error"),
+            last_reload=last_reload,
+        ))
+    return _not_ready(HealthResponse(
+        status="loading",
+        error=ErrorDetail(code="model_loading", message="the model is still loading"),
+        last_reload=last_reload,
+    ))
+
+
+def _not_ready(body: HealthResponse) -> JSONResponse:
+    # The same status as the API's model_not_ready, so a load balancer reads both alike.
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True),
+                        status_code=error_status("model_not_ready"),
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 @router.get(
     "/model",
     response_model=ModelInfo,
     summary="The served model: labels, threshold, input size, validation metrics, intended use",
-    responses={503: {"model": ErrorResponse, "description": ERROR_CODES["model_not_ready"][1]}},
+    responses={error_status("model_not_ready"): {
+        "model": ErrorResponse, "description": ERROR_CODES["model_not_ready"][1]}},
 )
 async def model_info(runner: RunnerDep, model: ReadyModelDep) -> ModelInfo:
     meta = model.meta
@@ -133,18 +137,20 @@ async def model_info(runner: RunnerDep, model: ReadyModelDep) -> ModelInfo:
     )
 
 
-def _gate_status(gate: InputGate | None) -> str:
-    if gate is None:
-        return "unavailable"
-    return "on" if gate.enabled else "off"
-
-
-def _gate_fields(model: LoadedModel | None) -> dict[str, str]:
-    """/health's account of the serving bundle's gate and heatmaps (none before a load)."""
+def _gate_status(model: LoadedModel | None) -> Literal["on", "off", "unavailable"] | None:
+    """/health's account of the serving bundle's gate (none before a load)."""
     if model is None:
-        return {}
-    return {"gate": _gate_status(model.gate),
-            "heatmaps": "available" if model.meta.has_explain_outputs else "unavailable"}
+        return None
+    if model.gate is None:
+        return "unavailable"
+    return "on" if model.gate.enabled else "off"
+
+
+def _heatmaps(model: LoadedModel | None) -> Literal["available", "unavailable"] | None:
+    """/health's account of the serving bundle's heatmaps (none before a load)."""
+    if model is None:
+        return None
+    return "available" if model.meta.has_explain_outputs else "unavailable"
 
 
 @router.get(

@@ -38,6 +38,7 @@ from service.errors import (
     RETRY_AFTER_SECONDS,
     ApiError,
     deadline_message,
+    error_status,
     image_error,
 )
 from service.inference import ModelNotReady
@@ -67,11 +68,13 @@ def _as_protocol_error(request: Request, exc: Exception) -> Response | None:
         api = image_error(exc)
         return protocol_error(api.status_code, api.message)
     if isinstance(exc, ModelNotReady):
-        return protocol_error(503, str(exc), {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return protocol_error(error_status("model_not_ready"), str(exc),
+                              {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(exc, ServerBusy):  # admission (MAX_QUEUE), as on /predict
-        return protocol_error(503, str(exc), {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+        return protocol_error(error_status("server_busy"), str(exc),
+                              {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
     if isinstance(exc, DeadlineExceeded):
-        return protocol_error(504, deadline_message(request))
+        return protocol_error(error_status("deadline_exceeded"), deadline_message(request))
     if isinstance(exc, StarletteHTTPException):
         return protocol_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
     if isinstance(exc, RequestValidationError):
@@ -260,7 +263,7 @@ def _errors(*pairs: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
             for status, text in pairs}
 
 
-_NOT_READY = (503, ERROR_CODES["model_not_ready"][1])
+_NOT_READY = ERROR_CODES["model_not_ready"]
 _UNKNOWN_MODEL = (404, "No model of this name (the bundle's `name`) or version.")
 
 
@@ -273,13 +276,14 @@ _INFER_DESCRIPTION = (
 )
 _INFER_ERRORS = _errors(
     (400, "The request breaks the protocol, or an image cannot be decoded."),
-    (401, ERROR_CODES["unauthorized"][1]),
+    ERROR_CODES["unauthorized"],
     _UNKNOWN_MODEL,
     (413, "Too many images (MAX_BATCH_FILES), or a file or image too large."),
     (415, "An element is not JPEG, PNG or DICOM (or a Content-Encoding we do not read)."),
     (422, "An image is too small (MIN_IMAGE_SIDE)."),
-    (503, f"{ERROR_CODES['model_not_ready'][1]} Or: {ERROR_CODES['server_busy'][1]}"),
-    (504, ERROR_CODES["deadline_exceeded"][1]),
+    (error_status("model_not_ready"),
+     f"{ERROR_CODES['model_not_ready'][1]} Or: {ERROR_CODES['server_busy'][1]}"),
+    ERROR_CODES["deadline_exceeded"],
 )
 _INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object"}, "example": {
