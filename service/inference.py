@@ -399,7 +399,8 @@ class ModelRunner:
                 f"(batch, {len(meta.labels)}) to match the labels in model.json"
             )
         score(meta, probabilities)
-        if gate is not None and outputs["features"].shape != (meta.gate.feature_dim,):
+        if gate is not None and meta.gate is not None and (
+                outputs["features"].shape != (meta.gate.feature_dim,)):
             raise RuntimeError(f"features output has shape {outputs['features'].shape}; the "
                                f"gate expects {meta.gate.feature_dim} values")
         return model

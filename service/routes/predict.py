@@ -205,7 +205,7 @@ async def predict(request: Request, runner: RunnerDep, settings: SettingsDep,
         uploads = files_in(form, "file")
         request.state.n_files = len(uploads)
         if not uploads:
-            raise ApiError(422, "missing_file",
+            raise ApiError("missing_file",
                            "send the image as multipart/form-data in the field 'file'")
         upload = await read_upload(uploads[0], settings.max_file_bytes)
     finally:
@@ -254,7 +254,7 @@ async def predict_batch(request: Request, runner: RunnerDep, settings: SettingsD
         request.state.n_files = len(uploads)
         if not uploads:
             raise ApiError(
-                422, "missing_file",
+                "missing_file",
                 "send the images as multipart/form-data, repeating the field 'files'",
             )
         request.state.ticket.grow(len(uploads))

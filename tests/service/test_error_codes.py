@@ -71,9 +71,6 @@ def test_every_code_named_in_service_is_in_the_table() -> None:
     assert not unknown, f"codes missing from service/errors.py ERROR_CODES: {unknown}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service/routes/predict.py still writes `ApiError(422, \"missing_file\", ...)` (another "
-    "branch edits that file); once it names the code only, drop this marker"))
 def test_no_call_site_writes_a_status_next_to_a_code() -> None:
     with_status = [site for site, arg in _code_arguments()
                    if isinstance(arg, ast.Constant) and isinstance(arg.value, int)]
