@@ -37,11 +37,10 @@ scan-venv: $(SCAN_VENV)/.scan
 run: $(VENV)/.serve
 	$(BIN)/pneumoscreen serve --model-dir $(MODEL_DIR) --port $(PORT)
 
-## check: ruff with the rule set of pyproject.toml, then mypy --strict on service/ (`make test` runs it first)
-# (No `ruff format --check` yet: most of the code predates ruff format, and reformatting it
-# all at once would be one diff touching every file.)
+## check: ruff's rule set and its formatter (pyproject.toml), then mypy --strict on service/ (`make test` runs it first)
 check: $(VENV)/.all
 	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
 ## test: install everything, check, and run the whole test suite

@@ -58,23 +58,63 @@ class Attack:
 
 
 ATTACKS = [
-    Attack("dicom-deflated-bomb", lambda: deflated_dicom_bomb(512 * MiB), "bomb.dcm", 4,
-           "Deflated DICOM, 16384x16384 16-bit declared, inflates to 512 MiB"),
-    Attack("dicom-deflated-lying", lambda: deflated_dicom_bomb(512 * MiB, (512, 512)),
-           "lying.dcm", 4, "Deflated DICOM declaring 512x512 but carrying 512 MiB"),
-    Attack("jpeg-progressive-500-scans", lambda: progressive_jpeg(4096, 500), "scans.jpeg",
-           4, "progressive 4096x4096 grey JPEG, 500 scans"),
-    Attack("png-rgba16-6320", png_rgba16, "rgba16.png", 32,
-           "16-bit RGBA PNG 6320x6320 (under MAX_PIXELS)"),
-    Attack("png-grey-30000", lambda: black_png(30000, 30000), "grey.png", 4,
-           "8-bit grey PNG 30000x30000 (over MAX_PIXELS)"),
-    Attack("jpeg-20-bytes", twenty_byte_jpeg, "tiny.jpeg", 4,
-           "20 bytes: JPEG magic, a DQT marker, zeros"),
+    Attack(
+        "dicom-deflated-bomb",
+        lambda: deflated_dicom_bomb(512 * MiB),
+        "bomb.dcm",
+        4,
+        "Deflated DICOM, 16384x16384 16-bit declared, inflates to 512 MiB",
+    ),
+    Attack(
+        "dicom-deflated-lying",
+        lambda: deflated_dicom_bomb(512 * MiB, (512, 512)),
+        "lying.dcm",
+        4,
+        "Deflated DICOM declaring 512x512 but carrying 512 MiB",
+    ),
+    Attack(
+        "jpeg-progressive-500-scans",
+        lambda: progressive_jpeg(4096, 500),
+        "scans.jpeg",
+        4,
+        "progressive 4096x4096 grey JPEG, 500 scans",
+    ),
+    Attack(
+        "png-rgba16-6320",
+        png_rgba16,
+        "rgba16.png",
+        32,
+        "16-bit RGBA PNG 6320x6320 (under MAX_PIXELS)",
+    ),
+    Attack(
+        "png-grey-30000",
+        lambda: black_png(30000, 30000),
+        "grey.png",
+        4,
+        "8-bit grey PNG 30000x30000 (over MAX_PIXELS)",
+    ),
+    Attack(
+        "jpeg-20-bytes",
+        twenty_byte_jpeg,
+        "tiny.jpeg",
+        4,
+        "20 bytes: JPEG magic, a DQT marker, zeros",
+    ),
     # Not attacks: large images that must still be answered; is their memory given back?
-    Attack("large-png-grey16-4096", lambda: black_png(4096, 4096, 16), "large.png", 8,
-           "valid 16-bit grey PNG 4096x4096 (32 MiB decoded)"),
-    Attack("large-dicom-deflated-4096", lambda: deflated_dicom_bomb(32 * MiB), "large.dcm", 8,
-           "valid Deflated DICOM 4096x4096 16-bit (32 MiB of pixels)"),
+    Attack(
+        "large-png-grey16-4096",
+        lambda: black_png(4096, 4096, 16),
+        "large.png",
+        8,
+        "valid 16-bit grey PNG 4096x4096 (32 MiB decoded)",
+    ),
+    Attack(
+        "large-dicom-deflated-4096",
+        lambda: deflated_dicom_bomb(32 * MiB),
+        "large.dcm",
+        8,
+        "valid Deflated DICOM 4096x4096 16-bit (32 MiB of pixels)",
+    ),
 ]
 MODES = ("single", "batch", "concurrent")
 
@@ -86,8 +126,9 @@ def _answers(response: Any) -> list[str]:
     except ValueError:
         return [f"{response.status_code} (not JSON)"]
     if response.status_code == 200 and "results" in body:
-        return [f"200/{r['error']['code']}" if r.get("error") else "200/ok"
-                for r in body["results"]]
+        return [
+            f"200/{r['error']['code']}" if r.get("error") else "200/ok" for r in body["results"]
+        ]
     if "error" in body:
         return [f"{response.status_code} {body['error']['code']}"]
     return [str(response.status_code)]
@@ -128,16 +169,20 @@ def normal_load(base_url: str, requests: int, threads: int = 4) -> float:
     return time.perf_counter() - started
 
 
-def run_attack(base_url: str, pid: int, attack: Attack, mode: str, clients: int,
-               timeout: float) -> dict[str, Any]:
+def run_attack(
+    base_url: str, pid: int, attack: Attack, mode: str, clients: int, timeout: float
+) -> dict[str, Any]:
     data = attack.build()
     reset = reset_peak(pid)
     rss_before = rss_bytes(pid)
     normal_s = None
     if mode == "single":
-        answers, seconds = _post(base_url, "/predict",
-                                 [("file", (attack.filename, data, "application/octet-stream"))],
-                                 timeout)
+        answers, seconds = _post(
+            base_url,
+            "/predict",
+            [("file", (attack.filename, data, "application/octet-stream"))],
+            timeout,
+        )
     elif mode == "batch":
         files = [("files", (attack.filename, data, "application/octet-stream"))] * attack.batch
         answers, seconds = _post(base_url, "/predict/batch", files, timeout)
@@ -145,8 +190,9 @@ def run_attack(base_url: str, pid: int, attack: Attack, mode: str, clients: int,
         files = [("file", (attack.filename, data, "application/octet-stream"))]
         started = time.perf_counter()
         with ThreadPoolExecutor(clients + 1) as pool:
-            attacks = [pool.submit(_post, base_url, "/predict", files, timeout)
-                       for _ in range(clients)]
+            attacks = [
+                pool.submit(_post, base_url, "/predict", files, timeout) for _ in range(clients)
+            ]
             time.sleep(0.05)  # the normal request arrives while the attacks are in flight
             normal = pool.submit(_post, base_url, "/predict", _normal_files(), timeout)
             answers = [a for future in attacks for a in future.result()[0]]
@@ -173,11 +219,15 @@ def report(results: dict[str, Any]) -> str:
     setup = results["setup"]
     lines = [
         f"bomb corpus, {setup['when']}, {setup['machine']}, bundle: {setup['bundle']}",
-        (f"server env: {setup['server_env'] or '(defaults)'}; load average before "
-         f"{setup['load_before']}, after {setup['load_after']}"),
+        (
+            f"server env: {setup['server_env'] or '(defaults)'}; load average before "
+            f"{setup['load_before']}, after {setup['load_after']}"
+        ),
         "",
-        (f"{'attack':28s} {'mode':10s} {'upload':>9s} {'imgs':>4s} {'time s':>7s} "
-         f"{'peak MB':>8s} {'after MB':>8s} {'normal s':>8s}  answers"),
+        (
+            f"{'attack':28s} {'mode':10s} {'upload':>9s} {'imgs':>4s} {'time s':>7s} "
+            f"{'peak MB':>8s} {'after MB':>8s} {'normal s':>8s}  answers"
+        ),
     ]
     for row in results["attacks"]:
         peak = f"{row['peak_mb']:8.0f}" if row["peak_mb"] is not None else f"{'n/a':>8s}"
@@ -205,20 +255,40 @@ def _load() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="bundle to serve (default: a tiny test graph; decoding, which "
-                        "is what these attacks hit, is the real one either way)")
-    parser.add_argument("--only", action="append", default=[],
-                        choices=[a.name for a in ATTACKS], help="run only these (repeatable)")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated, from {', '.join(MODES)}")
-    parser.add_argument("--clients", type=int, default=8,
-                        help="clients at once in the concurrent mode (default 8)")
-    parser.add_argument("--normal-requests", type=int, default=60,
-                        help="normal /predict requests for warm-up and after (default 60)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="bundle to serve (default: a tiny test graph; decoding, which "
+        "is what these attacks hit, is the real one either way)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=[a.name for a in ATTACKS],
+        help="run only these (repeatable)",
+    )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}"
+    )
+    parser.add_argument(
+        "--clients", type=int, default=8, help="clients at once in the concurrent mode (default 8)"
+    )
+    parser.add_argument(
+        "--normal-requests",
+        type=int,
+        default=60,
+        help="normal /predict requests for warm-up and after (default 60)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="server setting, e.g. --env MAX_JPEG_SCANS=1000 (repeatable)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="server setting, e.g. --env MAX_JPEG_SCANS=1000 (repeatable)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     return parser.parse_args(argv)
 
@@ -240,14 +310,18 @@ def main(argv: list[str] | None = None) -> int:
             model_dir, bundle = args.model_dir.resolve(), str(args.model_dir)
         server = stack.enter_context(live_server(model_dir, env=env, timeout=180))
         pid = server.process.pid
-        results: dict[str, Any] = {"setup": {
-            "when": time.strftime("%Y-%m-%d %H:%M"),
-            "bundle": bundle,
-            "server_env": env,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-                       f"Python {platform.python_version()}",
-            "load_before": _load(),
-        }, "attacks": [], "memory": {}}
+        results: dict[str, Any] = {
+            "setup": {
+                "when": time.strftime("%Y-%m-%d %H:%M"),
+                "bundle": bundle,
+                "server_env": env,
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                f"Python {platform.python_version()}",
+                "load_before": _load(),
+            },
+            "attacks": [],
+            "memory": {},
+        }
         memory = results["memory"]
         memory["ready"] = rss_bytes(pid) / MB
         normal_load(server.base_url, args.normal_requests)
@@ -256,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 print(f"{attack.name} {mode} ...", file=sys.stderr)
                 results["attacks"].append(
-                    run_attack(server.base_url, pid, attack, mode, args.clients, args.timeout))
+                    run_attack(server.base_url, pid, attack, mode, args.clients, args.timeout)
+                )
         memory["after attacks"] = rss_bytes(pid) / MB
         normal_load(server.base_url, args.normal_requests)
         memory["after normal requests again"] = rss_bytes(pid) / MB

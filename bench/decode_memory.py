@@ -38,8 +38,9 @@ def cases(side: int) -> dict[str, bytes]:
         "dicom 16-bit": dicom_bytes(ramp),
         "dicom 16-bit, rescale": dicom_bytes(ramp, rescale=(0.5, -100.0)),
         "dicom 16-bit, window": dicom_bytes(ramp, window=(2000, 3000)),
-        "dicom 16-bit, rescale + window": dicom_bytes(ramp, window=(900, 1500),
-                                                      rescale=(0.5, -100.0)),
+        "dicom 16-bit, rescale + window": dicom_bytes(
+            ramp, window=(900, 1500), rescale=(0.5, -100.0)
+        ),
         "png 16-bit grey": png16.getvalue(),
     }
 

@@ -43,8 +43,14 @@ def untrained_mobilenet(directory: Path) -> Path:
 
     data = TESTS_DIR / "fixtures" / "chest_xray"
     run = make_untrained_run(directory / "run", data, 224, directory / "cache")
-    export_run(run, directory / "bundle", data, version="0.0.0-untrained",
-               cache_dir=directory / "cache", gate_rotation_images=64)
+    export_run(
+        run,
+        directory / "bundle",
+        data,
+        version="0.0.0-untrained",
+        cache_dir=directory / "cache",
+        gate_rotation_images=64,
+    )
     return directory / "bundle"
 
 
@@ -52,10 +58,14 @@ def measure(base_url: str, images: list, rounds: int, warmup: int) -> dict:
     times: dict[str, list[float]] = {"plain": [], "explain": []}
     refused = 0
     with httpx.Client(base_url=base_url, timeout=120) as client:
+
         def post(sample, explain: bool) -> tuple[int, float]:
             started = time.perf_counter()
-            response = client.post("/predict", params={"explain": "true"} if explain else {},
-                                   files={"file": (sample.name, sample.data)})
+            response = client.post(
+                "/predict",
+                params={"explain": "true"} if explain else {},
+                files={"file": (sample.name, sample.data)},
+            )
             response.read()
             return response.status_code, (time.perf_counter() - started) * 1000
 
@@ -73,8 +83,15 @@ def measure(base_url: str, images: list, rounds: int, warmup: int) -> dict:
                 times["explain"].append(results[True][1])
 
     def summary(values: list[float]) -> dict:
-        return {"n": len(values), "p50": statistics.median(values),
-                "p95": float(np.percentile(values, 95))} if values else {"n": 0}
+        return (
+            {
+                "n": len(values),
+                "p50": statistics.median(values),
+                "p95": float(np.percentile(values, 95)),
+            }
+            if values
+            else {"n": 0}
+        )
 
     plain, explain = summary(times["plain"]), summary(times["explain"])
     ratio = explain["p50"] / plain["p50"] if plain["n"] else float("nan")
@@ -92,8 +109,13 @@ def gate_cost(images: list, feature_dim: int = 1024) -> dict[str, float]:
     k = 64
     a = rng.normal(size=(k, k)) / np.sqrt(k)
     basis = np.linalg.qr(rng.normal(size=(feature_dim, k)))[0]
-    stats = GateStats(tuple(f"C{i}" for i in range(5)), rng.normal(size=feature_dim), basis,
-                      rng.normal(size=(5, k)), a @ a.T + np.eye(k))
+    stats = GateStats(
+        tuple(f"C{i}" for i in range(5)),
+        rng.normal(size=feature_dim),
+        basis,
+        rng.normal(size=(5, k)),
+        a @ a.T + np.eye(k),
+    )
     facts_ms, distance_ms = [], []
     for sample in images:
         started = time.perf_counter()
@@ -128,19 +150,27 @@ def main(argv: list[str] | None = None) -> int:
         folder, images = find_images(args.images)
         server = stack.enter_context(live_server(model_dir, env=env, timeout=120))
         results = measure(server.base_url, images, args.rounds, args.warmup)
-    print(f"bundle {model_dir if not args.untrained_mobilenet else 'untrained MobileNet 224'}"
-          f", {len(images)} images from {folder}, settings {env or 'default'}")
+    print(
+        f"bundle {model_dir if not args.untrained_mobilenet else 'untrained MobileNet 224'}"
+        f", {len(images)} images from {folder}, settings {env or 'default'}"
+    )
     for name in ("plain", "explain"):
         r = results[name]
-        print(f"  POST /predict{'?explain=true' if name == 'explain' else '':14s} "
-              f"n {r['n']:4d}  p50 {r.get('p50', float('nan')):7.1f} ms  "
-              f"p95 {r.get('p95', float('nan')):7.1f} ms")
-    print(f"  explain / plain p50: {results['ratio_p50']:.2f}   (pairs not answered 200: "
-          f"{results['pairs_not_200']})")
+        print(
+            f"  POST /predict{'?explain=true' if name == 'explain' else '':14s} "
+            f"n {r['n']:4d}  p50 {r.get('p50', float('nan')):7.1f} ms  "
+            f"p95 {r.get('p95', float('nan')):7.1f} ms"
+        )
+    print(
+        f"  explain / plain p50: {results['ratio_p50']:.2f}   (pairs not answered 200: "
+        f"{results['pairs_not_200']})"
+    )
     cost = gate_cost(images)
-    print(f"  in process, median per image: gate facts (header, colour thumbnail) "
-          f"{cost['facts']:.2f} ms, 1024 features -> 64 components -> Mahalanobis to 5 classes "
-          f"{cost['distances']:.2f} ms")
+    print(
+        f"  in process, median per image: gate facts (header, colour thumbnail) "
+        f"{cost['facts']:.2f} ms, 1024 features -> 64 components -> Mahalanobis to 5 classes "
+        f"{cost['distances']:.2f} ms"
+    )
     return 0
 
 

@@ -102,8 +102,11 @@ def validation_split(run: Path, data: Path) -> list[tuple[str, bytes]]:
 
 
 def rotated(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    turns = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
-             270: Image.Transpose.ROTATE_270}
+    turns = {
+        90: Image.Transpose.ROTATE_90,
+        180: Image.Transpose.ROTATE_180,
+        270: Image.Transpose.ROTATE_270,
+    }
     out = []
     for name, data in items:
         if name.lower().endswith(".dcm"):
@@ -167,15 +170,32 @@ def generated_images(seed: int = 0) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     side = 512
     yy, xx = np.mgrid[0:side, 0:side] / side
-    out.append(("noise uniform", _png(Image.fromarray(rng.integers(0, 256, (side, side))
-                                                      .astype(np.uint8)))))
-    out.append(("noise gaussian", _png(Image.fromarray(np.clip(rng.normal(128, 40, (
-        side, side)), 0, 255).astype(np.uint8)))))
-    out.append(("noise colour", _png(Image.fromarray(rng.integers(0, 256, (side, side, 3))
-                                                     .astype(np.uint8)))))
-    for name, ramp in (("gradient horizontal", xx), ("gradient vertical", yy),
-                       ("gradient radial", np.hypot(xx - 0.5, yy - 0.5) * 1.4),
-                       ("gradient diagonal", (xx + yy) / 2)):
+    out.append(
+        (
+            "noise uniform",
+            _png(Image.fromarray(rng.integers(0, 256, (side, side)).astype(np.uint8))),
+        )
+    )
+    out.append(
+        (
+            "noise gaussian",
+            _png(
+                Image.fromarray(np.clip(rng.normal(128, 40, (side, side)), 0, 255).astype(np.uint8))
+            ),
+        )
+    )
+    out.append(
+        (
+            "noise colour",
+            _png(Image.fromarray(rng.integers(0, 256, (side, side, 3)).astype(np.uint8))),
+        )
+    )
+    for name, ramp in (
+        ("gradient horizontal", xx),
+        ("gradient vertical", yy),
+        ("gradient radial", np.hypot(xx - 0.5, yy - 0.5) * 1.4),
+        ("gradient diagonal", (xx + yy) / 2),
+    ):
         out.append((name, _png(Image.fromarray((np.clip(ramp, 0, 1) * 255).astype(np.uint8)))))
     for value in (0, 128, 255):
         out.append((f"uniform {value}", _png(Image.new("L", (side, side), value))))
@@ -184,9 +204,24 @@ def generated_images(seed: int = 0) -> list[tuple[str, bytes]]:
     stripes = ((np.sin(xx * 40) > 0) * 255).astype(np.uint8)
     out.append(("stripes", _png(Image.fromarray(stripes))))
     font = ImageFont.load_default()
-    words = ["patient", "request", "form", "radiology", "department", "referral", "chest",
-             "examination", "clinical", "history", "cough", "fever", "three", "days", "please",
-             "assess"]
+    words = [
+        "patient",
+        "request",
+        "form",
+        "radiology",
+        "department",
+        "referral",
+        "chest",
+        "examination",
+        "clinical",
+        "history",
+        "cough",
+        "fever",
+        "three",
+        "days",
+        "please",
+        "assess",
+    ]
     for i in range(3):
         page = Image.new("L", (600, 800), 255)
         draw = ImageDraw.Draw(page)
@@ -200,8 +235,10 @@ def generated_images(seed: int = 0) -> list[tuple[str, bytes]]:
         draw = ImageDraw.Draw(picture)
         for _ in range(12):
             box = sorted(rng.integers(0, 640, 2)), sorted(rng.integers(0, 480, 2))
-            draw.ellipse([box[0][0], box[1][0], box[0][1], box[1][1]],
-                         fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+            draw.ellipse(
+                [box[0][0], box[1][0], box[0][1], box[1][1]],
+                fill=tuple(int(v) for v in rng.integers(0, 256, 3)),
+            )
         out.append((f"colour shapes {i}", _jpeg(picture)))
         out.append((f"grey shapes {i}", _jpeg(picture.convert("L"))))
     # A CT-like phantom: bright ellipse ring with darker inner ellipses, on black.
@@ -213,8 +250,7 @@ def generated_images(seed: int = 0) -> list[tuple[str, bytes]]:
     draw.ellipse([272, 150, 362, 360], fill=20)
     draw.ellipse([236, 400, 276, 440], fill=200)
     out.append(("ct-like phantom", _png(phantom)))
-    wide = Image.fromarray((np.tile(np.linspace(0, 255, 1600), (400, 1)))
-                           .astype(np.uint8))
+    wide = Image.fromarray((np.tile(np.linspace(0, 255, 1600), (400, 1))).astype(np.uint8))
     out.append(("wide 4:1 gradient", _png(wide)))
     return out
 
@@ -226,9 +262,11 @@ def sources(args: argparse.Namespace) -> Iterator[Source]:
         xrays += validation
         yield Source("X-rays: validation split of the run", "accepted", validation)
     shared = args.shared_data
-    for name, folder in (("X-rays: official val", shared / "chest_xray" / "val"),
-                         ("X-rays: full-resolution originals", shared / "chest_xray_fullres"),
-                         ("X-rays: test fixtures", FIXTURES)):
+    for name, folder in (
+        ("X-rays: official val", shared / "chest_xray" / "val"),
+        ("X-rays: full-resolution originals", shared / "chest_xray_fullres"),
+        ("X-rays: test fixtures", FIXTURES),
+    ):
         items = _files(folder)
         if items:
             xrays += items
@@ -285,11 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "default")
     parser.add_argument("--run", type=Path, help="run folder: adds its validation split")
     parser.add_argument("--data", type=Path, help="the data folder the run was trained on")
-    parser.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED_DATA,
-                        help="the shared data folder (official val, full-resolution)")
+    parser.add_argument(
+        "--shared-data",
+        type=Path,
+        default=DEFAULT_SHARED_DATA,
+        help="the shared data folder (official val, full-resolution)",
+    )
     parser.add_argument("--rotated", type=int, default=64, help="X-rays to rotate (x3)")
-    parser.add_argument("--system-limit", type=int, default=300,
-                        help="most /usr/share images (evenly thinned)")
+    parser.add_argument(
+        "--system-limit", type=int, default=300, help="most /usr/share images (evenly thinned)"
+    )
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--show-wrong", type=int, default=10)
     args = parser.parse_args(argv)
@@ -301,9 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     if runner.gate is None:
         raise SystemExit(f"{args.model_dir} has no gate (format 1 bundle)")
     meta = runner.require_ready()
-    print(f"bundle {args.model_dir} ({meta.name} {meta.version}), gate threshold "
-          f"{runner.gate.info.threshold:.2f}, rotated threshold "
-          f"{runner.gate.info.rotated_threshold:.2f}\n")
+    print(
+        f"bundle {args.model_dir} ({meta.name} {meta.version}), gate threshold "
+        f"{runner.gate.info.threshold:.2f}, rotated threshold "
+        f"{runner.gate.info.rotated_threshold:.2f}\n"
+    )
     print("| images | should be | n | accepted | refused | refusal codes |")
     print("|---|---|---|---|---|---|")
     results = {}
@@ -314,10 +359,17 @@ def main(argv: list[str] | None = None) -> int:
         refused = tally.n - tally.accepted
         share = (tally.accepted if source.want == "accepted" else refused) / max(1, tally.n)
         codes = ", ".join(f"{c} {k}" for c, k in tally.codes.most_common())
-        print(f"| {source.name} | {source.want} | {tally.n} | {tally.accepted} | "
-              f"{refused} ({share:.1%} as wanted) | {codes} |")
-        results[source.name] = {"want": source.want, "n": tally.n, "accepted": tally.accepted,
-                                "codes": dict(tally.codes), "wrong": tally.wrong}
+        print(
+            f"| {source.name} | {source.want} | {tally.n} | {tally.accepted} | "
+            f"{refused} ({share:.1%} as wanted) | {codes} |"
+        )
+        results[source.name] = {
+            "want": source.want,
+            "n": tally.n,
+            "accepted": tally.accepted,
+            "codes": dict(tally.codes),
+            "wrong": tally.wrong,
+        }
     for name, result in results.items():
         for line in result["wrong"][: args.show_wrong]:
             print(f"  not as wanted ({name}): {line}")

@@ -53,8 +53,10 @@ def main() -> None:
 
     images = xray_bytes()
     print(f"CPU cores: {os.cpu_count()}, onnxruntime {ort.__version__}, {len(images)} real X-rays")
-    print(f"{'bundle':40s} {'input':>7s} {'b1 median ms':>13s} {'b1 p90 ms':>10s} "
-          f"{'b16 ms/img':>11s} {'MB':>6s}")
+    print(
+        f"{'bundle':40s} {'input':>7s} {'b1 median ms':>13s} {'b1 p90 ms':>10s} "
+        f"{'b16 ms/img':>11s} {'MB':>6s}"
+    )
     baseline = None
     for directory in args.bundles:
         meta = read_bundle(directory)
@@ -68,8 +70,10 @@ def main() -> None:
         per_image = statistics.median(batch) / 16
         megabytes = (directory / "model.onnx").stat().st_size / 1e6
         baseline = baseline or median
-        print(f"{directory!s:40s} {size:>7d} {median:13.1f} {p90:10.1f} {per_image:11.1f} "
-              f"{megabytes:6.1f}  ({median / baseline:.2f}x the first at batch 1)")
+        print(
+            f"{directory!s:40s} {size:>7d} {median:13.1f} {p90:10.1f} {per_image:11.1f} "
+            f"{megabytes:6.1f}  ({median / baseline:.2f}x the first at batch 1)"
+        )
 
 
 if __name__ == "__main__":

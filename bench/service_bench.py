@@ -67,7 +67,7 @@ class Sample:
 
 def find_images(explicit: Path | None) -> tuple[Path, list[Sample]]:
     """The full-resolution X-rays of `explicit`, else ../shared/data, else the fixtures."""
-    for folder in ([explicit] if explicit else [SHARED_FULLRES, FIXTURE_FULLRES]):
+    for folder in [explicit] if explicit else [SHARED_FULLRES, FIXTURE_FULLRES]:
         if folder is None or not folder.is_dir():
             continue
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -141,8 +141,9 @@ def bench_latency(base_url: str, samples: list[Sample], warmup: int, requests: i
     return result
 
 
-def bench_batches(base_url: str, samples: list[Sample], batch_sizes: list[int],
-                  images_per_size: int, warmup: int) -> dict[int, dict]:
+def bench_batches(
+    base_url: str, samples: list[Sample], batch_sizes: list[int], images_per_size: int, warmup: int
+) -> dict[int, dict]:
     """Images/s per batch size. The sizes take turns (rounds of `max(batch_sizes)` images
     each), so a burst of load from something else on the machine hits them all alike."""
     import httpx
@@ -197,8 +198,7 @@ def bench_concurrent(base_url: str, samples: list[Sample], threads: int, request
         timings = [t for chunk in pool.map(worker, offsets) for t in chunk]
     seconds = time.perf_counter() - started
     result = percentiles(timings)
-    result.update({"threads": threads, "seconds": seconds,
-                   "images_per_s": len(timings) / seconds})
+    result.update({"threads": threads, "seconds": seconds, "images_per_s": len(timings) / seconds})
     return result
 
 
@@ -214,12 +214,13 @@ def _raw_predict(sample: Sample, host: str) -> bytes:
     prepared bytes, so the client side costs little CPU next to the server's."""
     import httpx
 
-    request = httpx.Request("POST", f"http://{host}/predict",
-                            files=_multipart("file", [sample]))
+    request = httpx.Request("POST", f"http://{host}/predict", files=_multipart("file", [sample]))
     body = request.read()
-    head = (f"POST /predict HTTP/1.1\r\nhost: {host}\r\n"
-            f"content-type: {request.headers['content-type']}\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /predict HTTP/1.1\r\nhost: {host}\r\n"
+        f"content-type: {request.headers['content-type']}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
     return head + body
 
 
@@ -312,15 +313,18 @@ def _model_runs(base_url: str) -> tuple[float, float]:
         for name in ("pneumoscreen_batch_size_count", "pneumoscreen_batch_size_sum"):
             if line.startswith(name + " "):
                 values[name] = float(line.split()[-1])
-    return (values.get("pneumoscreen_batch_size_count", 0.0),
-            values.get("pneumoscreen_batch_size_sum", 0.0))
+    return (
+        values.get("pneumoscreen_batch_size_count", 0.0),
+        values.get("pneumoscreen_batch_size_sum", 0.0),
+    )
 
 
 IDLE_S = 5.0
 
 
-def bench_soak(server: Any, samples: list[Sample], clients: int, seconds: float,
-               warmup: float) -> dict:
+def bench_soak(
+    server: Any, samples: list[Sample], clients: int, seconds: float, warmup: float
+) -> dict:
     """`clients` concurrent clients for `seconds` after `warmup` seconds of the same load."""
     pid = server.process.pid
     rss_start = rss_mb(pid)
@@ -329,15 +333,18 @@ def bench_soak(server: Any, samples: list[Sample], clients: int, seconds: float,
     runs_before, images_before = _model_runs(server.base_url)
     result = asyncio.run(_soak(server.base_url, samples, clients, seconds))
     runs_after, images_after = _model_runs(server.base_url)
-    result.update({
-        "model_runs": runs_after - runs_before,
-        "images_per_model_run": (images_after - images_before) / max(1.0, runs_after - runs_before),
-        "warmup_seconds": warmup,
-        "warmup_errors": warm["errors"],
-        "rss_mb_start": rss_start,
-        "rss_mb_after_warmup": rss_warm,
-        "rss_mb_after_soak": rss_mb(pid),
-    })
+    result.update(
+        {
+            "model_runs": runs_after - runs_before,
+            "images_per_model_run": (images_after - images_before)
+            / max(1.0, runs_after - runs_before),
+            "warmup_seconds": warmup,
+            "warmup_errors": warm["errors"],
+            "rss_mb_start": rss_start,
+            "rss_mb_after_warmup": rss_warm,
+            "rss_mb_after_soak": rss_mb(pid),
+        }
+    )
     time.sleep(IDLE_S)  # the scheduler gives the model's batch memory back when idle
     result["rss_mb_idle"] = rss_mb(pid)
     return result
@@ -361,8 +368,9 @@ def service_session(model_dir: Path) -> Any:
     return make_session(model_dir / MODEL_FILE, SessionThreads.of(Settings.model_construct()))
 
 
-def bench_single_interleaved(base_url: str, model_dir: Path, samples: list[Sample],
-                             rounds: int) -> dict:
+def bench_single_interleaved(
+    base_url: str, model_dir: Path, samples: list[Sample], rounds: int
+) -> dict:
     """One image over HTTP (/predict), then the same image decoded and run at batch 1 in
     this process (the server idle meanwhile), alternately: both see the same machine."""
     import httpx
@@ -441,81 +449,110 @@ def report(results: dict) -> str:
     lines = []
     meta = results["setup"]
     lines.append(f"pneumoscreen service benchmark  ({meta['when']})")
-    lines.append(f"  bundle   : {meta['bundle']}  ({meta['model']}, input {meta['input']})"
-                 + ("  [TINY TEST GRAPH, not the real model]" if meta["tiny"] else ""))
+    lines.append(
+        f"  bundle   : {meta['bundle']}  ({meta['model']}, input {meta['input']})"
+        + ("  [TINY TEST GRAPH, not the real model]" if meta["tiny"] else "")
+    )
     megapixels = results.get("in_process", {}).get("megapixels_mean")
-    lines.append(f"  images   : {meta['n_images']} from {meta['images']}"
-                 + (f" (mean {megapixels:.2f} MP)" if megapixels else ""))
+    lines.append(
+        f"  images   : {meta['n_images']} from {meta['images']}"
+        + (f" (mean {megapixels:.2f} MP)" if megapixels else "")
+    )
     lines.append(f"  machine  : {meta['machine']}")
-    lines.append(f"  load avg : {meta['load_before']} before, {meta['load_after']} after "
-                 "(1-min; > CPUs means other work competed for the cores)")
+    lines.append(
+        f"  load avg : {meta['load_before']} before, {meta['load_after']} after "
+        "(1-min; > CPUs means other work competed for the cores)"
+    )
     lines.append("")
     lat = results.get("latency")
     if lat:
         lines.append(f"POST /predict, sequential ({lat['n']} requests after warm-up)")
-        lines.append(f"  latency ms     p50 {lat['p50']:8.1f}   p95 {lat['p95']:8.1f}   "
-                     f"p99 {lat['p99']:8.1f}   mean {lat['mean']:8.1f}")
-        lines.append(f"  server-reported inference_ms mean "
-                     f"{lat['server_inference_ms_mean']:.2f}")
+        lines.append(
+            f"  latency ms     p50 {lat['p50']:8.1f}   p95 {lat['p95']:8.1f}   "
+            f"p99 {lat['p99']:8.1f}   mean {lat['mean']:8.1f}"
+        )
+        lines.append(f"  server-reported inference_ms mean {lat['server_inference_ms_mean']:.2f}")
         lines.append("")
     if "batch" in results:
         lines.append("POST /predict/batch throughput")
         lines.append("  batch  requests  images   images/s   ms/request p50")
         for size, row in results["batch"].items():
-            lines.append(f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
-                         f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}")
+            lines.append(
+                f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
+                f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}"
+            )
         after = results.get("batch_after_soak")
         if after:
             lines.append("  again after the soak:")
             for size, row in after.items():
-                lines.append(f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
-                             f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}")
+                lines.append(
+                    f"  {size:>5}  {row['requests']:>8}  {row['images']:>6}  "
+                    f"{row['images_per_s']:>9.1f}  {row['ms_per_request_p50']:>15.1f}"
+                )
         lines.append("")
     conc = results.get("concurrent")
     if conc:
         lines.append(f"POST /predict, {conc['threads']} client threads ({conc['n']} requests)")
-        lines.append(f"  {conc['images_per_s']:.1f} images/s   latency ms p50 "
-                     f"{conc['p50']:.1f}  p95 {conc['p95']:.1f}  p99 {conc['p99']:.1f}")
+        lines.append(
+            f"  {conc['images_per_s']:.1f} images/s   latency ms p50 "
+            f"{conc['p50']:.1f}  p95 {conc['p95']:.1f}  p99 {conc['p99']:.1f}"
+        )
         lines.append("")
     soak = results.get("soak")
     if soak:
-        lines.append(f"Soak: POST /predict, {soak['clients']} clients for {soak['seconds']:.0f} s "
-                     f"(after {soak['warmup_seconds']:.0f} s of warm-up)")
+        lines.append(
+            f"Soak: POST /predict, {soak['clients']} clients for {soak['seconds']:.0f} s "
+            f"(after {soak['warmup_seconds']:.0f} s of warm-up)"
+        )
         ans = soak.get("answered_ms", {})
-        lines.append(f"  answered {soak['answered']}   served {soak['served_images_per_s']:.1f} "
-                     f"images/s   latency ms p50 {ans.get('p50', float('nan')):.1f}  "
-                     f"p95 {ans.get('p95', float('nan')):.1f}  "
-                     f"p99 {ans.get('p99', float('nan')):.1f}")
+        lines.append(
+            f"  answered {soak['answered']}   served {soak['served_images_per_s']:.1f} "
+            f"images/s   latency ms p50 {ans.get('p50', float('nan')):.1f}  "
+            f"p95 {ans.get('p95', float('nan')):.1f}  "
+            f"p99 {ans.get('p99', float('nan')):.1f}"
+        )
         refused_p99 = soak["refused_ms_p99"]
-        lines.append(f"  refused 503 server_busy {soak['refused_503']}"
-                     + (f" (answered in p99 {refused_p99:.1f} ms)" if refused_p99 else "")
-                     + f"   other errors {sum(soak['errors'].values()) - soak['connection_errors']}"
-                     f"   connection errors {soak['connection_errors']}")
-        lines.append(f"  model runs {soak['model_runs']:.0f}, "
-                     f"{soak['images_per_model_run']:.1f} images per run on average "
-                     "(merged by the scheduler)")
-        lines.append(f"  server RSS MB: {soak['rss_mb_start']:.0f} at start, "
-                     f"{soak['rss_mb_after_warmup']:.0f} after warm-up, "
-                     f"{soak['rss_mb_after_soak']:.0f} after the soak, "
-                     f"{soak['rss_mb_idle']:.0f} after {IDLE_S:.0f} s idle")
+        lines.append(
+            f"  refused 503 server_busy {soak['refused_503']}"
+            + (f" (answered in p99 {refused_p99:.1f} ms)" if refused_p99 else "")
+            + f"   other errors {sum(soak['errors'].values()) - soak['connection_errors']}"
+            f"   connection errors {soak['connection_errors']}"
+        )
+        lines.append(
+            f"  model runs {soak['model_runs']:.0f}, "
+            f"{soak['images_per_model_run']:.1f} images per run on average "
+            "(merged by the scheduler)"
+        )
+        lines.append(
+            f"  server RSS MB: {soak['rss_mb_start']:.0f} at start, "
+            f"{soak['rss_mb_after_warmup']:.0f} after warm-up, "
+            f"{soak['rss_mb_after_soak']:.0f} after the soak, "
+            f"{soak['rss_mb_idle']:.0f} after {IDLE_S:.0f} s idle"
+        )
         lines.append("")
     single = results.get("single")
     if single:
-        lines.append(f"One image, alternately over HTTP and in process ({single['http_ms']['n']} "
-                     "each)")
-        lines.append(f"  POST /predict p50 {single['http_ms']['p50']:.1f} ms   decode+model at "
-                     f"batch 1 in process p50 {single['decode_and_model_ms']['p50']:.1f} ms")
+        lines.append(
+            f"One image, alternately over HTTP and in process ({single['http_ms']['n']} each)"
+        )
+        lines.append(
+            f"  POST /predict p50 {single['http_ms']['p50']:.1f} ms   decode+model at "
+            f"batch 1 in process p50 {single['decode_and_model_ms']['p50']:.1f} ms"
+        )
         lines.append("")
     ip = results.get("in_process")
     if ip:
         lines.append(f"In process, per image (input {ip['input']}), median ms")
-        no_draft_p50 = ip['decode_preprocess_ms_no_draft']['p50']
+        no_draft_p50 = ip["decode_preprocess_ms_no_draft"]["p50"]
         lines.append(f"  decode+preprocess, no draft : {no_draft_p50:8.2f}")
-        lines.append(f"  decode+preprocess, draft    : "
-                     f"{ip['decode_preprocess_ms_draft']['p50']:8.2f}   (what the service runs)")
+        lines.append(
+            f"  decode+preprocess, draft    : "
+            f"{ip['decode_preprocess_ms_draft']['p50']:8.2f}   (what the service runs)"
+        )
         lines.append(f"  onnxruntime inference, b=1  : {ip['inference_ms_batch1']['p50']:8.2f}")
-        lines.append(f"  onnxruntime inference, b=32 : "
-                     f"{ip['inference_ms_per_image_batch32']:8.2f} per image")
+        lines.append(
+            f"  onnxruntime inference, b=32 : {ip['inference_ms_per_image_batch32']:8.2f} per image"
+        )
         lines.append("")
     lines.append("Ratios (same run)")
     for name, value in results["ratios"].items():
@@ -528,35 +565,44 @@ def ratios(results: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     if 1 in batch and 32 in batch:
         out["batch-32 / batch-1 throughput (images/s)"] = (
-            batch[32]["images_per_s"] / batch[1]["images_per_s"])
+            batch[32]["images_per_s"] / batch[1]["images_per_s"]
+        )
     if 1 in batch and 8 in batch:
         out["batch-8 / batch-1 throughput (images/s)"] = (
-            batch[8]["images_per_s"] / batch[1]["images_per_s"])
+            batch[8]["images_per_s"] / batch[1]["images_per_s"]
+        )
     latency = results.get("latency")
     if latency and "concurrent" in results:
-        out["concurrent / sequential /predict throughput"] = (
-            results["concurrent"]["images_per_s"] / (1000.0 / latency["mean"]))
+        out["concurrent / sequential /predict throughput"] = results["concurrent"][
+            "images_per_s"
+        ] / (1000.0 / latency["mean"])
     if ip:
         draft = ip["decode_preprocess_ms_draft"]["p50"]
         out["draft speed-up of decode+preprocess (no draft / draft)"] = (
-            ip["decode_preprocess_ms_no_draft"]["p50"] / draft)
+            ip["decode_preprocess_ms_no_draft"]["p50"] / draft
+        )
         out["decode+preprocess (draft) / inference at batch 1"] = (
-            draft / ip["inference_ms_batch1"]["p50"])
+            draft / ip["inference_ms_batch1"]["p50"]
+        )
         if latency:
-            out["HTTP p50 latency / in-process (draft + inference)"] = (
-                latency["p50"] / (draft + ip["inference_ms_batch1"]["p50"]))
+            out["HTTP p50 latency / in-process (draft + inference)"] = latency["p50"] / (
+                draft + ip["inference_ms_batch1"]["p50"]
+            )
     single = results.get("single")
     if single:
         out["single image: HTTP p50 / in-process decode+model p50 (alternated)"] = (
-            single["http_ms"]["p50"] / single["decode_and_model_ms"]["p50"])
+            single["http_ms"]["p50"] / single["decode_and_model_ms"]["p50"]
+        )
     soak = results.get("soak")
     if soak and batch:
         rows = list(batch.values()) + list(results.get("batch_after_soak", {}).values())
         best = max(row["images_per_s"] for row in rows)
         out["soak served / best single-client batch throughput (before or after)"] = (
-            soak["served_images_per_s"] / best)
+            soak["served_images_per_s"] / best
+        )
         out["soak RSS after / after warm-up"] = (
-            soak["rss_mb_after_soak"] / soak["rss_mb_after_warmup"])
+            soak["rss_mb_after_soak"] / soak["rss_mb_after_warmup"]
+        )
     return out
 
 
@@ -572,35 +618,69 @@ SECTIONS = ("latency", "batch", "concurrent", "soak", "single", "in_process")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", type=Path, default=Path("models/default"),
-                        help="bundle to serve (default: models/default)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="serve a tiny test graph instead (no trained bundle needed; "
-                        "preprocessing is real, inference is not)")
-    parser.add_argument("--tiny-size", type=int, default=224,
-                        help="input size of the --tiny graph (default 224, like the real model)")
-    parser.add_argument("--images", type=Path, default=None,
-                        help=f"folder of images (default: {SHARED_FULLRES}, "
-                        f"else {FIXTURE_FULLRES})")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path("models/default"),
+        help="bundle to serve (default: models/default)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="serve a tiny test graph instead (no trained bundle needed; "
+        "preprocessing is real, inference is not)",
+    )
+    parser.add_argument(
+        "--tiny-size",
+        type=int,
+        default=224,
+        help="input size of the --tiny graph (default 224, like the real model)",
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help=f"folder of images (default: {SHARED_FULLRES}, else {FIXTURE_FULLRES})",
+    )
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--requests", type=int, default=120,
-                        help="sequential /predict requests timed (default 120)")
+    parser.add_argument(
+        "--requests", type=int, default=120, help="sequential /predict requests timed (default 120)"
+    )
     parser.add_argument("--batch-sizes", default="1,8,32")
-    parser.add_argument("--batch-images", type=int, default=128,
-                        help="images sent per batch size (default 128)")
+    parser.add_argument(
+        "--batch-images", type=int, default=128, help="images sent per batch size (default 128)"
+    )
     parser.add_argument("--threads", type=int, default=4, help="client threads (default 4)")
     parser.add_argument("--concurrent-requests", type=int, default=120)
     parser.add_argument("--inference-runs", type=int, default=100)
-    parser.add_argument("--soak-clients", type=int, default=64,
-                        help="concurrent clients of the soak (default 64; 0 skips it)")
+    parser.add_argument(
+        "--soak-clients",
+        type=int,
+        default=64,
+        help="concurrent clients of the soak (default 64; 0 skips it)",
+    )
     parser.add_argument("--soak-seconds", type=float, default=60.0)
-    parser.add_argument("--soak-warmup", type=float, default=10.0,
-                        help="seconds of the same load before the soak is measured")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra server setting, e.g. --env INFERENCE_THREADS=2 (repeatable)")
-    parser.add_argument("--only", default="", metavar="SECTION,...",
-                        help="run only these sections, of " + ",".join(SECTIONS)
-                        + " (default: all; a ratio needs all the sections it compares)")
+    parser.add_argument(
+        "--soak-warmup",
+        type=float,
+        default=10.0,
+        help="seconds of the same load before the soak is measured",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra server setting, e.g. --env INFERENCE_THREADS=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="SECTION,...",
+        help="run only these sections, of "
+        + ",".join(SECTIONS)
+        + " (default: all; a ratio needs all the sections it compares)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     return parser.parse_args(argv)
 
@@ -624,60 +704,75 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 read_bundle(model_dir)
             except BundleError as exc:
-                print(f"{exc}\n\nNo trained bundle: run with --tiny to benchmark the service "
-                      "on a tiny test graph (real preprocessing, trivial inference).",
-                      file=sys.stderr)
+                print(
+                    f"{exc}\n\nNo trained bundle: run with --tiny to benchmark the service "
+                    "on a tiny test graph (real preprocessing, trivial inference).",
+                    file=sys.stderr,
+                )
                 return 2
         meta = read_bundle(model_dir)
-        print(f"starting the service on {model_dir} ({meta.name} {meta.version}) ...",
-              file=sys.stderr)
+        print(
+            f"starting the service on {model_dir} ({meta.name} {meta.version}) ...", file=sys.stderr
+        )
         server = stack.enter_context(
-            live_server(model_dir.resolve(), env=env, timeout=180, cli=True))
+            live_server(model_dir.resolve(), env=env, timeout=180, cli=True)
+        )
         samples, refused = scored_samples(server.base_url, samples)
         if refused:
-            print(f"the service refused {sum(refused.values())} image(s) {refused}; timing "
-                  f"the {len(samples)} it scores", file=sys.stderr)
-        results: dict[str, Any] = {"setup": {
-            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "bundle": str(args.model_dir if not args.tiny else "tiny test graph (--tiny)"),
-            "model": f"{meta.name} {meta.version}, backbone {meta.backbone}",
-            "input": f"{meta.input.height}x{meta.input.width}",
-            "tiny": bool(args.tiny),
-            "images": str(folder),
-            "n_images": len(samples),
-            "refused_by_the_service": refused,
-            "server_env": env,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-                       f"Python {platform.python_version()}",
-            "load_before": _load(),
-        }}
+            print(
+                f"the service refused {sum(refused.values())} image(s) {refused}; timing "
+                f"the {len(samples)} it scores",
+                file=sys.stderr,
+            )
+        results: dict[str, Any] = {
+            "setup": {
+                "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "bundle": str(args.model_dir if not args.tiny else "tiny test graph (--tiny)"),
+                "model": f"{meta.name} {meta.version}, backbone {meta.backbone}",
+                "input": f"{meta.input.height}x{meta.input.width}",
+                "tiny": bool(args.tiny),
+                "images": str(folder),
+                "n_images": len(samples),
+                "refused_by_the_service": refused,
+                "server_env": env,
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                f"Python {platform.python_version()}",
+                "load_before": _load(),
+            }
+        }
         only = set(args.only.split(",")) if args.only else set(SECTIONS)
         if "latency" in only:
             print("sequential /predict ...", file=sys.stderr)
-            results["latency"] = bench_latency(server.base_url, samples, args.warmup,
-                                               args.requests)
+            results["latency"] = bench_latency(server.base_url, samples, args.warmup, args.requests)
         if "batch" in only:
             print("batches ...", file=sys.stderr)
-            results["batch"] = bench_batches(server.base_url, samples, batch_sizes,
-                                             args.batch_images, warmup=2)
+            results["batch"] = bench_batches(
+                server.base_url, samples, batch_sizes, args.batch_images, warmup=2
+            )
         if "concurrent" in only:
             print(f"{args.threads} client threads ...", file=sys.stderr)
-            results["concurrent"] = bench_concurrent(server.base_url, samples, args.threads,
-                                                     args.concurrent_requests)
+            results["concurrent"] = bench_concurrent(
+                server.base_url, samples, args.threads, args.concurrent_requests
+            )
         if "soak" in only and args.soak_clients > 0:
-            print(f"soak: {args.soak_clients} clients, {args.soak_warmup:.0f} s warm-up + "
-                  f"{args.soak_seconds:.0f} s ...", file=sys.stderr)
-            results["soak"] = bench_soak(server, samples, args.soak_clients, args.soak_seconds,
-                                         args.soak_warmup)
+            print(
+                f"soak: {args.soak_clients} clients, {args.soak_warmup:.0f} s warm-up + "
+                f"{args.soak_seconds:.0f} s ...",
+                file=sys.stderr,
+            )
+            results["soak"] = bench_soak(
+                server, samples, args.soak_clients, args.soak_seconds, args.soak_warmup
+            )
             if "batch" in only:
                 print("batches again, after the soak ...", file=sys.stderr)
                 results["batch_after_soak"] = bench_batches(
-                    server.base_url, samples, batch_sizes, max(32, args.batch_images // 2),
-                    warmup=1)
+                    server.base_url, samples, batch_sizes, max(32, args.batch_images // 2), warmup=1
+                )
         if "single" in only:
             print("single image, HTTP and in process alternately ...", file=sys.stderr)
-            results["single"] = bench_single_interleaved(server.base_url, model_dir, samples,
-                                                         args.requests)
+            results["single"] = bench_single_interleaved(
+                server.base_url, model_dir, samples, args.requests
+            )
         if "in_process" in only:
             print("in process ...", file=sys.stderr)
             results["in_process"] = bench_in_process(model_dir, samples, args.inference_runs)

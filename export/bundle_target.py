@@ -33,8 +33,12 @@ def check_target(out: Path, force: bool, option: str = "--out") -> None:
     if not any(out.iterdir()):
         return
     if not (out / META_FILE).is_file():
-        raise TargetRefused(f"{option} {out} exists and is not a model bundle; choose a new "
-                            "folder (--force only replaces a bundle)")
+        raise TargetRefused(
+            f"{option} {out} exists and is not a model bundle; choose a new "
+            "folder (--force only replaces a bundle)"
+        )
     if not force:
-        raise TargetRefused(f"{option} {out} already holds a bundle; pass --force to replace "
-                            "it (is it the one being served?)")
+        raise TargetRefused(
+            f"{option} {out} already holds a bundle; pass --force to replace "
+            "it (is it the one being served?)"
+        )

@@ -19,36 +19,64 @@ REFUSED_EXIT_CODE = 2
 
 
 def calibrate_command(
-    data: Annotated[Path, typer.Option(
-        help="The site's labelled X-rays: <data>/{NORMAL,PNEUMONIA}/* or "
-             "<data>/test/{NORMAL,PNEUMONIA}/* (JPEG, PNG or DICOM files).")],
-    out: Annotated[Path, typer.Option(
-        help="Folder of the new bundle, e.g. models/<site>. Never the source bundle.")],
-    model_dir: Annotated[Path, typer.Option(
-        help="The bundle to calibrate (left untouched).")] = Path("models/default"),
-    target_sensitivity: Annotated[float, typer.Option(
-        help="Sensitivity the new threshold must reach on the site's positives.")] = 0.95,
-    margin: Annotated[float, typer.Option(
-        help="How far below the target the lower bound of the 95% Wilson interval on "
-             "sensitivity may fall; sets how many positive patients are needed.")
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="The site's labelled X-rays: <data>/{NORMAL,PNEUMONIA}/* or "
+            "<data>/test/{NORMAL,PNEUMONIA}/* (JPEG, PNG or DICOM files)."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(help="Folder of the new bundle, e.g. models/<site>. Never the source bundle."),
+    ],
+    model_dir: Annotated[
+        Path, typer.Option(help="The bundle to calibrate (left untouched).")
+    ] = Path("models/default"),
+    target_sensitivity: Annotated[
+        float,
+        typer.Option(help="Sensitivity the new threshold must reach on the site's positives."),
+    ] = 0.95,
+    margin: Annotated[
+        float,
+        typer.Option(
+            help="How far below the target the lower bound of the 95% Wilson interval on "
+            "sensitivity may fall; sets how many positive patients are needed."
+        ),
     ] = DEFAULT_MARGIN,
-    min_negatives: Annotated[int | None, typer.Option(
-        help="NORMAL patients needed (default: as many as the positives needed).")] = None,
-    split: Annotated[str, typer.Option(
-        help="Sub-folder of --data holding NORMAL/ and PNEUMONIA/ (auto: --data itself "
-             "when it has them, else test).")] = AUTO,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Replace --out if it is an existing bundle.")] = False,
-    bootstrap: Annotated[int, typer.Option(
-        help="Patient-level bootstrap replicates for the 95% intervals.", min=100)
+    min_negatives: Annotated[
+        int | None,
+        typer.Option(help="NORMAL patients needed (default: as many as the positives needed)."),
+    ] = None,
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Sub-folder of --data holding NORMAL/ and PNEUMONIA/ (auto: --data itself "
+            "when it has them, else test)."
+        ),
+    ] = AUTO,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace --out if it is an existing bundle.")
+    ] = False,
+    bootstrap: Annotated[
+        int, typer.Option(help="Patient-level bootstrap replicates for the 95% intervals.", min=100)
     ] = DEFAULT_REPLICATES,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = DEFAULT_SEED,
-    version: Annotated[str | None, typer.Option(
-        help="Version of the new bundle (default: the source's + the --out folder name, "
-             "e.g. 1.0.0+st.marys).")] = None,
-    skip_unreadable: Annotated[bool, typer.Option(
-        "--skip-unreadable", help="Leave out images that cannot be decoded (counted in the "
-                                  "report) instead of refusing.")] = False,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            help="Version of the new bundle (default: the source's + the --out folder name, "
+            "e.g. 1.0.0+st.marys)."
+        ),
+    ] = None,
+    skip_unreadable: Annotated[
+        bool,
+        typer.Option(
+            "--skip-unreadable",
+            help="Leave out images that cannot be decoded (counted in the "
+            "report) instead of refusing.",
+        ),
+    ] = False,
 ) -> None:
     """Re-choose the threshold on a site's own labelled X-rays and write a new bundle.
 
@@ -68,9 +96,18 @@ def calibrate_command(
     from export.site_calibration import CalibrationRefused, CalibrationRequest, calibrate_site
 
     request = CalibrationRequest(
-        model_dir=model_dir, data=data, out=out, target_sensitivity=target_sensitivity,
-        margin=margin, min_negatives=min_negatives, split=split, force=force,
-        replicates=bootstrap, seed=seed, version=version, skip_unreadable=skip_unreadable,
+        model_dir=model_dir,
+        data=data,
+        out=out,
+        target_sensitivity=target_sensitivity,
+        margin=margin,
+        min_negatives=min_negatives,
+        split=split,
+        force=force,
+        replicates=bootstrap,
+        seed=seed,
+        version=version,
+        skip_unreadable=skip_unreadable,
     )
     try:
         result = calibrate_site(request, progress=lambda line: typer.echo(line, err=True))

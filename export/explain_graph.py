@@ -24,8 +24,9 @@ import numpy as np
 from service.bundle import CAM_NAME, FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
 
 
-def cam_direction(kernel: np.ndarray, bias: np.ndarray,
-                  positive: list[int]) -> tuple[np.ndarray, float]:
+def cam_direction(
+    kernel: np.ndarray, bias: np.ndarray, positive: list[int]
+) -> tuple[np.ndarray, float]:
     """The Dense layer's (C, n_labels) kernel and bias -> CAM weights (C,) and bias."""
     negative = [i for i in range(kernel.shape[1]) if i not in positive]
     weights = kernel[:, positive].mean(axis=1) - kernel[:, negative].mean(axis=1)
@@ -64,8 +65,10 @@ def explain_model(model, positive: list[int]):
         elif features is None:
             x = layer(x)
         else:
-            raise ValueError(f"unexpected layer {layer.name} after pooling: the head must "
-                             "stay linear for an exact CAM")
+            raise ValueError(
+                f"unexpected layer {layer.name} after pooling: the head must "
+                "stay linear for an exact CAM"
+            )
     if feature_map is None or features is None or probabilities is None:
         raise ValueError("the model is not backbone -> pool -> (dropout) -> Dense")
 
@@ -73,11 +76,15 @@ def explain_model(model, positive: list[int]):
     weights, offset = cam_direction(kernel, bias, positive)
     projection = keras.layers.Dense(1, name="cam_projection")
     cam = keras.layers.Reshape(tuple(feature_map.shape[1:3]), name=CAM_NAME)(
-        projection(feature_map))
+        projection(feature_map)
+    )
     projection.set_weights([weights[:, None], np.array([offset], dtype=np.float32)])
     named_features = keras.layers.Identity(name=FEATURES_NAME)(features)
-    return keras.Model(image, {OUTPUT_NAME: probabilities, FEATURES_NAME: named_features,
-                               CAM_NAME: cam}, name=f"{model.name}_explain")
+    return keras.Model(
+        image,
+        {OUTPUT_NAME: probabilities, FEATURES_NAME: named_features, CAM_NAME: cam},
+        name=f"{model.name}_explain",
+    )
 
 
 def feature_maps(model, images: np.ndarray) -> np.ndarray:

@@ -42,8 +42,10 @@ from export.serving_renditions import serving_renditions
 from service.bundle import GateInfo
 from service.gate import ROTATED_IMAGE, ROTATED_PREFIX, GateStats, decide
 
-METHOD = ("mahalanobis in the top principal components, class means, shared Ledoit-Wolf "
-          "covariance, rotated classes")
+METHOD = (
+    "mahalanobis in the top principal components, class means, shared Ledoit-Wolf "
+    "covariance, rotated classes"
+)
 TARGET_ACCEPTANCE = 0.995
 COMPONENTS = 64
 ROTATION_IMAGES = 1024
@@ -76,8 +78,9 @@ def principal_subspace(features: np.ndarray, components: int) -> tuple[np.ndarra
     return center, np.ascontiguousarray(directions[:k].T)
 
 
-def fit_stats(features_by_class: dict[str, np.ndarray],
-              components: int = COMPONENTS) -> tuple[GateStats, float]:
+def fit_stats(
+    features_by_class: dict[str, np.ndarray], components: int = COMPONENTS
+) -> tuple[GateStats, float]:
     """Principal subspace, class means and the shared shrunk precision matrix in it;
     returns the Ledoit-Wolf shrinkage too."""
     from sklearn.covariance import LedoitWolf
@@ -87,8 +90,9 @@ def fit_stats(features_by_class: dict[str, np.ndarray],
     center, basis = principal_subspace(np.concatenate(list(raw.values())), components)
     projected = {c: (values - center) @ basis for c, values in raw.items()}
     means = np.stack([projected[c].mean(axis=0) for c in classes])
-    deviations = np.concatenate([projected[c] - mean
-                                 for c, mean in zip(classes, means, strict=True)])
+    deviations = np.concatenate(
+        [projected[c] - mean for c, mean in zip(classes, means, strict=True)]
+    )
     estimate = LedoitWolf(assume_centered=True).fit(deviations)
     precision = np.asarray(estimate.precision_, dtype=np.float64)
     precision = (precision + precision.T) / 2
@@ -108,8 +112,9 @@ def _rotated_distance(stats: GateStats, distances: np.ndarray) -> np.ndarray:
 ROUNDING_MARGIN = 1e-4
 
 
-def quantile_upper_bound(values: np.ndarray, share: float,
-                         confidence: float) -> tuple[float, float]:
+def quantile_upper_bound(
+    values: np.ndarray, share: float, confidence: float
+) -> tuple[float, float]:
     """A one-sided `confidence` upper bound of the `share` quantile of the distribution
     `values` were drawn from, and the confidence it really has.
 
@@ -128,11 +133,13 @@ def quantile_upper_bound(values: np.ndarray, share: float,
     return float(ordered[k - 1]) * (1 + ROUNDING_MARGIN), float(coverage[k - 1])
 
 
-def rendered_features(features: FeatureFn, render: RenderFn, images: np.ndarray,
-                      chunk: int = RENDER_CHUNK) -> np.ndarray:
+def rendered_features(
+    features: FeatureFn, render: RenderFn, images: np.ndarray, chunk: int = RENDER_CHUNK
+) -> np.ndarray:
     """Features of the renditions of images, a chunk at a time (renditions are not kept)."""
-    return np.concatenate([features(render(images[i : i + chunk]))
-                           for i in range(0, len(images), chunk)])
+    return np.concatenate(
+        [features(render(images[i : i + chunk])) for i in range(0, len(images), chunk)]
+    )
 
 
 def fit_gate(
@@ -174,19 +181,31 @@ def fit_gate(
     # (published, serving): both must pass; the same for each of its rotations.
     renditions = [val_images] + ([render(val_images)] if render is not None else [])
     val_features = [features(images) for images in renditions]
-    val_upright = np.max([_upright_distance(stats, stats.distances(values))
-                          for values in val_features], axis=0)
-    threshold, threshold_confidence = quantile_upper_bound(val_upright, target_acceptance,
-                                                           confidence)
-    rotated = [np.concatenate([stats.distances(features(rotate(thin(images, rotation_images),
-                                                                  k)))
-                               for k in QUARTER_TURNS]) for images in renditions]
+    val_upright = np.max(
+        [_upright_distance(stats, stats.distances(values)) for values in val_features], axis=0
+    )
+    threshold, threshold_confidence = quantile_upper_bound(
+        val_upright, target_acceptance, confidence
+    )
+    rotated = [
+        np.concatenate(
+            [
+                stats.distances(features(rotate(thin(images, rotation_images), k)))
+                for k in QUARTER_TURNS
+            ]
+        )
+        for images in renditions
+    ]
     rotated_threshold, rotated_confidence = quantile_upper_bound(
         np.max([_rotated_distance(stats, values) for values in rotated], axis=0),
-        target_acceptance, confidence)
+        target_acceptance,
+        confidence,
+    )
 
-    bound = (f"one-sided {confidence:.0%} upper confidence bound (order statistic) of the "
-             f"{target_acceptance:.1%} quantile of the validation split")
+    bound = (
+        f"one-sided {confidence:.0%} upper confidence bound (order statistic) of the "
+        f"{target_acceptance:.1%} quantile of the validation split"
+    )
     info = GateInfo(
         method=METHOD,
         classes=list(stats.classes),
@@ -197,32 +216,47 @@ def fit_gate(
         components=int(stats.basis.shape[1]),
         fitted_on={
             "train_images": len(train_images),
-            "serving_renditions": ("one per training and validation X-ray and per "
-                                   "rotated one (export/serving_renditions.py)"
-                                   if rendering else "none"),
+            "serving_renditions": (
+                "one per training and validation X-ray and per "
+                "rotated one (export/serving_renditions.py)"
+                if rendering
+                else "none"
+            ),
             "per_class": {c: len(v) for c, v in by_class.items()},
             "ledoit_wolf_shrinkage": shrinkage,
-            "threshold_from": bound + (", each image at its worse rendition"
-                                       if rendering else ""),
+            "threshold_from": bound + (", each image at its worse rendition" if rendering else ""),
             "threshold_confidence": threshold_confidence,
             "rotated_threshold_confidence": rotated_confidence,
         },
     )
-    info.acceptance = measure(stats, info, val_features[0], np.concatenate(rotated),
-                              val_features[1] if rendering else None)
+    info.acceptance = measure(
+        stats,
+        info,
+        val_features[0],
+        np.concatenate(rotated),
+        val_features[1] if rendering else None,
+    )
     return stats, info
 
 
-def measure(stats: GateStats, info: GateInfo, val_features: np.ndarray,
-            rotated_distances: np.ndarray,
-            rendered_features: np.ndarray | None = None) -> dict[str, Any]:
+def measure(
+    stats: GateStats,
+    info: GateInfo,
+    val_features: np.ndarray,
+    rotated_distances: np.ndarray,
+    rendered_features: np.ndarray | None = None,
+) -> dict[str, Any]:
     """What the service's decision does on validation X-rays (as published and as serving
     renditions) and on their rotations."""
+
     def accepted_share(values: np.ndarray) -> dict[str, Any]:
         verdicts = [decide(stats, info, row) for row in stats.distances(values)]
         accepted = sum(v.accepted for v in verdicts)
-        return {"n": len(verdicts), "accepted": accepted,
-                "rate": accepted / len(verdicts) if verdicts else None}
+        return {
+            "n": len(verdicts),
+            "accepted": accepted,
+            "rate": accepted / len(verdicts) if verdicts else None,
+        }
 
     turned = [decide(stats, info, row) for row in rotated_distances]
     refused_rotated = sum(not v.accepted for v in turned)
@@ -230,7 +264,9 @@ def measure(stats: GateStats, info: GateInfo, val_features: np.ndarray,
     result = {
         "validation": accepted_share(val_features),
         "validation_rotated": {
-            "n": len(turned), "refused": refused_rotated, "as_rotated_image": as_rotated,
+            "n": len(turned),
+            "refused": refused_rotated,
+            "as_rotated_image": as_rotated,
             "rate": refused_rotated / len(turned) if turned else None,
         },
     }
@@ -244,8 +280,12 @@ def onnx_features(session, batch_size: int = 32) -> FeatureFn:
     from service.bundle import FEATURES_NAME, INPUT_NAME
 
     def run(images: np.ndarray) -> np.ndarray:
-        parts = [session.run([FEATURES_NAME], {INPUT_NAME: np.ascontiguousarray(
-            images[i : i + batch_size])})[0] for i in range(0, len(images), batch_size)]
+        parts = [
+            session.run(
+                [FEATURES_NAME], {INPUT_NAME: np.ascontiguousarray(images[i : i + batch_size])}
+            )[0]
+            for i in range(0, len(images), batch_size)
+        ]
         return np.concatenate(parts).astype(np.float64)
 
     return run

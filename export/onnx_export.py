@@ -93,13 +93,16 @@ def onnx_predict(onnx_path: Path, images: np.ndarray, batch_size: int = 32) -> n
     return onnx_outputs(onnx_path, images, batch_size)[OUTPUT_NAME]
 
 
-def onnx_outputs(onnx_path: Path, images: np.ndarray,
-                 batch_size: int = 32) -> dict[str, np.ndarray]:
+def onnx_outputs(
+    onnx_path: Path, images: np.ndarray, batch_size: int = 32
+) -> dict[str, np.ndarray]:
     """Every output of the graph, by name, for a stack of model inputs."""
     session = make_session(onnx_path)
     names = [output.name for output in session.get_outputs()]
-    parts = [session.run(names, {INPUT_NAME: images[i : i + batch_size]})
-             for i in range(0, len(images), batch_size)]
+    parts = [
+        session.run(names, {INPUT_NAME: images[i : i + batch_size]})
+        for i in range(0, len(images), batch_size)
+    ]
     return {name: np.concatenate([part[j] for part in parts]) for j, name in enumerate(names)}
 
 
@@ -144,8 +147,14 @@ def cam_logit_gap(outputs: dict[str, np.ndarray], positive: list[int]) -> float 
     return float(np.max(np.abs(outputs[CAM_NAME][usable].mean(axis=(1, 2)) - log_odds)))
 
 
-def split_arrays(run_dir: Path, data_root: Path, run: RunRecord, part: str,
-                 cache_dir: Path | None = None, limit: int | None = None):
+def split_arrays(
+    run_dir: Path,
+    data_root: Path,
+    run: RunRecord,
+    part: str,
+    cache_dir: Path | None = None,
+    limit: int | None = None,
+):
     """Model inputs and labels of one side of the run's split, evenly thinned to `limit`."""
     samples = split_samples(run_dir, data_root, part, len(run.labels))
     if limit is not None:
@@ -186,34 +195,48 @@ def export_run(
         onnx_path = Path(scratch) / "model.onnx"
         convert_to_onnx(explained, size, onnx_path)
         # Real X-rays for the parity check: a spread of the run's validation images.
-        images, _ = split_arrays(run_dir, data_root, run, "validation", cache_dir,
-                                 PARITY_IMAGES)
+        images, _ = split_arrays(run_dir, data_root, run, "validation", cache_dir, PARITY_IMAGES)
         parity = check_parity_all(explained, onnx_path, images)
         difference = parity[OUTPUT_NAME]
         gap = cam_logit_gap(onnx_outputs(onnx_path, images), positive)
-        print("parity: max |keras - onnxruntime| = "
-              + ", ".join(f"{k} {v:.2e}" for k, v in parity.items())
-              + f" on {len(images)} X-rays; |mean(cam) - log-odds| = "
-              + ("n/a" if gap is None else f"{gap:.2e}"))
+        print(
+            "parity: max |keras - onnxruntime| = "
+            + ", ".join(f"{k} {v:.2e}" for k, v in parity.items())
+            + f" on {len(images)} X-rays; |mean(cam) - log-odds| = "
+            + ("n/a" if gap is None else f"{gap:.2e}")
+        )
 
         # The gate: features of every training X-ray, thresholds on the validation ones.
         session = make_session(onnx_path)
         x_train, y_train = split_arrays(run_dir, data_root, run, "train", cache_dir)
         x_val, _ = split_arrays(run_dir, data_root, run, "validation", cache_dir)
-        stats, gate = fit_gate(onnx_features(session), x_train, y_train, run.labels,
-                               x_val, gate_acceptance, gate_rotation_images, gate_components,
-                               gate_confidence,
-                               serving_renditions if gate_renditions else None)
+        stats, gate = fit_gate(
+            onnx_features(session),
+            x_train,
+            y_train,
+            run.labels,
+            x_val,
+            gate_acceptance,
+            gate_rotation_images,
+            gate_components,
+            gate_confidence,
+            serving_renditions if gate_renditions else None,
+        )
         gate_path = Path(scratch) / GATE_FILE
         stats.save(gate_path)
         accepted = gate.acceptance["validation"]
         rotated = gate.acceptance["validation_rotated"]
         renditions = gate.acceptance.get("validation_renditions")
-        print(f"gate: threshold {gate.threshold:.2f}; validation X-rays accepted "
-              f"{accepted['accepted']}/{accepted['n']}"
-              + (f", their serving renditions {renditions['accepted']}/{renditions['n']}"
-                 if renditions else "")
-              + f", rotated refused {rotated['refused']}/{rotated['n']}")
+        print(
+            f"gate: threshold {gate.threshold:.2f}; validation X-rays accepted "
+            f"{accepted['accepted']}/{accepted['n']}"
+            + (
+                f", their serving renditions {renditions['accepted']}/{renditions['n']}"
+                if renditions
+                else ""
+            )
+            + f", rotated refused {rotated['refused']}/{rotated['n']}"
+        )
 
         validation = report["splits"]["validation"]
         meta = BundleMeta(
@@ -234,9 +257,20 @@ def export_run(
                 "validation": _validation_text(run),
             },
             validation_metrics={
-                **{k: validation[k] for k in ("auc", "sensitivity", "specificity", "accuracy",
-                                              "precision", "f1", "n", "n_positive",
-                                              "confusion_matrix")},
+                **{
+                    k: validation[k]
+                    for k in (
+                        "auc",
+                        "sensitivity",
+                        "specificity",
+                        "accuracy",
+                        "precision",
+                        "f1",
+                        "n",
+                        "n_positive",
+                        "confusion_matrix",
+                    )
+                },
                 "threshold_rule": report["threshold_rule"],
                 "intervals_95": validation.get("intervals_95"),
                 "other_splits": {k: v for k, v in report["splits"].items() if k != "validation"},
@@ -266,24 +300,37 @@ def fold_temperature(model, temperature: float, layer: str = OUTPUT_NAME) -> Non
     dense.set_weights([weight / temperature for weight in dense.get_weights()])
 
 
-def _calibration_record(calibration: RunCalibration | None,
-                        uncalibrated_threshold: float) -> dict | None:
+def _calibration_record(
+    calibration: RunCalibration | None, uncalibrated_threshold: float
+) -> dict | None:
     if not calibration:
         return None
-    keep = {"method", "temperature", "fitted_on", "n", "nll_before", "nll_after", "ece_before",
-            "ece_after"}
-    return {**calibration.model_dump(include=keep), "folded_into": "the Dense head's weights",
-            "uncalibrated_threshold": uncalibrated_threshold}
+    keep = {
+        "method",
+        "temperature",
+        "fitted_on",
+        "n",
+        "nll_before",
+        "nll_after",
+        "ece_before",
+        "ece_after",
+    }
+    return {
+        **calibration.model_dump(include=keep),
+        "folded_into": "the Dense head's weights",
+        "uncalibrated_threshold": uncalibrated_threshold,
+    }
 
 
 def _validation_text(run: RunRecord) -> str:
     config = run.config
     if run.validation == "acquisition":
-        return (f"carved from train by acquisition order: the most recent "
-                f"{config.val_fraction:.0%} of patients of each id series")
+        return (
+            f"carved from train by acquisition order: the most recent "
+            f"{config.val_fraction:.0%} of patients of each id series"
+        )
     if run.validation == "kfold":
-        return (f"fold {config.fold} of {config.folds} (by patient, "
-                f"stratified, seed {config.seed})")
+        return f"fold {config.fold} of {config.folds} (by patient, stratified, seed {config.seed})"
     return f"carved from train by patient, stratified, seeded (seed {config.seed})"
 
 
@@ -302,22 +349,29 @@ def model_card(meta: BundleMeta, run: RunRecord) -> str:
         for name, m in others.items()
     )
     small = [f"{name} ({m['n']} images)" for name, m in others.items() if m["n"] < 100]
-    small_note = (f" Too few images to mean much: {', '.join(small)}." if small else "")
+    small_note = f" Too few images to mean much: {', '.join(small)}." if small else ""
     if data["source"] == DATA_CREDIT:
-        population = ("Pediatric patients (1-5 years) of one hospital (Guangzhou Women and "
-                      "Children's Medical Center), one acquisition pipeline.")
+        population = (
+            "Pediatric patients (1-5 years) of one hospital (Guangzhou Women and "
+            "Children's Medical Center), one acquisition pipeline."
+        )
     else:
         population = f"Trained on: {data['source']}."
-    conversion = (f"Keras and onnxruntime agree to {v['parity_max_abs_diff']:.1e} (max abs "
-                  "difference of probabilities on real X-rays)."
-                  if "parity_max_abs_diff" in v else
-                  f"{v.get('quantization', '')}; validation AUC {_fmt(v['auc'])} against "
-                  f"{_fmt(v.get('fp32_reference', {}).get('auc'))} for the FP32 model.")
+    conversion = (
+        f"Keras and onnxruntime agree to {v['parity_max_abs_diff']:.1e} (max abs "
+        "difference of probabilities on real X-rays)."
+        if "parity_max_abs_diff" in v
+        else f"{v.get('quantization', '')}; validation AUC {_fmt(v['auc'])} against "
+        f"{_fmt(v.get('fp32_reference', {}).get('auc'))} for the FP32 model."
+    )
     weights = run.config.weights
     start = {"imagenet": "ImageNet-pretrained", "none": "randomly initialised, no pretraining"}.get(
-        weights, f"ImageNet-pretrained, weights file {Path(weights).name}")
-    validation_row = (f"| validation ({run.validation_name}) | {v['n']} | {_fmt(v['auc'])} | "
-                      f"{v['sensitivity']:.3f} | {v['specificity']:.3f} |")
+        weights, f"ImageNet-pretrained, weights file {Path(weights).name}"
+    )
+    validation_row = (
+        f"| validation ({run.validation_name}) | {v['n']} | {_fmt(v['auc'])} | "
+        f"{v['sensitivity']:.3f} | {v['specificity']:.3f} |"
+    )
     return f"""# Model card: {meta.name} {meta.version}
 
 ## Intended use
@@ -369,12 +423,16 @@ def _recipe_text(run: RunRecord) -> str:
     """Card lines for what changes the graph itself: the intensity stretch, an ensemble."""
     lines = ""
     if run.config.intensity_stretch:
-        lines += ("- Each image's 1st and 99th grey-level percentiles are stretched to 0 and "
-                  "255 inside the model (training.model.PercentileStretch).\n")
+        lines += (
+            "- Each image's 1st and 99th grey-level percentiles are stretched to 0 and "
+            "255 inside the model (training.model.PercentileStretch).\n"
+        )
     if run.ensemble:
-        lines += (f"- An ensemble of {len(run.ensemble.members)} runs in one graph: "
-                  f"{run.ensemble.combination}. Members: "
-                  f"{', '.join(Path(m).name for m in run.ensemble.members)}.\n")
+        lines += (
+            f"- An ensemble of {len(run.ensemble.members)} runs in one graph: "
+            f"{run.ensemble.combination}. Members: "
+            f"{', '.join(Path(m).name for m in run.ensemble.members)}.\n"
+        )
     return lines
 
 
@@ -382,22 +440,31 @@ def _intervals_text(v: dict) -> str:
     ci = v.get("intervals_95")
     if not ci:
         return ""
-    parts = [f"{name} [{low:.3f}, {high:.3f}]" for name, bounds in ci.items() if bounds
-             for low, high in [bounds]]
-    return ("\n95% intervals on the validation split (1000 bootstrap resamples of patients): "
-            + ", ".join(parts) + ".\n")
+    parts = [
+        f"{name} [{low:.3f}, {high:.3f}]"
+        for name, bounds in ci.items()
+        if bounds
+        for low, high in [bounds]
+    ]
+    return (
+        "\n95% intervals on the validation split (1000 bootstrap resamples of patients): "
+        + ", ".join(parts)
+        + ".\n"
+    )
 
 
 def _calibration_text(v: dict) -> str:
     c = v.get("calibration")
     if not c:
         return ""
-    return (f"\nCalibration: {c['method']}, T = {c['temperature']:.3f}, fitted on "
-            f"{c['fitted_on']} and folded into {c['folded_into']}; expected calibration error "
-            f"{c['ece_before']:.4f} -> {c['ece_after']:.4f} (10 bins), NLL "
-            f"{c['nll_before']:.4f} -> {c['nll_after']:.4f}. The threshold "
-            f"{c['uncalibrated_threshold']:.4f} on the uncalibrated scale is the same decision. "
-            "Reliability diagram: report/reliability.png.\n")
+    return (
+        f"\nCalibration: {c['method']}, T = {c['temperature']:.3f}, fitted on "
+        f"{c['fitted_on']} and folded into {c['folded_into']}; expected calibration error "
+        f"{c['ece_before']:.4f} -> {c['ece_after']:.4f} (10 bins), NLL "
+        f"{c['nll_before']:.4f} -> {c['nll_after']:.4f}. The threshold "
+        f"{c['uncalibrated_threshold']:.4f} on the uncalibrated scale is the same decision. "
+        "Reliability diagram: report/reliability.png.\n"
+    )
 
 
 def _gate_section(meta: BundleMeta) -> str:
@@ -407,8 +474,8 @@ def _gate_section(meta: BundleMeta) -> str:
     accepted = gate.acceptance.get("validation", {})
     rotated = gate.acceptance.get("validation_rotated", {})
     threshold_from = gate.fitted_on.get(
-        "threshold_from", f"set so that {gate.target_acceptance:.1%} of the validation "
-        "X-rays pass")
+        "threshold_from", f"set so that {gate.target_acceptance:.1%} of the validation X-rays pass"
+    )
     return f"""## Input gate
 Before scoring, the service refuses images that are not upright frontal chest X-rays
 (422 `not_chest_xray`, `unsupported_view`, `rotated_image`): DICOM tags, colour, blank

@@ -87,9 +87,12 @@ class Sufficiency:
 
     @property
     def enough(self) -> bool:
-        return (self.positives_needed is not None and self.negatives_needed is not None
-                and self.positives >= self.positives_needed
-                and self.negatives >= self.negatives_needed)
+        return (
+            self.positives_needed is not None
+            and self.negatives_needed is not None
+            and self.positives >= self.positives_needed
+            and self.negatives >= self.negatives_needed
+        )
 
     def rule(self) -> str:
         return (
@@ -123,12 +126,14 @@ class Sufficiency:
             )
         if not parts:
             return None
-        return (f"too few site X-rays to support target sensitivity {self.target:g}: "
-                + "; ".join(parts))
+        return f"too few site X-rays to support target sensitivity {self.target:g}: " + "; ".join(
+            parts
+        )
 
 
-def assess(target: float, margin: float, positives: int, negatives: int,
-           min_negatives: int | None = None) -> Sufficiency:
+def assess(
+    target: float, margin: float, positives: int, negatives: int, min_negatives: int | None = None
+) -> Sufficiency:
     """Apply the rule to a site's patient counts."""
     needed = positives_needed(target, margin)
     negatives_needed = min_negatives if min_negatives is not None else needed

@@ -53,19 +53,20 @@ def serving_rendition(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
     curve = np.round(255.0 * (np.arange(256) / 255.0) ** gamma).astype(np.uint8)
     big_width = int(rng.integers(WIDTH_RANGE[0], WIDTH_RANGE[1] + 1))
     big_height = max(height, round(big_width * rng.uniform(*ASPECT_RANGE)))
-    big = Image.fromarray(curve[grey]).resize((big_width, big_height),
-                                              Image.Resampling.LANCZOS)
+    big = Image.fromarray(curve[grey]).resize((big_width, big_height), Image.Resampling.LANCZOS)
     scale = big_width / width
     if rng.random() < 0.5:
-        big = big.filter(ImageFilter.UnsharpMask(
-            radius=scale * rng.uniform(*UNSHARP_RADIUS),
-            percent=int(rng.integers(UNSHARP_PERCENT[0], UNSHARP_PERCENT[1] + 1)),
-            threshold=0))
+        big = big.filter(
+            ImageFilter.UnsharpMask(
+                radius=scale * rng.uniform(*UNSHARP_RADIUS),
+                percent=int(rng.integers(UNSHARP_PERCENT[0], UNSHARP_PERCENT[1] + 1)),
+                threshold=0,
+            )
+        )
     else:
         big = big.filter(ImageFilter.GaussianBlur(radius=scale * rng.uniform(*BLUR_SIGMA)))
     buffer = io.BytesIO()
-    big.save(buffer, format="JPEG",
-             quality=int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)))
+    big.save(buffer, format="JPEG", quality=int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)))
     return load_model_input(buffer.getvalue(), height, width)
 
 

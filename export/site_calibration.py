@@ -74,8 +74,9 @@ class CalibrationResult:
     record: dict[str, Any]
 
 
-def calibrate_site(request: CalibrationRequest,
-                   progress: Callable[[str], None] = lambda _: None) -> CalibrationResult:
+def calibrate_site(
+    request: CalibrationRequest, progress: Callable[[str], None] = lambda _: None
+) -> CalibrationResult:
     """Score the site's X-rays, choose the threshold, write the new bundle. Raises
     CalibrationRefused (nothing written) when the request or the data cannot support it."""
     try:
@@ -95,8 +96,9 @@ def calibrate_site(request: CalibrationRequest,
         raise CalibrationRefused(str(exc)) from None
     _require_enough(site, request)
 
-    progress(f"scoring {len(site.samples)} images of {request.data} with {source.name} "
-             f"{source.version}")
+    progress(
+        f"scoring {len(site.samples)} images of {request.data} with {source.name} {source.version}"
+    )
     scores, unreadable, providers = _score(request.model_dir, site)
     if unreadable:
         first_path, first_reason = unreadable[0]
@@ -106,8 +108,9 @@ def calibrate_site(request: CalibrationRequest,
                 f"(first: {first_path}: {first_reason}); fix or remove them, "
                 "or pass --skip-unreadable"
             )
-        progress(f"skipped {len(unreadable)} unreadable images (first: {first_path}: "
-                 f"{first_reason})")
+        progress(
+            f"skipped {len(unreadable)} unreadable images (first: {first_path}: {first_reason})"
+        )
         kept = [i for i, score in enumerate(scores) if score is not None]
         site = SiteData(site.root, site.folder, [site.samples[i] for i in kept])
         scores = [scores[i] for i in kept]
@@ -117,18 +120,33 @@ def calibrate_site(request: CalibrationRequest,
     values = np.array(scores, dtype=np.float64)
     patients = [s.patient for s in site.samples]
     threshold = choose_threshold(y, values, request.target_sensitivity)
-    new_figures = bootstrap_figures(y, values, patients, threshold,
-                                    request.replicates, request.seed)
-    old_figures = bootstrap_figures(y, values, patients, source.threshold,
-                                    request.replicates, request.seed)
+    new_figures = bootstrap_figures(
+        y, values, patients, threshold, request.replicates, request.seed
+    )
+    old_figures = bootstrap_figures(
+        y, values, patients, source.threshold, request.replicates, request.seed
+    )
     sufficiency = _require_enough(site, request)
-    record = _record(request, source, site, threshold, y, values, new_figures, old_figures,
-                     sufficiency, len(unreadable), providers)
-    meta = source.model_copy(update={
-        "threshold": threshold,
-        "version": request.version or site_version(source.version, request.out.name),
-        "site_calibration": record,
-    })
+    record = _record(
+        request,
+        source,
+        site,
+        threshold,
+        y,
+        values,
+        new_figures,
+        old_figures,
+        sufficiency,
+        len(unreadable),
+        providers,
+    )
+    meta = source.model_copy(
+        update={
+            "threshold": threshold,
+            "version": request.version or site_version(source.version, request.out.name),
+            "site_calibration": record,
+        }
+    )
     meta = _write(request, meta, record)
     return CalibrationResult(request.out, meta, record)
 
@@ -165,9 +183,13 @@ def _check_out(source: Path, out: Path, force: bool) -> None:
 
 
 def _require_enough(site: SiteData, request: CalibrationRequest) -> Sufficiency:
-    sufficiency = assess(request.target_sensitivity, request.margin,
-                         site.patients(_POSITIVE), site.patients(_NEGATIVE),
-                         request.min_negatives)
+    sufficiency = assess(
+        request.target_sensitivity,
+        request.margin,
+        site.patients(_POSITIVE),
+        site.patients(_NEGATIVE),
+        request.min_negatives,
+    )
     reason = sufficiency.shortfall(_POSITIVE, _NEGATIVE)
     if reason is not None:
         raise CalibrationRefused(reason)
@@ -177,8 +199,9 @@ def _require_enough(site: SiteData, request: CalibrationRequest) -> Sufficiency:
 # --- scoring --------------------------------------------------------------------------
 
 
-def _score(model_dir: Path, site: SiteData) -> tuple[list[float | None], list[tuple[str, str]],
-                                                     list[str]]:
+def _score(
+    model_dir: Path, site: SiteData
+) -> tuple[list[float | None], list[tuple[str, str]], list[str]]:
     """P(positive) per image as the service computes it (None where unreadable)."""
     from pydantic import ValidationError
 
@@ -230,8 +253,7 @@ def _score(model_dir: Path, site: SiteData) -> tuple[list[float | None], list[tu
 
 def _tool_versions() -> dict[str, str]:
     versions = {}
-    for name in ("pneumoscreen", "onnxruntime", "onnxruntime-gpu", "numpy", "pillow",
-                 "pydicom"):
+    for name in ("pneumoscreen", "onnxruntime", "onnxruntime-gpu", "numpy", "pillow", "pydicom"):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
@@ -241,13 +263,27 @@ def _tool_versions() -> dict[str, str]:
 
 def _confusion(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
     flagged = scores >= threshold
-    return {"tn": int((~y & ~flagged).sum()), "fp": int((~y & flagged).sum()),
-            "fn": int((y & ~flagged).sum()), "tp": int((y & flagged).sum())}
+    return {
+        "tn": int((~y & ~flagged).sum()),
+        "fp": int((~y & flagged).sum()),
+        "fn": int((y & ~flagged).sum()),
+        "tp": int((y & flagged).sum()),
+    }
 
 
-def _record(request: CalibrationRequest, source: BundleMeta, site: SiteData, threshold: float,
-            y: np.ndarray, scores: np.ndarray, new_figures: dict, old_figures: dict,
-            sufficiency: Sufficiency, skipped: int, providers: list[str]) -> dict[str, Any]:
+def _record(
+    request: CalibrationRequest,
+    source: BundleMeta,
+    site: SiteData,
+    threshold: float,
+    y: np.ndarray,
+    scores: np.ndarray,
+    new_figures: dict,
+    old_figures: dict,
+    sufficiency: Sufficiency,
+    skipped: int,
+    providers: list[str],
+) -> dict[str, Any]:
     target = request.target_sensitivity
     return {
         "data": request.data.resolve().name,
@@ -260,10 +296,15 @@ def _record(request: CalibrationRequest, source: BundleMeta, site: SiteData, thr
             f"highest threshold with sensitivity >= {target:g} on the site's labelled X-rays "
             "(service.scoring.choose_threshold, the rule training uses)"
         ),
-        "source_bundle": {"name": source.name, "version": source.version,
-                          "onnx_sha256": source.onnx_sha256},
-        "counts": {label: {"images": site.images(label), "patients": site.patients(label)}
-                   for label in (_NEGATIVE, _POSITIVE)},
+        "source_bundle": {
+            "name": source.name,
+            "version": source.version,
+            "onnx_sha256": source.onnx_sha256,
+        },
+        "counts": {
+            label: {"images": site.images(label), "patients": site.patients(label)}
+            for label in (_NEGATIVE, _POSITIVE)
+        },
         "skipped_unreadable": skipped,
         "sufficiency": {
             "rule": sufficiency.rule(),
@@ -278,8 +319,7 @@ def _record(request: CalibrationRequest, source: BundleMeta, site: SiteData, thr
             "confusion_matrix": _confusion(y, scores, threshold),
         },
         "at_old_threshold": {
-            **{name: estimate.as_dict() for name, estimate in old_figures.items()
-               if name != "auc"},
+            **{name: estimate.as_dict() for name, estimate in old_figures.items() if name != "auc"},
             "confusion_matrix": _confusion(y, scores, source.threshold),
         },
         "bootstrap": {
@@ -313,8 +353,9 @@ def _copy_extra_files(source: Path, target: Path) -> None:
 
 
 def _with_interval(estimate: dict[str, float]) -> str:
-    return (f"{estimate['value']:.3f} (95% CI {estimate['ci95_low']:.3f}-"
-            f"{estimate['ci95_high']:.3f})")
+    return (
+        f"{estimate['value']:.3f} (95% CI {estimate['ci95_low']:.3f}-{estimate['ci95_high']:.3f})"
+    )
 
 
 def _report_markdown(meta: BundleMeta, record: dict[str, Any]) -> str:
@@ -335,22 +376,32 @@ def _report_markdown(meta: BundleMeta, record: dict[str, Any]) -> str:
         "",
         "| threshold | sensitivity | specificity |",
         "|---|---|---|",
-        (f"| new {record['threshold']:.4f} | {_with_interval(metrics['sensitivity'])} | "
-         f"{_with_interval(metrics['specificity'])} |"),
-        (f"| old {record['old_threshold']:.4f} | {_with_interval(old['sensitivity'])} | "
-         f"{_with_interval(old['specificity'])} |"),
+        (
+            f"| new {record['threshold']:.4f} | {_with_interval(metrics['sensitivity'])} | "
+            f"{_with_interval(metrics['specificity'])} |"
+        ),
+        (
+            f"| old {record['old_threshold']:.4f} | {_with_interval(old['sensitivity'])} | "
+            f"{_with_interval(old['specificity'])} |"
+        ),
         "",
-        (f"AUC {_with_interval(metrics['auc'])}. Confusion matrix at the new threshold: "
-         f"{metrics['confusion_matrix']}."),
+        (
+            f"AUC {_with_interval(metrics['auc'])}. Confusion matrix at the new threshold: "
+            f"{metrics['confusion_matrix']}."
+        ),
         "",
-        (f"Intervals: patient-level bootstrap ({record['bootstrap']['replicates']} replicates, "
-         f"seed {record['bootstrap']['seed']}), the threshold held fixed. The threshold was "
-         "chosen on these same images, so the sensitivity here reaches the target by "
-         "construction; the interval shows how far it could move on the site's next patients."),
+        (
+            f"Intervals: patient-level bootstrap ({record['bootstrap']['replicates']} replicates, "
+            f"seed {record['bootstrap']['seed']}), the threshold held fixed. The threshold was "
+            "chosen on these same images, so the sensitivity here reaches the target by "
+            "construction; the interval shows how far it could move on the site's next patients."
+        ),
         "",
-        (f"Enough data: {sufficiency['positive_patients']} positive patients (needed "
-         f"{sufficiency['positives_needed']}), {sufficiency['negative_patients']} negative "
-         f"patients (needed {sufficiency['negatives_needed']}); {sufficiency['rule']}."),
+        (
+            f"Enough data: {sufficiency['positive_patients']} positive patients (needed "
+            f"{sufficiency['positives_needed']}), {sufficiency['negative_patients']} negative "
+            f"patients (needed {sufficiency['negatives_needed']}); {sufficiency['rule']}."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -394,8 +445,9 @@ def _write(request: CalibrationRequest, meta: BundleMeta, record: dict[str, Any]
         _copy_extra_files(request.model_dir, staging)
         card = staging / MODEL_CARD
         if card.is_file():
-            card.write_text(card.read_text().rstrip("\n") + "\n" + _model_card_section(meta,
-                                                                                      record))
+            card.write_text(
+                card.read_text().rstrip("\n") + "\n" + _model_card_section(meta, record)
+            )
         meta = write_bundle(staging, request.model_dir / MODEL_FILE, meta)
         report = staging / REPORT_DIR
         report.mkdir()

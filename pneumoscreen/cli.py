@@ -33,11 +33,22 @@ HELP_WIDTH = 100  # --help wraps at the terminal's width up to this many columns
 # the extra is not installed (anything else is a real bug and keeps its traceback).
 EXTRA_MODULES = {
     "train": frozenset({"tensorflow", "keras", "tf2onnx", "onnx", "sklearn", "matplotlib"}),
-    "serve": frozenset({
-        "fastapi", "starlette", "uvicorn", "h11", "pydantic_settings", "multipart",
-        "python_multipart", "onnxruntime", "prometheus_client", "swagger_ui_bundle",
-        "highdicom", "fhir",
-    }),
+    "serve": frozenset(
+        {
+            "fastapi",
+            "starlette",
+            "uvicorn",
+            "h11",
+            "pydantic_settings",
+            "multipart",
+            "python_multipart",
+            "onnxruntime",
+            "prometheus_client",
+            "swagger_ui_bundle",
+            "highdicom",
+            "fhir",
+        }
+    ),
 }
 
 
@@ -75,8 +86,9 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
 def _exit_for_missing_extra(exc: ModuleNotFoundError, fallback: str) -> None:
     extra = missing_extra(exc) or fallback
     root = (exc.name or "a module").split(".")[0]
-    typer.secho(f"error: {root} is not installed; {extra_hint(extra)}",
-                fg=typer.colors.RED, err=True)
+    typer.secho(
+        f"error: {root} is not installed; {extra_hint(extra)}", fg=typer.colors.RED, err=True
+    )
     raise typer.Exit(code=USAGE_EXIT_CODE) from None
 
 
@@ -110,9 +122,13 @@ def _unavailable(name: str, spec: CommandSpec, exc: ModuleNotFoundError) -> Type
     def explain(ctx: typer.Context) -> None:
         _exit_for_missing_extra(exc, spec.extra)
 
-    return _single(name, explain, help=f"(not available: {extra_hint(spec.extra)})",
-                   add_help_option=False,
-                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    return _single(
+        name,
+        explain,
+        help=f"(not available: {extra_hint(spec.extra)})",
+        add_help_option=False,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
 
 
 def load_command(name: str, spec: CommandSpec) -> TyperCommand:

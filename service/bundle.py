@@ -60,22 +60,30 @@ class GateInfo(BaseModel):
     file: Literal["gate.npz"] = GATE_FILE
     method: str = Field(examples=["mahalanobis-shared-ledoit-wolf"])
     classes: list[str] = Field(
-        min_length=2, examples=[["NORMAL", "PNEUMONIA", "ROTATED_90", "ROTATED_180",
-                                 "ROTATED_270"]],
+        min_length=2,
+        examples=[["NORMAL", "PNEUMONIA", "ROTATED_90", "ROTATED_180", "ROTATED_270"]],
         description="Gaussian classes in the order of gate.npz `means`; ROTATED_<deg> are "
-        "training X-rays turned by that many degrees counter-clockwise.")
-    threshold: float = Field(gt=0, description="Largest accepted Mahalanobis distance to "
-                             "the nearest upright class.")
-    rotated_threshold: float = Field(gt=0, description="Largest distance to the nearest "
-                                     "rotated class for `rotated_image`.")
+        "training X-rays turned by that many degrees counter-clockwise.",
+    )
+    threshold: float = Field(
+        gt=0, description="Largest accepted Mahalanobis distance to the nearest upright class."
+    )
+    rotated_threshold: float = Field(
+        gt=0, description="Largest distance to the nearest rotated class for `rotated_image`."
+    )
     target_acceptance: float = Field(gt=0, le=1, examples=[0.995])
     feature_dim: int = Field(gt=0, examples=[1024])
-    components: int = Field(gt=0, examples=[64], description="Principal components of the "
-                            "features the Gaussians live in.")
+    components: int = Field(
+        gt=0,
+        examples=[64],
+        description="Principal components of the features the Gaussians live in.",
+    )
     fitted_on: dict[str, Any] = Field(default_factory=dict)
     acceptance: dict[str, Any] = Field(
-        default_factory=dict, description="Measured at export: share of the validation "
-        "split's X-rays the gate accepts, and of their rotations it refuses.")
+        default_factory=dict,
+        description="Measured at export: share of the validation "
+        "split's X-rays the gate accepts, and of their rotations it refuses.",
+    )
 
 
 class BundleMeta(BaseModel):
@@ -160,8 +168,9 @@ def write_bundle(
             gate_target.write_bytes(gate_path.read_bytes())
     update: dict[str, Any] = {"onnx_sha256": sha256_file(target)}
     if meta.format_version >= 2:
-        update["files_sha256"] = {name: sha256_file(directory / name)
-                                  for name in meta.bundle_files()}
+        update["files_sha256"] = {
+            name: sha256_file(directory / name) for name in meta.bundle_files()
+        }
     meta = meta.model_copy(update=update)
     (directory / META_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
     return meta
@@ -189,8 +198,10 @@ def read_bundle(directory: Path, verify: bool = True) -> BundleMeta:
     if meta.format_version >= 2:
         missing = [name for name in meta.bundle_files() if name not in meta.files_sha256]
         if missing or meta.files_sha256.get(MODEL_FILE) != meta.onnx_sha256:
-            raise BundleError(f"{meta_path}: files_sha256 must cover {meta.bundle_files()} "
-                              "and agree with onnx_sha256")
+            raise BundleError(
+                f"{meta_path}: files_sha256 must cover {meta.bundle_files()} "
+                "and agree with onnx_sha256"
+            )
         expected = {name: meta.files_sha256[name] for name in meta.bundle_files()}
     for name, digest in expected.items():
         path = directory / name

@@ -14,8 +14,9 @@ import typer
 
 SETTINGS_EXIT_CODE = 2
 
-app = typer.Typer(name="pneumoscreen", no_args_is_help=True, add_completion=False,
-                  rich_markup_mode=None)
+app = typer.Typer(
+    name="pneumoscreen", no_args_is_help=True, add_completion=False, rich_markup_mode=None
+)
 
 
 @app.callback()
@@ -45,8 +46,13 @@ def serve_command(
 
     # Command-line options win over the environment; the app reads them back through
     # Settings, so every worker process sees the same configuration.
-    overrides = {"MODEL_DIR": model_dir, "HOST": host, "PORT": port, "WORKERS": workers,
-                 "LOG_LEVEL": log_level}
+    overrides = {
+        "MODEL_DIR": model_dir,
+        "HOST": host,
+        "PORT": port,
+        "WORKERS": workers,
+        "LOG_LEVEL": log_level,
+    }
     for name, value in overrides.items():
         if value is not None:
             os.environ[name] = str(value)
@@ -61,8 +67,10 @@ def serve_command(
     except BundleError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
-    typer.echo(f"serving {meta.name} {meta.version} from {settings.model_dir} "
-               f"on http://{settings.host}:{settings.port} (docs at /docs)")
+    typer.echo(
+        f"serving {meta.name} {meta.version} from {settings.model_dir} "
+        f"on http://{settings.host}:{settings.port} (docs at /docs)"
+    )
     # uvicorn with the HTTP budgets and the SIGTERM drain (service/server.py).
     serve(settings)
 

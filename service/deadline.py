@@ -47,9 +47,7 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def bounded(
-    request: Request, work: Awaitable[T], deadline: float | None = None
-) -> T:
+async def bounded(request: Request, work: Awaitable[T], deadline: float | None = None) -> T:
     """The result of `work`, unless the deadline (default: `request.state.deadline`)
     passes or the client goes first."""
     if deadline is None:

@@ -70,9 +70,7 @@ class DecodeMemoryBudget:
         with self._changed:
             self._waiting.append(ticket)
             try:
-                while not (
-                    self._waiting[0] is ticket and self._in_use + amount <= self.capacity
-                ):
+                while not (self._waiting[0] is ticket and self._in_use + amount <= self.capacity):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise BudgetUnavailable(amount, wait)

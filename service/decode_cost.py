@@ -52,12 +52,18 @@ def png_cost(width: int, height: int, bit_depth: int, colour_type: int, mode: st
     # Pillow's image and its EXIF-transposed copy, then at most two 2-byte arrays (16-bit
     # data: numpy copy and lookup offsets) or a grey copy and its array, and the result.
     working = pixels * (2 * inside + 5)
-    return DecodeCost(decoded, working,
-                      f"{width}x{height} px x {samples} samples x {per_sample} bytes")
+    return DecodeCost(
+        decoded, working, f"{width}x{height} px x {samples} samples x {per_sample} bytes"
+    )
 
 
 def jpeg_cost(
-    width: int, height: int, components: int, out_width: int, out_height: int, out_mode: str,
+    width: int,
+    height: int,
+    components: int,
+    out_width: int,
+    out_height: int,
+    out_mode: str,
     multi_scan: bool,
 ) -> DecodeCost:
     """A JPEG of `width` x `height` decoded (draft scale) to `out_width` x `out_height`."""
@@ -68,12 +74,12 @@ def jpeg_cost(
     inside = _PILLOW_BYTES.get(out_mode, _PILLOW_WIDE)
     working = coefficients + out_pixels * (2 * inside + 5)
     scans = ", progressive: 2-byte coefficients at full size" if multi_scan else ""
-    return DecodeCost(decoded, working,
-                      f"{width}x{height} px x {components} components{scans}")
+    return DecodeCost(decoded, working, f"{width}x{height} px x {components} components{scans}")
 
 
-def dicom_cost(rows: int, columns: int, samples: int, bits_allocated: int, frames: int,
-               encapsulated: bool) -> DecodeCost:
+def dicom_cost(
+    rows: int, columns: int, samples: int, bits_allocated: int, frames: int, encapsulated: bool
+) -> DecodeCost:
     """A DICOM image: its PixelData as read, the decoded pixel array, the uint8 result."""
     per_sample = _bytes_per_sample(bits_allocated)
     values = rows * columns * samples * frames
@@ -86,6 +92,8 @@ def dicom_cost(rows: int, columns: int, samples: int, bits_allocated: int, frame
     colour = values * 2 + rows * columns * frames * 5 if samples > 1 else 0
     working = source + decoded + colour + rows * columns * frames + DICOM_STRIP_BYTES
     frames_text = f" x {frames} frames" if frames > 1 else ""
-    return DecodeCost(decoded, working,
-                      f"{columns}x{rows} px x {samples} samples x {per_sample} bytes"
-                      f"{frames_text}")
+    return DecodeCost(
+        decoded,
+        working,
+        f"{columns}x{rows} px x {samples} samples x {per_sample} bytes{frames_text}",
+    )

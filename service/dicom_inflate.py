@@ -21,8 +21,9 @@ EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
 
 _PREAMBLE_END = 132  # 128-byte preamble + "DICM"
 # Explicit VR elements with a 2-byte reserved field and a 4-byte length.
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
-                       b"UN", b"UR", b"UT", b"UV"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 _TRANSFER_SYNTAX = (0x0002, 0x0010)
 _GROUP_LENGTH = (0x0002, 0x0000)
 # Inflated output is produced in pieces of at most this size.
@@ -104,9 +105,13 @@ def inflated_head(data: bytes, nbytes: int) -> bytes:
 
 # The Image Pixel module attributes (group 0028) that size the pixel data, US values but
 # NumberOfFrames (IS, a decimal string).
-_IMAGE_TAGS = {(0x0028, 0x0002): "samples", (0x0028, 0x0008): "frames",
-               (0x0028, 0x0010): "rows", (0x0028, 0x0011): "columns",
-               (0x0028, 0x0100): "bits_allocated"}
+_IMAGE_TAGS = {
+    (0x0028, 0x0002): "samples",
+    (0x0028, 0x0008): "frames",
+    (0x0028, 0x0010): "rows",
+    (0x0028, 0x0011): "columns",
+    (0x0028, 0x0100): "bits_allocated",
+}
 
 
 def image_attributes(head: bytes) -> dict[str, int] | None:

@@ -53,8 +53,9 @@ def openapi_3_0(node: Any) -> Any:
         node["enum"] = [node.pop("const")]
     # JSON-schema `examples` (a list) inside schemas -> OpenAPI 3.0 `example`.
     examples = node.get("examples")
-    if isinstance(examples, list) and ("type" in node or "$ref" in node or "allOf" in node
-                                       or "title" in node):
+    if isinstance(examples, list) and (
+        "type" in node or "$ref" in node or "allOf" in node or "title" in node
+    ):
         node.pop("examples")
         if examples:
             node.setdefault("example", examples[0])

@@ -46,40 +46,56 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "internal_error": (500, "An unexpected server error; details are in the server log."),
     "model_not_ready": (503, "The model is still loading, or failed to load (see /health)."),
     # The serving engine (service/admission.py, scheduler.py, http_protocol.py, admin).
-    "server_busy": (503, (
-        "MAX_QUEUE images (or MAX_CONNECTIONS connections) are already in, or no decode "
-        "memory came free within DECODE_BUDGET_WAIT_S; retry after Retry-After seconds."
-    )),
-    "deadline_exceeded": (504, (
-        "Not answered within REQUEST_TIMEOUT_S of the body arriving; "
-        "its queued work was dropped."
-    )),
-    "client_disconnected": (499, (
-        "The client went away before the answer; its queued images "
-        "were dropped (logged and counted only: nobody receives it)."
-    )),
-    "invalid_http": (400, (
-        "Malformed HTTP; answered by the server, never by the app, and the "
-        "connection is closed."
-    )),
-    "request_timeout": (408, (
-        "Headers not in within HEADER_TIMEOUT_S, or the body not within "
-        "BODY_TIMEOUT_S; the connection is closed."
-    )),
-    "headers_too_large": (431, (
-        "The request head is over MAX_HEADER_BYTES, or has more than "
-        "MAX_HEADERS fields."
-    )),
+    "server_busy": (
+        503,
+        (
+            "MAX_QUEUE images (or MAX_CONNECTIONS connections) are already in, or no decode "
+            "memory came free within DECODE_BUDGET_WAIT_S; retry after Retry-After seconds."
+        ),
+    ),
+    "deadline_exceeded": (
+        504,
+        (
+            "Not answered within REQUEST_TIMEOUT_S of the body arriving; "
+            "its queued work was dropped."
+        ),
+    ),
+    "client_disconnected": (
+        499,
+        (
+            "The client went away before the answer; its queued images "
+            "were dropped (logged and counted only: nobody receives it)."
+        ),
+    ),
+    "invalid_http": (
+        400,
+        ("Malformed HTTP; answered by the server, never by the app, and the connection is closed."),
+    ),
+    "request_timeout": (
+        408,
+        (
+            "Headers not in within HEADER_TIMEOUT_S, or the body not within "
+            "BODY_TIMEOUT_S; the connection is closed."
+        ),
+    ),
+    "headers_too_large": (
+        431,
+        ("The request head is over MAX_HEADER_BYTES, or has more than MAX_HEADERS fields."),
+    ),
     "admin_disabled": (403, "Admin routes need API_KEY to be set on the server."),
     "reload_in_progress": (409, "A model load or reload is already running."),
-    "reload_failed": (422, (
-        "The new bundle could not be loaded or warmed up; the old one keeps "
-        "serving (the reason is in the message and in /health)."
-    )),
+    "reload_failed": (
+        422,
+        (
+            "The new bundle could not be loaded or warmed up; the old one keeps "
+            "serving (the reason is in the message and in /health)."
+        ),
+    ),
     "not_acceptable": (406, "The Accept header names no media type this route answers with."),
     "dicom_input_required": (422, "A DICOM SR (Accept: application/dicom) needs a DICOM input."),
     "dicom_header_incomplete": (
-        422, "The DICOM input lacks identifiers a DICOM SR must copy (study, series, instance)."
+        422,
+        "The DICOM input lacks identifiers a DICOM SR must copy (study, series, instance).",
     ),
     "image_too_complex": (422, "A JPEG with more than MAX_JPEG_SCANS scans."),
 }
@@ -123,11 +139,8 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": redact(message)}}
 
 
-def error_response(
-    code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=error_status(code),
-                        headers=headers)
+def error_response(code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=error_status(code), headers=headers)
 
 
 # When to try again after 503 server_busy because the decode memory budget was taken (a
@@ -191,8 +204,10 @@ async def _deadline_exceeded(request: Request, exc: Exception) -> JSONResponse:
 
 def deadline_message(request: Request) -> str:
     seconds = deps.settings(request).request_timeout_s
-    return (f"the request was not answered within its deadline ({seconds:g} s after its body "
-            "arrived); its queued work was dropped")
+    return (
+        f"the request was not answered within its deadline ({seconds:g} s after its body "
+        "arrived); its queued work was dropped"
+    )
 
 
 async def _reload_in_progress(_: Request, exc: Exception) -> JSONResponse:
@@ -210,8 +225,11 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     else:
         message = str(exc.detail) if exc.detail else code.replace("_", " ")
     # The status is the exception's (Starlette raised it), not a code's: no error_response.
-    return JSONResponse(error_body(code, message), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+    return JSONResponse(
+        error_body(code, message),
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 def _describe(error: dict[str, Any]) -> str:

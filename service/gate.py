@@ -87,16 +87,24 @@ class GateStats:
 
     def save(self, path: Path) -> None:
         # float64: a precision matrix of small-valued features overflows float32.
-        np.savez(path, classes=np.array(self.classes), center=self.center,
-                 basis=self.basis, means=self.means, precision=self.precision)
+        np.savez(
+            path,
+            classes=np.array(self.classes),
+            center=self.center,
+            basis=self.basis,
+            means=self.means,
+            precision=self.precision,
+        )
 
     @classmethod
     def load(cls, path: Path) -> GateStats:
         with np.load(path, allow_pickle=False) as arrays:
             return cls(
                 classes=tuple(str(c) for c in arrays["classes"]),
-                **{name: np.asarray(arrays[name], dtype=np.float64)
-                   for name in ("center", "basis", "means", "precision")},
+                **{
+                    name: np.asarray(arrays[name], dtype=np.float64)
+                    for name in ("center", "basis", "means", "precision")
+                },
             )
 
 
@@ -119,26 +127,41 @@ def decide(stats: GateStats, info: GateInfo, distances: np.ndarray) -> Verdict:
     if upright[nearest]:
         if upright_distance <= info.threshold:
             return Verdict(True, name, upright_distance)
-        return Verdict(False, name, upright_distance, GateRefusal(
-            NOT_CHEST_XRAY,
-            "this does not look like a frontal chest X-ray to the model (feature distance "
-            f"{upright_distance:.1f} to the training X-rays, the gate accepts up to "
-            f"{info.threshold:.1f}); it was not scored",
-        ))
+        return Verdict(
+            False,
+            name,
+            upright_distance,
+            GateRefusal(
+                NOT_CHEST_XRAY,
+                "this does not look like a frontal chest X-ray to the model (feature distance "
+                f"{upright_distance:.1f} to the training X-rays, the gate accepts up to "
+                f"{info.threshold:.1f}); it was not scored",
+            ),
+        )
     rotated_distance = float(distances[nearest])
     if rotated_distance <= info.rotated_threshold:
         degrees = name.removeprefix(ROTATED_PREFIX)
-        return Verdict(False, name, upright_distance, GateRefusal(
-            ROTATED_IMAGE,
-            f"the X-ray looks rotated by {degrees} degrees counter-clockwise; send it "
-            "upright (head at the top): a rotated image is not scored",
-        ))
-    return Verdict(False, name, upright_distance, GateRefusal(
-        NOT_CHEST_XRAY,
-        "this does not look like a chest X-ray to the model, upright or rotated (feature "
-        f"distance {upright_distance:.1f}, the gate accepts up to {info.threshold:.1f}); it "
-        "was not scored",
-    ))
+        return Verdict(
+            False,
+            name,
+            upright_distance,
+            GateRefusal(
+                ROTATED_IMAGE,
+                f"the X-ray looks rotated by {degrees} degrees counter-clockwise; send it "
+                "upright (head at the top): a rotated image is not scored",
+            ),
+        )
+    return Verdict(
+        False,
+        name,
+        upright_distance,
+        GateRefusal(
+            NOT_CHEST_XRAY,
+            "this does not look like a chest X-ray to the model, upright or rotated (feature "
+            f"distance {upright_distance:.1f}, the gate accepts up to {info.threshold:.1f}); it "
+            "was not scored",
+        ),
+    )
 
 
 def check_dicom_tags(facts: ImageFacts) -> None:
@@ -146,33 +169,45 @@ def check_dicom_tags(facts: ImageFacts) -> None:
     if tags is None:
         return
     if tags.modality is not None and tags.modality not in RADIOGRAPH_MODALITIES:
-        raise GateRefusal(NOT_CHEST_XRAY, f"DICOM Modality is {tags.modality}, not a "
-                          "radiograph (CR, DX or DR)")
+        raise GateRefusal(
+            NOT_CHEST_XRAY, f"DICOM Modality is {tags.modality}, not a radiograph (CR, DX or DR)"
+        )
     if tags.body_part is not None and tags.body_part not in CHEST_BODY_PARTS:
-        raise GateRefusal(NOT_CHEST_XRAY, f"DICOM BodyPartExamined is {tags.body_part}, "
-                          "not CHEST")
+        raise GateRefusal(NOT_CHEST_XRAY, f"DICOM BodyPartExamined is {tags.body_part}, not CHEST")
     view = tags.view_position
     if view in LATERAL_VIEWS or view in OBLIQUE_VIEWS:
         kind = "a lateral" if view in LATERAL_VIEWS else "an oblique"
-        raise GateRefusal(UNSUPPORTED_VIEW, f"DICOM ViewPosition {view} is {kind} view; "
-                          "the model reads frontal (PA or AP) chest X-rays only")
+        raise GateRefusal(
+            UNSUPPORTED_VIEW,
+            f"DICOM ViewPosition {view} is {kind} view; "
+            "the model reads frontal (PA or AP) chest X-rays only",
+        )
 
 
 def check_pixels(facts: ImageFacts, model_input: np.ndarray) -> None:
     """Cheap checks on the image itself, before the model runs."""
     if facts.colour_share > MAX_COLOUR_SHARE:
-        raise GateRefusal(NOT_CHEST_XRAY, f"the image is strongly coloured "
-                          f"({facts.colour_share:.0%} of its pixels); an X-ray is greyscale")
+        raise GateRefusal(
+            NOT_CHEST_XRAY,
+            f"the image is strongly coloured "
+            f"({facts.colour_share:.0%} of its pixels); an X-ray is greyscale",
+        )
     if facts.width and facts.height:
         ratio = max(facts.width, facts.height) / min(facts.width, facts.height)
         if ratio > MAX_ASPECT_RATIO:
-            raise GateRefusal(NOT_CHEST_XRAY, f"the image is {facts.width}x{facts.height} "
-                              f"px (aspect ratio {ratio:.1f}); a chest X-ray is at most "
-                              f"{MAX_ASPECT_RATIO:.0f}:1")
+            raise GateRefusal(
+                NOT_CHEST_XRAY,
+                f"the image is {facts.width}x{facts.height} "
+                f"px (aspect ratio {ratio:.1f}); a chest X-ray is at most "
+                f"{MAX_ASPECT_RATIO:.0f}:1",
+            )
     std = float(np.std(model_input[..., 0]))
     if std < MIN_GREY_STD:
-        raise GateRefusal(NOT_CHEST_XRAY, f"the image is blank or nearly uniform (grey "
-                          f"level standard deviation {std:.1f} of 255)")
+        raise GateRefusal(
+            NOT_CHEST_XRAY,
+            f"the image is blank or nearly uniform (grey "
+            f"level standard deviation {std:.1f} of 255)",
+        )
 
 
 class InputGate:
@@ -180,11 +215,16 @@ class InputGate:
 
     def __init__(self, info: GateInfo, stats: GateStats, enabled: bool) -> None:
         k = stats.basis.shape[1]
-        if (stats.basis.shape[0] != info.feature_dim or stats.center.shape != (info.feature_dim,)
-                or stats.means.shape != (len(info.classes), k)
-                or stats.precision.shape != (k, k)):
-            raise BundleError(f"gate statistics do not fit model.json: {len(info.classes)} "
-                              f"classes of {info.feature_dim} features")
+        if (
+            stats.basis.shape[0] != info.feature_dim
+            or stats.center.shape != (info.feature_dim,)
+            or stats.means.shape != (len(info.classes), k)
+            or stats.precision.shape != (k, k)
+        ):
+            raise BundleError(
+                f"gate statistics do not fit model.json: {len(info.classes)} "
+                f"classes of {info.feature_dim} features"
+            )
         if stats.classes != tuple(info.classes):
             raise BundleError("gate.npz and model.json list different gate classes")
         self.info = info
@@ -232,14 +272,18 @@ def describe_checks() -> list[str]:
         f"more than {MAX_COLOUR_SHARE:.0%} clearly coloured pixels: not_chest_xray",
         f"aspect ratio above {MAX_ASPECT_RATIO:.0f}:1: not_chest_xray",
         f"grey level standard deviation below {MIN_GREY_STD:.0f} (blank): not_chest_xray",
-        ("Mahalanobis distance of the model's pooled features (principal subspace) to the "
-         "nearest training class above threshold: not_chest_xray; nearest class rotated: "
-         "rotated_image"),
+        (
+            "Mahalanobis distance of the model's pooled features (principal subspace) to the "
+            "nearest training class above threshold: not_chest_xray; nearest class rotated: "
+            "rotated_image"
+        ),
     ]
 
 
 def unavailable_card(meta: BundleMeta | None) -> dict[str, Any]:
     version = meta.format_version if meta is not None else None
-    return {"status": "unavailable",
-            "reason": f"the bundle (format {version}) has no features output and no gate "
-                      "statistics; re-export it with this version for the gate"}
+    return {
+        "status": "unavailable",
+        "reason": f"the bundle (format {version}) has no features output and no gate "
+        "statistics; re-export it with this version for the gate",
+    }

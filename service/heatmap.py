@@ -38,9 +38,14 @@ _RAMP = np.array([[0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0]], dtype
 
 def _palette() -> list[int]:
     positions = np.linspace(0, len(_RAMP) - 1, LEVELS)
-    colours = [np.rint(_RAMP[int(np.floor(p))] + (p - np.floor(p)) * (
-        _RAMP[min(int(np.floor(p)) + 1, len(_RAMP) - 1)] - _RAMP[int(np.floor(p))]))
-        for p in positions]
+    colours = [
+        np.rint(
+            _RAMP[int(np.floor(p))]
+            + (p - np.floor(p))
+            * (_RAMP[min(int(np.floor(p)) + 1, len(_RAMP) - 1)] - _RAMP[int(np.floor(p))])
+        )
+        for p in positions
+    ]
     return [int(v) for colour in colours for v in colour]
 
 
@@ -62,7 +67,8 @@ def smooth_levels(cam: np.ndarray, width: int, height: int) -> np.ndarray:
     scale = min(1.0, SMOOTH_SIDE / max(width, height))
     smooth_size = (max(1, round(width * scale)), max(1, round(height * scale)))
     smooth = Image.fromarray(unit.astype(np.float32), "F").resize(
-        smooth_size, Image.Resampling.BILINEAR)
+        smooth_size, Image.Resampling.BILINEAR
+    )
     values: NDArray[np.float32] = np.asarray(smooth, dtype=np.float32)
     return np.clip(np.rint(values * (LEVELS - 1)), 0, LEVELS - 1).astype(np.uint8)
 
@@ -75,15 +81,20 @@ def heatmap_levels(cam: np.ndarray, width: int, height: int) -> Image.Image:
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def palette_png(levels: np.ndarray, width: int, height: int) -> bytes:
     """A 4-bit palette PNG of width x height from smaller `levels`, nearest-neighbour."""
     small_height = levels.shape[0]
-    wide = np.asarray(Image.fromarray(levels).resize((width, small_height),
-                                                     Image.Resampling.NEAREST))
+    wide = np.asarray(
+        Image.fromarray(levels).resize((width, small_height), Image.Resampling.NEAREST)
+    )
     if width % 2:
         wide = np.pad(wide, ((0, 0), (0, 1)))
     packed = (wide[:, 0::2] << 4) | wide[:, 1::2]
@@ -96,9 +107,16 @@ def palette_png(levels: np.ndarray, width: int, height: int) -> bytes:
     compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
     idat = compressor.compress(scanlines.tobytes()) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 4, 3, 0, 0, 0)
-    return b"".join((b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", header),
-                     _chunk(b"PLTE", bytes(PALETTE)), _chunk(b"tRNS", ALPHA),
-                     _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _chunk(b"IHDR", header),
+            _chunk(b"PLTE", bytes(PALETTE)),
+            _chunk(b"tRNS", ALPHA),
+            _chunk(b"IDAT", idat),
+            _chunk(b"IEND", b""),
+        )
+    )
 
 
 def _png(image: Image.Image) -> str:
@@ -109,8 +127,12 @@ def _png(image: Image.Image) -> str:
 
 def heatmap_payload(cam: np.ndarray, width: int, height: int) -> dict[str, Any]:
     png = palette_png(smooth_levels(cam, width, height), width, height)
-    return {"media_type": MEDIA_TYPE, "width": width, "height": height,
-            "data": base64.b64encode(png).decode("ascii")}
+    return {
+        "media_type": MEDIA_TYPE,
+        "width": width,
+        "height": height,
+        "data": base64.b64encode(png).decode("ascii"),
+    }
 
 
 def preview_payload(grey: np.ndarray) -> dict[str, Any]:
@@ -118,5 +140,9 @@ def preview_payload(grey: np.ndarray) -> dict[str, Any]:
     browser cannot show itself (DICOM)."""
     image = Image.fromarray(grey)
     image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
-    return {"media_type": MEDIA_TYPE, "width": image.size[0], "height": image.size[1],
-            "data": _png(image)}
+    return {
+        "media_type": MEDIA_TYPE,
+        "width": image.size[0],
+        "height": image.size[1],
+        "data": _png(image),
+    }

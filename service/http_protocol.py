@@ -75,20 +75,24 @@ class HeaderCountGuard:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and len(scope["headers"]) > self.max_headers:
-            body = json.dumps(error_body(
-                "headers_too_large",
-                f"the request has {len(scope['headers'])} header fields; at most "
-                f"{self.max_headers} are accepted",
-            )).encode()
-            await send({
-                "type": "http.response.start",
-                "status": error_status("headers_too_large"),
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            })
+            body = json.dumps(
+                error_body(
+                    "headers_too_large",
+                    f"the request has {len(scope['headers'])} header fields; at most "
+                    f"{self.max_headers} are accepted",
+                )
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": error_status("headers_too_large"),
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         await self.app(scope, receive, send)
@@ -126,13 +130,18 @@ class HardenedH11Protocol(H11Protocol):
         super().connection_made(transport)
         if len(self.connections) > self.http_limits.max_connections:
             self._refused = True
-            log.warning("connection refused: %d open, MAX_CONNECTIONS is %d",
-                        len(self.connections) - 1, self.http_limits.max_connections)
-            transport.write(raw_error(
-                "server_busy",
-                f"too many open connections (the limit is {self.http_limits.max_connections})",
-                {"retry-after": str(BUSY_RETRY_AFTER_SECONDS)},
-            ))
+            log.warning(
+                "connection refused: %d open, MAX_CONNECTIONS is %d",
+                len(self.connections) - 1,
+                self.http_limits.max_connections,
+            )
+            transport.write(
+                raw_error(
+                    "server_busy",
+                    f"too many open connections (the limit is {self.http_limits.max_connections})",
+                    {"retry-after": str(BUSY_RETRY_AFTER_SECONDS)},
+                )
+            )
             transport.close()
             return
         self._arm_head_timer()

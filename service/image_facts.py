@@ -115,7 +115,7 @@ def _dicom_facts(data: bytes) -> ImageFacts:
                 step = max(1, max(pixels.shape[:2]) // THUMBNAIL_SIDE)
                 sample = pixels[::step, ::step]
                 if sample.dtype != np.uint8:
-                    sample = (sample.astype(np.float64) * 255.0 / max(1, sample.max()))
+                    sample = sample.astype(np.float64) * 255.0 / max(1, sample.max())
                 share = colour_share(np.asarray(sample, dtype=np.uint8))
     tags = DicomTags(
         modality=_tag(dataset, "Modality"),

@@ -95,9 +95,11 @@ def score(meta: BundleMeta, row: np.ndarray) -> Scored:
     if len(meta.labels) == 2:
         label = meta.positive_label if screen_positive else meta.negative_label
     else:
-        group = positive if screen_positive else [
-            i for i in range(len(meta.labels)) if i not in positive
-        ]
+        group = (
+            positive
+            if screen_positive
+            else [i for i in range(len(meta.labels)) if i not in positive]
+        )
         label = meta.labels[max(group, key=lambda i: values[i])]
     return Scored(
         label=label,
@@ -122,8 +124,9 @@ class LoadedModel:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """A uint8 (batch, H, W, 3) array -> every output of the graph, by name."""
         values = self.session.run(self.output_names, {INPUT_NAME: batch})
-        return {name: np.asarray(value) for name, value in zip(self.output_names, values,
-                                                                 strict=True)}
+        return {
+            name: np.asarray(value) for name, value in zip(self.output_names, values, strict=True)
+        }
 
     def release_memory(self) -> None:
         """Shrink onnxruntime's memory arena back to what one image needs: it otherwise
@@ -312,26 +315,39 @@ class ModelRunner:
                 error = str(exc) or type(exc).__name__
                 if self._model is None:
                     self.state, self.error = "failed", error
-                log.error("model %s from %s failed: %s",
-                          "load" if trigger == "startup" else "reload", directory, error)
+                log.error(
+                    "model %s from %s failed: %s",
+                    "load" if trigger == "startup" else "reload",
+                    directory,
+                    error,
+                )
                 outcome = ReloadOutcome(
-                    ok=False, trigger=trigger, finished_at=datetime.now(UTC),
+                    ok=False,
+                    trigger=trigger,
+                    finished_at=datetime.now(UTC),
                     duration_ms=(time.perf_counter() - started) * 1000.0,
-                    serving=self.meta, error=error,
+                    serving=self.meta,
+                    error=error,
                 )
             else:
                 previous = self._model
                 self._model = model  # the switch: new requests take this one
                 self.state, self.error = "ready", None
                 outcome = ReloadOutcome(
-                    ok=True, trigger=trigger, finished_at=datetime.now(UTC),
-                    duration_ms=(time.perf_counter() - started) * 1000.0, serving=model.meta,
+                    ok=True,
+                    trigger=trigger,
+                    finished_at=datetime.now(UTC),
+                    duration_ms=(time.perf_counter() - started) * 1000.0,
+                    serving=model.meta,
                 )
                 log.info(
                     "model %s %s (sha256 %s) %s in %.0f ms on %s%s",
-                    model.meta.name, model.meta.version, model.meta.onnx_sha256[:12],
+                    model.meta.name,
+                    model.meta.version,
+                    model.meta.onnx_sha256[:12],
                     "ready" if trigger == "startup" else f"serving after {trigger} reload",
-                    outcome.duration_ms, ", ".join(model.providers),
+                    outcome.duration_ms,
+                    ", ".join(model.providers),
                     f"; was {previous.meta.name} {previous.meta.version}" if previous else "",
                 )
             self.last_reload = outcome
@@ -382,8 +398,13 @@ class ModelRunner:
         if self.settings.providers == "cuda" and CUDA not in providers:
             raise RuntimeError("PROVIDERS=cuda but the session fell back to CPU")
         model = LoadedModel(
-            meta=meta, directory=directory, session=session, providers=providers,
-            output_names=output_names, loaded_at=datetime.now(UTC), gate=gate,
+            meta=meta,
+            directory=directory,
+            session=session,
+            providers=providers,
+            output_names=output_names,
+            loaded_at=datetime.now(UTC),
+            gate=gate,
         )
         # Warm-up: the first run allocates and optimises; do it before serving. It goes
         # through the scheduler, so it never runs beside another model call.
@@ -399,10 +420,15 @@ class ModelRunner:
                 f"(batch, {len(meta.labels)}) to match the labels in model.json"
             )
         score(meta, probabilities)
-        if gate is not None and meta.gate is not None and (
-                outputs["features"].shape != (meta.gate.feature_dim,)):
-            raise RuntimeError(f"features output has shape {outputs['features'].shape}; the "
-                               f"gate expects {meta.gate.feature_dim} values")
+        if (
+            gate is not None
+            and meta.gate is not None
+            and (outputs["features"].shape != (meta.gate.feature_dim,))
+        ):
+            raise RuntimeError(
+                f"features output has shape {outputs['features'].shape}; the "
+                f"gate expects {meta.gate.feature_dim} values"
+            )
         return model
 
     def _report(self, outcome: ReloadOutcome) -> None:
@@ -412,14 +438,16 @@ class ModelRunner:
         model = self._model
         if model is not None:
             meta = model.meta
-            self.metrics.model_info.info({
-                "name": meta.name,
-                "version": meta.version,
-                "sha256": meta.onnx_sha256,
-                "backbone": meta.backbone,
-                "providers": ",".join(model.providers),
-                "threshold": str(meta.threshold),
-            })
+            self.metrics.model_info.info(
+                {
+                    "name": meta.name,
+                    "version": meta.version,
+                    "sha256": meta.onnx_sha256,
+                    "backbone": meta.backbone,
+                    "providers": ",".join(model.providers),
+                    "threshold": str(meta.threshold),
+                }
+            )
         self.metrics.model_ready.set(1 if self.ready else 0)
 
     def close(self) -> None:

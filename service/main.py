@@ -47,9 +47,11 @@ When the server sets `API_KEY`, the predict routes need it in the `X-API-Key` he
 TAGS = [
     {"name": "prediction", "description": "Screen radiographs. Not a diagnosis."},
     {"name": "operations", "description": "Liveness, readiness, model card and metrics."},
-    {"name": "open inference protocol",
-     "description": "KServe / Triton Open Inference Protocol v2 (REST), for their clients: "
-     "see docs/integration.md. Errors here are {\"error\": \"...\"}."},
+    {
+        "name": "open inference protocol",
+        "description": "KServe / Triton Open Inference Protocol v2 (REST), for their clients: "
+        'see docs/integration.md. Errors here are {"error": "..."}.',
+    },
 ]
 
 
@@ -111,8 +113,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_request_bytes=settings.max_request_bytes,
         known_paths=known_paths,
     )
-    routers = [predict.build_router(settings.max_batch_files), status.router, admin.router,
-               v2.build_router()]
+    routers = [
+        predict.build_router(settings.max_batch_files),
+        status.router,
+        admin.router,
+        v2.build_router(),
+    ]
     for router in routers:
         app.include_router(router)
     install_swagger_ui(app)

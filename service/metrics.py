@@ -78,9 +78,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.model_info = Info(
-            "pneumoscreen_model", "The served model bundle.", registry=r
-        )
+        self.model_info = Info("pneumoscreen_model", "The served model bundle.", registry=r)
         self.model_ready = Gauge(
             "pneumoscreen_model_ready",
             "1 when the model is loaded and warmed up, else 0.",

@@ -62,8 +62,10 @@ class RequestMiddleware:
         try:
             declared = _content_length(scope)
             if declared is not None and declared > limit:
-                message = (f"the request body ({declared:,} bytes) is larger than the limit "
-                           f"of {limit:,} bytes")
+                message = (
+                    f"the request body ({declared:,} bytes) is larger than the limit "
+                    f"of {limit:,} bytes"
+                )
                 body: dict[str, Any] = error_body("request_too_large", message)
                 if scope.get("path", "").startswith("/v2/"):
                     body = {"error": message}  # the Open Inference Protocol's error shape
@@ -88,13 +90,17 @@ class RequestMiddleware:
             self.metrics.requests.labels(route, method, str(status["code"])).inc()
             self.metrics.latency.labels(route, method).observe(elapsed)
             if route not in ("/livez", "/metrics"):
-                access_log.info(json.dumps({
-                    "method": method,
-                    "route": route,
-                    "status": status["code"],
-                    "ms": round(elapsed * 1000, 1),
-                    "n_files": state.get("n_files", 0),
-                }))
+                access_log.info(
+                    json.dumps(
+                        {
+                            "method": method,
+                            "route": route,
+                            "status": status["code"],
+                            "ms": round(elapsed * 1000, 1),
+                            "n_files": state.get("n_files", 0),
+                        }
+                    )
+                )
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -128,13 +134,15 @@ _PLAIN_ROUTES = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect"})
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
     payload = json.dumps(body).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            (b"connection", b"close"),
-        ],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})

@@ -37,8 +37,7 @@ class SessionThreads:
     @classmethod
     def of(cls, settings: ThreadSettings) -> SessionThreads:
         """The service's options: INTRA_OP_THREADS, INTER_OP_THREADS, INTRA_OP_SPINNING."""
-        return cls(settings.intra_op_threads, settings.inter_op_threads,
-                   settings.intra_op_spinning)
+        return cls(settings.intra_op_threads, settings.inter_op_threads, settings.intra_op_spinning)
 
 
 ONNXRUNTIME_DEFAULTS = SessionThreads()

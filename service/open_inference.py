@@ -76,9 +76,7 @@ def _json_header(body: bytes, header_length: str | None) -> tuple[dict[str, Any]
         except ValueError:
             raise ProtocolError(f"{HEADER_LENGTH} must be an integer") from None
         if not 0 <= length <= len(body):
-            raise ProtocolError(
-                f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes"
-            )
+            raise ProtocolError(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
         head, binary = body[:length], body[length:]
     try:
         request = json.loads(head)
@@ -93,9 +91,12 @@ def _json_header(body: bytes, header_length: str | None) -> tuple[dict[str, Any]
 
 
 def _element_count(shape: Any) -> int:
-    if (not isinstance(shape, list) or not shape or len(shape) > 2
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                       for d in shape)):
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or len(shape) > 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise ProtocolError(f"input '{INPUT}' must have shape [N] (or [N, 1]); got {shape}")
     if len(shape) == 2 and shape[1] != 1:
         raise ProtocolError(f"input '{INPUT}' must have shape [N] (or [N, 1]); got {shape}")
@@ -131,9 +132,7 @@ def _flatten(data: Any) -> list[Any]:
 def _json_elements(data: Any, count: int) -> list[bytes]:
     values = _flatten(data)
     if len(values) != count:
-        raise ProtocolError(
-            f"input '{INPUT}' has shape [{count}] but {len(values)} data elements"
-        )
+        raise ProtocolError(f"input '{INPUT}' has shape [{count}] but {len(values)} data elements")
     elements = []
     for index, value in enumerate(values):
         if not isinstance(value, str):
@@ -195,8 +194,7 @@ def parse_infer_request(
         )
     if tensor.get("datatype") != "BYTES":
         raise ProtocolError(
-            f"input '{INPUT}' must be BYTES (encoded image files); got "
-            f"{tensor.get('datatype')!r}"
+            f"input '{INPUT}' must be BYTES (encoded image files); got {tensor.get('datatype')!r}"
         )
     count = _element_count(tensor.get("shape"))
     if count == 0:
@@ -205,8 +203,11 @@ def parse_infer_request(
         raise ProtocolError(f"at most {max_items} images per request; got {count}", 413)
     binary_size = _parameters(tensor, f"input '{INPUT}'").get("binary_data_size")
     if binary_size is not None:
-        if (not isinstance(binary_size, int) or isinstance(binary_size, bool)
-                or binary_size != len(binary)):
+        if (
+            not isinstance(binary_size, int)
+            or isinstance(binary_size, bool)
+            or binary_size != len(binary)
+        ):
             raise ProtocolError(
                 f"input '{INPUT}' declares binary_data_size {binary_size!r} but "
                 f"{len(binary)} bytes follow the JSON header"
@@ -217,8 +218,7 @@ def parse_infer_request(
     else:
         if binary:
             raise ProtocolError(
-                f"{len(binary)} bytes follow the JSON header but no input declares "
-                "binary_data_size"
+                f"{len(binary)} bytes follow the JSON header but no input declares binary_data_size"
             )
         if "data" not in tensor:
             raise ProtocolError(f"input '{INPUT}' has no data")
@@ -227,7 +227,8 @@ def parse_infer_request(
         if len(image) > max_item_bytes:
             raise ProtocolError(
                 f"input '{INPUT}' element {index} is larger than the limit of "
-                f"{max_item_bytes:,} bytes", 413,
+                f"{max_item_bytes:,} bytes",
+                413,
             )
     return InferRequest(request_id, images, _outputs(request))
 
@@ -265,7 +266,9 @@ def encode_infer_response(
     for wanted in request.outputs:
         tensor = tensors[wanted.name]
         entry: dict[str, Any] = {
-            "name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape,
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": tensor.shape,
         }
         if wanted.binary:
             blob = _binary(tensor)

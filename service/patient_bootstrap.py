@@ -36,9 +36,13 @@ class Estimate:
 
 def auc(y_true: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
     """P(score of a positive > score of a negative), ties one half; optionally weighted."""
-    return float(_weighted_auc(np.asarray(y_true, dtype=bool),
-                               np.asarray(scores, dtype=np.float64),
-                               None if weights is None else np.asarray(weights)[None, :])[0])
+    return float(
+        _weighted_auc(
+            np.asarray(y_true, dtype=bool),
+            np.asarray(scores, dtype=np.float64),
+            None if weights is None else np.asarray(weights)[None, :],
+        )[0]
+    )
 
 
 def _weighted_auc(y: np.ndarray, scores: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
@@ -51,7 +55,8 @@ def _weighted_auc(y: np.ndarray, scores: np.ndarray, weights: np.ndarray | None)
     negative_weights = weights[:, ~y][:, negative_order]
     # Weight of the negatives scored below / at most each positive's score.
     cumulative = np.concatenate(
-        [np.zeros((len(weights), 1)), np.cumsum(negative_weights, axis=1)], axis=1)
+        [np.zeros((len(weights), 1)), np.cumsum(negative_weights, axis=1)], axis=1
+    )
     positive_scores = scores[y]
     below = cumulative[:, np.searchsorted(negative_scores, positive_scores, side="left")]
     at_most = cumulative[:, np.searchsorted(negative_scores, positive_scores, side="right")]
@@ -94,8 +99,10 @@ def bootstrap_figures(
     patient_of = np.empty(len(y), dtype=np.int64)
     for column, (_, indices) in enumerate(groups):
         patient_of[indices] = column
-    strata = [np.array([c for c, (s, _) in enumerate(groups) if s == stratum])
-              for stratum in (True, False)]
+    strata = [
+        np.array([c for c, (s, _) in enumerate(groups) if s == stratum])
+        for stratum in (True, False)
+    ]
     rng = np.random.default_rng(seed)
     draws: dict[str, list[np.ndarray]] = {"sensitivity": [], "specificity": [], "auc": []}
     for start in range(0, replicates, _CHUNK):
@@ -103,8 +110,9 @@ def bootstrap_figures(
         counts = np.zeros((size, len(groups)))
         for members in strata:
             if members.size:
-                picks = rng.multinomial(members.size, np.full(members.size, 1 / members.size),
-                                        size=size)
+                picks = rng.multinomial(
+                    members.size, np.full(members.size, 1 / members.size), size=size
+                )
                 counts[:, members] = picks
         weights = counts[:, patient_of]
         # nan (dropped below) only if a replicate drew no image of a class: possible just
@@ -113,8 +121,7 @@ def bootstrap_figures(
         negative_weight = weights[:, ~y].sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             draws["sensitivity"].append(weights[:, y & flagged].sum(axis=1) / positive_weight)
-            draws["specificity"].append(
-                weights[:, ~y & ~flagged].sum(axis=1) / negative_weight)
+            draws["specificity"].append(weights[:, ~y & ~flagged].sum(axis=1) / negative_weight)
             draws["auc"].append(_weighted_auc(y, scores, weights))
     point = {
         "sensitivity": float(flagged[y].mean()),

@@ -286,8 +286,9 @@ def _pillow_cost(
         # IHDR is the first chunk (PNG spec 5.6): bit depth at 24, colour type at 25.
         return png_cost(width, height, data[24], data[25], image.mode)
     components = int(getattr(image, "layers", len(image.getbands())) or 1)
-    return jpeg_cost(width, height, components, image.size[0], image.size[1], image.mode,
-                     multi_scan=scans > 1)
+    return jpeg_cost(
+        width, height, components, image.size[0], image.size[1], image.mode, multi_scan=scans > 1
+    )
 
 
 def _pillow_failure(exc: BaseException, kind: str) -> str:
@@ -332,9 +333,7 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> tuple[np.ndarray, Datase
             raise
         except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes
             # Only the exception type: a parser message could quote a (patient) value.
-            raise CorruptImage(
-                f"the DICOM file could not be read ({type(exc).__name__})"
-            ) from None
+            raise CorruptImage(f"the DICOM file could not be read ({type(exc).__name__})") from None
 
 
 def _decode_deflated_dicom(data: bytes, limits: DecodeLimits) -> tuple[np.ndarray, Dataset]:
@@ -349,9 +348,14 @@ def _decode_deflated_dicom(data: bytes, limits: DecodeLimits) -> tuple[np.ndarra
     if attributes is not None:
         rows, columns = attributes["rows"], attributes["columns"]
         _check_pixels(columns, rows, limits, max(1, attributes["samples"]))
-        cost = dicom_cost(rows, columns, max(1, attributes["samples"]),
-                          attributes["bits_allocated"] or 16, max(1, attributes["frames"]),
-                          encapsulated=False)
+        cost = dicom_cost(
+            rows,
+            columns,
+            max(1, attributes["samples"]),
+            attributes["bits_allocated"] or 16,
+            max(1, attributes["frames"]),
+            encapsulated=False,
+        )
         _check_decoded_bytes(cost, limits)
         cap = min(cap, cost.decoded_bytes + DICOM_HEADER_ALLOWANCE)
     bound = min(cap, MAX_DEFLATE_RATIO * len(data))
@@ -382,13 +386,11 @@ def _read_dicom(data: bytes) -> Dataset:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError:
         raise CorruptImage(
-            "the DICOM file could not be read: its file meta information is missing or "
-            "invalid"
+            "the DICOM file could not be read: its file meta information is missing or invalid"
         ) from None
     except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
         raise CorruptImage(
-            f"the DICOM file could not be read: its data set is damaged "
-            f"({type(exc).__name__})"
+            f"the DICOM file could not be read: its data set is damaged ({type(exc).__name__})"
         ) from None
     # pydicom keeps the stream it read (for deferred reads, which are not used): let an
     # inflated copy go as soon as the caller drops it.
@@ -414,8 +416,14 @@ def _decode_dicom_dataset(
     _check_pixels(columns, rows, limits, samples)
     frames = max(1, int(dataset.get("NumberOfFrames", 1) or 1))
     syntax = dataset.file_meta.TransferSyntaxUID
-    cost = dicom_cost(rows, columns, samples, int(dataset.get("BitsAllocated", 16) or 16),
-                      frames, encapsulated=_is_encapsulated(syntax))
+    cost = dicom_cost(
+        rows,
+        columns,
+        samples,
+        int(dataset.get("BitsAllocated", 16) or 16),
+        frames,
+        encapsulated=_is_encapsulated(syntax),
+    )
     _check_decoded_bytes(cost, limits)
     if frames > 1:
         raise UnsupportedImage("multi-frame DICOM is not supported; send one frame")
@@ -480,8 +488,10 @@ def _windowed_to_uint8(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
     def strips() -> Iterator[tuple[slice, np.ndarray]]:
         for start in range(0, pixels.shape[0], rows_per_strip):
             rows = slice(start, start + rows_per_strip)
-            yield rows, np.asarray(apply_voi_lut(apply_modality_lut(pixels[rows], dataset),
-                                                 dataset))
+            yield (
+                rows,
+                np.asarray(apply_voi_lut(apply_modality_lut(pixels[rows], dataset), dataset)),
+            )
 
     low = high = None
     kind = "i"

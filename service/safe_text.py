@@ -25,7 +25,8 @@ def clean_filename(name: str | None) -> str | None:
     if name is None:
         return None
     kept = "".join(
-        char for char in name
+        char
+        for char in name
         if char not in _BIDI and unicodedata.category(char) not in ("Cc", "Cf", "Cs")
     ).strip()
     return kept[:MAX_FILENAME_CHARS] or None

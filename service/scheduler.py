@@ -275,12 +275,14 @@ class BatchScheduler:
         offset = 0
         for job in jobs:
             count = len(job.images)
-            job.future.set_result(JobResult(
-                outputs=per_image[offset : offset + count],
-                run_id=run_id,
-                run_seconds=seconds,
-                batch_size=len(images),
-            ))
+            job.future.set_result(
+                JobResult(
+                    outputs=per_image[offset : offset + count],
+                    run_id=run_id,
+                    run_seconds=seconds,
+                    batch_size=len(images),
+                )
+            )
             offset += count
 
 
@@ -311,4 +313,3 @@ def run_sync(
     for future in futures:
         outputs.extend(future.result(timeout).outputs)
     return outputs
-

@@ -41,8 +41,9 @@ class ImagePayload(BaseModel):
     """A PNG for people: the heatmap to overlay, or a preview of a DICOM image."""
 
     media_type: Literal["image/png"] = "image/png"
-    width: int = Field(description="Pixels; the heatmap has the original image's size.",
-                       examples=[1400])
+    width: int = Field(
+        description="Pixels; the heatmap has the original image's size.", examples=[1400]
+    )
     height: int = Field(examples=[1200])
     data: str = Field(description="The PNG file, base64.", examples=["iVBORw0KGgo..."])
 
@@ -197,10 +198,13 @@ class HealthResponse(BaseModel):
         None, description="The last model load or reload (startup, admin or SIGHUP)."
     )
     gate: Literal["on", "off", "unavailable"] | None = Field(
-        None, description="The input gate: on, off (GATE_ENABLED=false) or unavailable "
-        "(a format 1 bundle has none).")
+        None,
+        description="The input gate: on, off (GATE_ENABLED=false) or unavailable "
+        "(a format 1 bundle has none).",
+    )
     heatmaps: Literal["available", "unavailable"] | None = Field(
-        None, description="Whether explain=true can add a heatmap (format 2 bundles).")
+        None, description="Whether explain=true can add a heatmap (format 2 bundles)."
+    )
 
 
 class LivenessResponse(BaseModel):
@@ -230,11 +234,14 @@ class ModelInfo(BaseModel):
         None, description="The last model load or reload (startup, admin or SIGHUP)."
     )
     site_calibration: dict[str, Any] | None = Field(
-        None, description="How `pneumoscreen calibrate` re-chose the threshold on a site's "
-        "own X-rays (docs/site-calibration.md); null for a bundle as exported.")
+        None,
+        description="How `pneumoscreen calibrate` re-chose the threshold on a site's "
+        "own X-rays (docs/site-calibration.md); null for a bundle as exported.",
+    )
     gate: dict[str, Any] = Field(
         default_factory=dict,
         description="The input gate: status (on, off, unavailable), its checks, the "
         "refusal codes, thresholds and the acceptance measured at export on the "
-        "validation split.")
+        "validation split.",
+    )
     heatmaps: Literal["available", "unavailable"] = "unavailable"

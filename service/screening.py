@@ -63,8 +63,9 @@ def active(gate: InputGate | None) -> bool:
     return gate is not None and gate.enabled
 
 
-def prepare(data: bytes, meta: BundleMeta, limits: DecodeLimits, gate: InputGate | None,
-            explain: bool) -> Prepared:
+def prepare(
+    data: bytes, meta: BundleMeta, limits: DecodeLimits, gate: InputGate | None, explain: bool
+) -> Prepared:
     """Decode (ImageError as before), then the gate's DICOM and pixel checks (GateRefusal)."""
     height, width = meta.input.height, meta.input.width
     preview = None
@@ -80,8 +81,13 @@ def prepare(data: bytes, meta: BundleMeta, limits: DecodeLimits, gate: InputGate
     return Prepared(model_input, facts, preview, header)
 
 
-def judge(meta: BundleMeta, gate: InputGate | None, outputs: dict[str, np.ndarray],
-          prepared: Prepared, explain: bool) -> Judged:
+def judge(
+    meta: BundleMeta,
+    gate: InputGate | None,
+    outputs: dict[str, np.ndarray],
+    prepared: Prepared,
+    explain: bool,
+) -> Judged:
     if gate is not None and FEATURES_NAME in outputs:
         verdict = gate.judge(outputs[FEATURES_NAME])
         if verdict is not None and verdict.refusal is not None:

@@ -38,17 +38,13 @@ def _require_match(given: str | None, expected: str) -> None:
         )
 
 
-async def require_api_key(
-    request: Request, given: str | None = Security(api_key_scheme)
-) -> None:
+async def require_api_key(request: Request, given: str | None = Security(api_key_scheme)) -> None:
     secret = deps.settings(request).api_key
     if secret is not None:
         _require_match(given, secret.get_secret_value())
 
 
-async def require_admin_key(
-    request: Request, given: str | None = Security(api_key_scheme)
-) -> None:
+async def require_admin_key(request: Request, given: str | None = Security(api_key_scheme)) -> None:
     """Admin routes: always need the key, and are off (403 admin_disabled) without one."""
     secret = deps.settings(request).api_key
     if secret is None:

@@ -60,8 +60,12 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = True
             return
         self.lifecycle.begin_drain()
-        log.info("%s: draining (/health answers 503); %d request(s) in flight, up to %g s",
-                 signal.Signals(sig).name, len(self.server_state.tasks), self.drain_timeout_s)
+        log.info(
+            "%s: draining (/health answers 503); %d request(s) in flight, up to %g s",
+            signal.Signals(sig).name,
+            len(self.server_state.tasks),
+            self.drain_timeout_s,
+        )
 
     async def on_tick(self, counter: int) -> bool:
         if await super().on_tick(counter):
@@ -73,8 +77,11 @@ class DrainingServer(uvicorn.Server):
             log.info("drained: no request in flight")
             return True
         if time.monotonic() - since >= self.drain_timeout_s:
-            log.warning("drain timeout (%g s): %d request(s) still in flight are cancelled",
-                        self.drain_timeout_s, len(self.server_state.tasks))
+            log.warning(
+                "drain timeout (%g s): %d request(s) still in flight are cancelled",
+                self.drain_timeout_s,
+                len(self.server_state.tasks),
+            )
             return True
         return False
 
@@ -93,8 +100,11 @@ def serve(settings: Settings) -> None:
     options = uvicorn_options(settings)
     if settings.workers > 1:
         uvicorn.run(
-            "service.main:create_app", factory=True, workers=settings.workers,
-            http="service.http_protocol:HardenedH11Protocol", **options,
+            "service.main:create_app",
+            factory=True,
+            workers=settings.workers,
+            http="service.http_protocol:HardenedH11Protocol",
+            **options,
         )
         return
     from service.main import create_app

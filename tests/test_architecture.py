@@ -33,10 +33,14 @@ def modules_imported(path: Path) -> set[str]:
 
 
 def test_bench_imports_of_tests_are_the_support_package() -> None:
-    wrong = {str(path.relative_to(REPO)): sorted(
-        name for name in modules_imported(path)
-        if name.split(".")[0] == "tests" and not name.startswith("tests.support."))
-        for path in sorted((REPO / "bench").rglob("*.py"))}
+    wrong = {
+        str(path.relative_to(REPO)): sorted(
+            name
+            for name in modules_imported(path)
+            if name.split(".")[0] == "tests" and not name.startswith("tests.support.")
+        )
+        for path in sorted((REPO / "bench").rglob("*.py"))
+    }
     assert not {k: v for k, v in wrong.items() if v}, wrong
 
 
@@ -65,9 +69,11 @@ def test_packages_import_only_downwards(package: str) -> None:
 
 
 def test_the_service_never_imports_training_libraries() -> None:
-    wrong = {str(p.relative_to(REPO)): sorted(imported_roots(p) & SERVICE_FORBIDDEN)
-             for p in sorted((REPO / "service").rglob("*.py"))
-             if imported_roots(p) & SERVICE_FORBIDDEN}
+    wrong = {
+        str(p.relative_to(REPO)): sorted(imported_roots(p) & SERVICE_FORBIDDEN)
+        for p in sorted((REPO / "service").rglob("*.py"))
+        if imported_roots(p) & SERVICE_FORBIDDEN
+    }
     assert not wrong, wrong
 
 

@@ -25,8 +25,13 @@ TRAIN_EXTRA = ("tensorflow", "keras", "tf2onnx", "onnx", "sklearn", "matplotlib"
 CLI_TIMEOUT_S = 120  # a fresh interpreter importing typer, numpy, onnxruntime on a loaded machine
 
 
-def run_cli(args: list[str], *, block: tuple[str, ...] = (), env: dict[str, str] | None = None,
-            after: str = "") -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str],
+    *,
+    block: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    after: str = "",
+) -> subprocess.CompletedProcess[str]:
     """`pneumoscreen <args>` in a new interpreter, with `block` made unimportable; `after`
     runs once the command returned (it sees `sys.modules`)."""
     script = (
@@ -39,8 +44,15 @@ def run_cli(args: list[str], *, block: tuple[str, ...] = (), env: dict[str, str]
         "sys.exit(code)\n"
     )
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=full_env, cwd=REPO, timeout=CLI_TIMEOUT_S, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
 
 
 # ------------------------------------------------------------------ dependency direction
@@ -48,9 +60,15 @@ def run_cli(args: list[str], *, block: tuple[str, ...] = (), env: dict[str, str]
 
 def loaded_after(statement: str) -> set[str]:
     script = f"import sys\n{statement}\nprint(' '.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
-                         timeout=CLI_TIMEOUT_S, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        timeout=CLI_TIMEOUT_S,
+        check=True,
+    ).stdout
     return {name.split(".")[0] for name in out.split()}
 
 
@@ -61,8 +79,7 @@ def test_importing_the_command_line_imports_no_training_code(module: str) -> Non
 
 
 def test_serve_is_assembled_without_training_or_export_code() -> None:
-    result = run_cli(["serve", "--help"],
-                     after="print('LOADED', ' '.join(sorted(sys.modules)))")
+    result = run_cli(["serve", "--help"], after="print('LOADED', ' '.join(sorted(sys.modules)))")
     assert result.returncode == 0, result.stderr
     loaded = {name.split(".")[0] for name in result.stdout.split("LOADED", 1)[1].split()}
     assert "service" in loaded
@@ -90,9 +107,11 @@ def test_training_commands_without_the_train_extra_say_what_to_install(
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    args = {"train": ["train", "--data", str(data), "--out", str(tmp_path / "new-run")],
-            "evaluate": ["evaluate", "--run", str(run_folder), "--data", str(data)],
-            "export": ["export", "--run", str(run_folder), "--data", str(data)]}[command]
+    args = {
+        "train": ["train", "--data", str(data), "--out", str(tmp_path / "new-run")],
+        "evaluate": ["evaluate", "--run", str(run_folder), "--data", str(data)],
+        "export": ["export", "--run", str(run_folder), "--data", str(data)],
+    }[command]
     result = run_cli(args, block=TRAIN_EXTRA)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -105,13 +124,20 @@ def test_training_commands_without_the_train_extra_say_what_to_install(
 # ------------------------------------------------------------------ bad settings
 
 
-@pytest.mark.parametrize(("args", "env", "setting", "allowed"), [
-    (["serve", "--port", "70000"], {}, "PORT=70000", "less than or equal to 65535"),
-    (["serve"], {"LOG_LEVEL": "verbose"}, "LOG_LEVEL=verbose",
-     "critical, error, warning, info, debug, trace"),
-    (["serve"], {"WORKERS": "0"}, "WORKERS=0", "greater than or equal to 1"),
-    (["serve"], {"ALLOWED_TYPES": "gif"}, "ALLOWED_TYPES", "dicom"),
-])
+@pytest.mark.parametrize(
+    ("args", "env", "setting", "allowed"),
+    [
+        (["serve", "--port", "70000"], {}, "PORT=70000", "less than or equal to 65535"),
+        (
+            ["serve"],
+            {"LOG_LEVEL": "verbose"},
+            "LOG_LEVEL=verbose",
+            "critical, error, warning, info, debug, trace",
+        ),
+        (["serve"], {"WORKERS": "0"}, "WORKERS=0", "greater than or equal to 1"),
+        (["serve"], {"ALLOWED_TYPES": "gif"}, "ALLOWED_TYPES", "dicom"),
+    ],
+)
 def test_a_bad_setting_is_one_line_naming_it_and_what_is_allowed(
     args: list[str], env: dict[str, str], setting: str, allowed: str, tiny_bundle: Path
 ) -> None:
@@ -126,31 +152,37 @@ def test_a_bad_setting_is_one_line_naming_it_and_what_is_allowed(
 # ------------------------------------------------------------------ export's target folder
 
 
-def test_export_refuses_to_overwrite_a_bundle_without_force(run_folder: Path,
-                                                            tmp_path: Path) -> None:
+def test_export_refuses_to_overwrite_a_bundle_without_force(
+    run_folder: Path, tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     data.mkdir()
     served = tmp_path / "models" / "default"
     make_tiny_bundle(served, size=32)
     before = {p.name: p.read_bytes() for p in served.iterdir() if p.is_file()}
 
-    refused = run_cli(["export", "--run", str(run_folder), "--data", str(data),
-                       "--out", str(served)])
+    refused = run_cli(
+        ["export", "--run", str(run_folder), "--data", str(data), "--out", str(served)]
+    )
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
-        (f"error: --out {served} already holds a bundle; pass --force to replace it "
-         "(is it the one being served?)")]
+        (
+            f"error: --out {served} already holds a bundle; pass --force to replace it "
+            "(is it the one being served?)"
+        )
+    ]
     assert {p.name: p.read_bytes() for p in served.iterdir() if p.is_file()} == before
 
     # With --force the check lets it through: here it stops at the missing train extra.
-    forced = run_cli(["export", "--run", str(run_folder), "--data", str(data),
-                      "--out", str(served), "--force"], block=TRAIN_EXTRA)
+    forced = run_cli(
+        ["export", "--run", str(run_folder), "--data", str(data), "--out", str(served), "--force"],
+        block=TRAIN_EXTRA,
+    )
     assert forced.returncode == 2
     assert forced.stderr.strip().endswith(extra_hint("train"))
 
 
-def test_export_defaults_to_a_new_folder_inside_the_run(run_folder: Path,
-                                                        tmp_path: Path) -> None:
+def test_export_defaults_to_a_new_folder_inside_the_run(run_folder: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     result = run_cli(["export", "--help"], env={"COLUMNS": "200"})
@@ -170,8 +202,9 @@ def test_export_refuses_a_folder_that_is_not_a_bundle_even_with_force(
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
-    result = run_cli(["export", "--run", str(run_folder), "--data", str(data),
-                      "--out", str(precious), "--force"])
+    result = run_cli(
+        ["export", "--run", str(run_folder), "--data", str(data), "--out", str(precious), "--force"]
+    )
     assert result.returncode == 2 and "is not a model bundle" in result.stderr
     assert (precious / "keep.txt").read_text() == "mine"
 
@@ -196,7 +229,8 @@ def test_help_at_80_columns_shows_every_option_name_whole(command_name: str) -> 
     assert len(names) >= 2
     for name in names:
         assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", result.stdout), (
-            f"{name} is not whole in `{command_name} --help`:\n{result.stdout}")
+            f"{name} is not whole in `{command_name} --help`:\n{result.stdout}"
+        )
     assert "…" not in result.stdout
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
 
@@ -208,8 +242,11 @@ def test_licence_is_an_spdx_string_that_setuptools_does_not_warn_about() -> None
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert isinstance(pyproject["project"]["license"], str)
     # the string form needs setuptools 77 (PEP 639); older ones reject it
-    floors = [int(m.group(1)) for r in pyproject["build-system"]["requires"]
-              if (m := re.fullmatch(r"setuptools>=(\d+)", r))]
+    floors = [
+        int(m.group(1))
+        for r in pyproject["build-system"]["requires"]
+        if (m := re.fullmatch(r"setuptools>=(\d+)", r))
+    ]
     assert floors and floors[0] >= 77
 
 
@@ -221,7 +258,8 @@ def test_an_image_without_training_code_lists_and_explains_its_commands(tmp_path
     result = run_cli(["train", "--data", str(tmp_path)], block=("training", "export"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: training is not installed; {extra_hint('train')}"]
+        f"error: training is not installed; {extra_hint('train')}"
+    ]
 
 
 def test_readme_says_how_to_change_the_port_and_where_the_command_is() -> None:

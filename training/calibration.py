@@ -43,23 +43,33 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
     def loss(log_t: float) -> float:
         return negative_log_likelihood(scale_probabilities(probabilities, np.exp(log_t)), labels)
 
-    result = minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded",
-                             options={"xatol": 1e-4})
+    result = minimize_scalar(
+        loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-4}
+    )
     return float(np.exp(result.x))
 
 
-def reliability_curve(y_true: np.ndarray, scores: np.ndarray,
-                      bins: int = ECE_BINS) -> list[tuple[float, float, int]]:
+def reliability_curve(
+    y_true: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS
+) -> list[tuple[float, float, int]]:
     """(mean score, observed positive rate, count) for every non-empty equal-width bin."""
     y_true = np.asarray(y_true, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     which = np.minimum((scores * bins).astype(int), bins - 1)
-    return [(float(scores[which == b].mean()), float(y_true[which == b].mean()),
-             int((which == b).sum())) for b in range(bins) if (which == b).any()]
+    return [
+        (
+            float(scores[which == b].mean()),
+            float(y_true[which == b].mean()),
+            int((which == b).sum()),
+        )
+        for b in range(bins)
+        if (which == b).any()
+    ]
 
 
-def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray,
-                               bins: int = ECE_BINS) -> float:
+def expected_calibration_error(
+    y_true: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS
+) -> float:
     """Binary ECE of P(positive): |observed rate - mean score| per bin of the reliability
     curve, weighted by the bin's share of images."""
     curve = reliability_curve(y_true, scores, bins)
@@ -84,8 +94,13 @@ class Calibration:
         return asdict(self)
 
 
-def calibrate(probabilities: np.ndarray, labels: np.ndarray, positive: np.ndarray,
-              positive_scores, fitted_on: str) -> Calibration:
+def calibrate(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    positive: np.ndarray,
+    positive_scores,
+    fitted_on: str,
+) -> Calibration:
     """Fit T on (probabilities, label indices) and measure NLL and binary ECE before/after.
 
     `positive` is the per-image truth of the screening question, `positive_scores` the

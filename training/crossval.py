@@ -23,14 +23,16 @@ from training.metrics import binary_metrics, bootstrap_intervals, choose_thresho
 from training.run_record import RunRecord, read_run
 
 
-def _fold_scores(run_dir: Path, data_root: Path, cache_dir: Path | None,
-                 batch_size: int) -> tuple[RunRecord, np.ndarray, np.ndarray, list[str]]:
+def _fold_scores(
+    run_dir: Path, data_root: Path, cache_dir: Path | None, batch_size: int
+) -> tuple[RunRecord, np.ndarray, np.ndarray, list[str]]:
     from training.model import load_trained
 
     run = read_run(run_dir)
     if run.validation != "kfold":
-        raise ValueError(f"{run_dir} is not a k-fold member (trained with --validation "
-                         f"{run.validation})")
+        raise ValueError(
+            f"{run_dir} is not a k-fold member (trained with --validation {run.validation})"
+        )
     labels = tuple(run.labels)
     samples = split_samples(run_dir, data_root, "validation", len(labels))
     x, y = load_arrays(samples, labels, run.image_size, cache_dir)
@@ -47,8 +49,13 @@ def _figures(y: np.ndarray, scores: np.ndarray, threshold: float, patients: list
     return metrics
 
 
-def crossval_report(run_dirs: list[Path], data_root: Path, out: Path,
-                    cache_dir: Path | None = None, batch_size: int = 32) -> dict:
+def crossval_report(
+    run_dirs: list[Path],
+    data_root: Path,
+    out: Path,
+    cache_dir: Path | None = None,
+    batch_size: int = 32,
+) -> dict:
     folds, pooled_y, pooled_scores, pooled_patients = [], [], [], []
     target = None
     for run_dir in run_dirs:
@@ -57,10 +64,16 @@ def crossval_report(run_dirs: list[Path], data_root: Path, out: Path,
             target = run.target_sensitivity
         elif run.target_sensitivity != target:
             raise ValueError("the folds were trained for different target sensitivities")
-        folds.append({"run": run_dir.name, "fold": run.config.fold,
-                      "folds": run.config.folds, "threshold": run.threshold,
-                      "own_threshold": _figures(y, scores, run.threshold, patients),
-                      "_data": (y, scores, patients)})
+        folds.append(
+            {
+                "run": run_dir.name,
+                "fold": run.config.fold,
+                "folds": run.config.folds,
+                "threshold": run.threshold,
+                "own_threshold": _figures(y, scores, run.threshold, patients),
+                "_data": (y, scores, patients),
+            }
+        )
         pooled_y.append(y)
         pooled_scores.append(scores)
         pooled_patients.extend(patients)
@@ -71,21 +84,26 @@ def crossval_report(run_dirs: list[Path], data_root: Path, out: Path,
         y, scores, patients = fold.pop("_data")
         fold["pooled_threshold"] = _figures(y, scores, pooled_threshold, patients)
     report = {
-        "rule": f"highest threshold with sensitivity >= {target} on the pooled out-of-fold "
-                "scores",
+        "rule": f"highest threshold with sensitivity >= {target} on the pooled out-of-fold scores",
         "folds_used": len(folds),
-        "pooled": {"threshold": pooled_threshold,
-                   **_figures(y_all, s_all, pooled_threshold, pooled_patients)},
+        "pooled": {
+            "threshold": pooled_threshold,
+            **_figures(y_all, s_all, pooled_threshold, pooled_patients),
+        },
         "folds": folds,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "crossval.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"pooled out-of-fold ({len(folds)} folds, n={len(y_all)}): AUC "
-          f"{report['pooled']['auc']:.4f}, threshold {pooled_threshold:.4f}")
+    print(
+        f"pooled out-of-fold ({len(folds)} folds, n={len(y_all)}): AUC "
+        f"{report['pooled']['auc']:.4f}, threshold {pooled_threshold:.4f}"
+    )
     for fold in folds:
         own, pooled = fold["own_threshold"], fold["pooled_threshold"]
-        print(f"fold {fold['fold']}: AUC {own['auc']:.4f}; own threshold "
-              f"{fold['threshold']:.4f}: sens {own['sensitivity']:.3f} spec "
-              f"{own['specificity']:.3f}; pooled threshold: sens {pooled['sensitivity']:.3f} "
-              f"spec {pooled['specificity']:.3f}")
+        print(
+            f"fold {fold['fold']}: AUC {own['auc']:.4f}; own threshold "
+            f"{fold['threshold']:.4f}: sens {own['sensitivity']:.3f} spec "
+            f"{own['specificity']:.3f}; pooled threshold: sens {pooled['sensitivity']:.3f} "
+            f"spec {pooled['specificity']:.3f}"
+        )
     return report

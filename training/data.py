@@ -143,7 +143,7 @@ def split_by_acquisition(
     for patients in by_series.values():
         ordered = sorted(patients)
         n_held = round(len(ordered) * val_fraction)
-        held_out.update(patient for _, patient in ordered[len(ordered) - n_held:])
+        held_out.update(patient for _, patient in ordered[len(ordered) - n_held :])
     train = [s for s in samples if s.patient not in held_out]
     val = [s for s in samples if s.patient in held_out]
     return train, val
@@ -160,8 +160,9 @@ def split_by_fold(
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     labels = [s.label for s in samples]
     groups = [s.patient for s in samples]
-    for i, (train_idx, val_idx) in enumerate(splitter.split(np.zeros(len(samples)), labels,
-                                                             groups)):
+    for i, (train_idx, val_idx) in enumerate(
+        splitter.split(np.zeros(len(samples)), labels, groups)
+    ):
         if i == fold:
             return [samples[j] for j in train_idx], [samples[j] for j in val_idx]
     raise AssertionError("unreachable: StratifiedGroupKFold yields `folds` folds")
@@ -171,8 +172,12 @@ VALIDATION_SCHEMES = ("patient", "acquisition", "kfold")
 
 
 def split_for_validation(
-    samples: list[Sample], scheme: str, val_fraction: float, seed: int,
-    folds: int = 5, fold: int = 0,
+    samples: list[Sample],
+    scheme: str,
+    val_fraction: float,
+    seed: int,
+    folds: int = 5,
+    fold: int = 0,
 ) -> tuple[list[Sample], list[Sample]]:
     """The (train, validation) split a run is trained and judged on."""
     if scheme == "patient":
@@ -187,8 +192,9 @@ def split_for_validation(
 def split_samples(run_dir: Path, data_root: Path, part: str, n_labels: int) -> list[Sample]:
     """The `train` or `validation` side of a run's patient-level split (its split.json)."""
     wanted = json.loads((run_dir / "split.json").read_text())[part]
-    by_path = {str(s.path.relative_to(data_root)): s
-               for s in list_split(data_root, "train", n_labels)}
+    by_path = {
+        str(s.path.relative_to(data_root)): s for s in list_split(data_root, "train", n_labels)
+    }
     missing = [p for p in wanted if p not in by_path]
     if missing:
         raise FileNotFoundError(

@@ -50,8 +50,7 @@ def _front_layers(model) -> list:
 
 
 def _front_signature(model) -> list[dict]:
-    return [{"class": type(layer).__name__, **layer.get_config()} for layer in
-            _front_layers(model)]
+    return [{"class": type(layer).__name__, **layer.get_config()} for layer in _front_layers(model)]
 
 
 def build_ensemble(members: list) -> object:
@@ -66,11 +65,12 @@ def build_ensemble(members: list) -> object:
     signature = _front_signature(members[0])
     for member in members[1:]:
         if member.input_shape[1:] != shape:
-            raise ValueError(f"members take different inputs: {shape} and "
-                             f"{member.input_shape[1:]}")
+            raise ValueError(f"members take different inputs: {shape} and {member.input_shape[1:]}")
         if _front_signature(member) != signature:
-            raise ValueError("members preprocess differently before the backbone (e.g. one "
-                             "has --intensity-stretch): their inputs could not be shared")
+            raise ValueError(
+                "members preprocess differently before the backbone (e.g. one "
+                "has --intensity-stretch): their inputs could not be shared"
+            )
 
     # Each member's backbone, renamed (layer names must be unique within a model) and
     # holding its trained weights.
@@ -84,8 +84,11 @@ def build_ensemble(members: list) -> object:
         backbones.append(copy)
     base_input = keras.Input(shape=backbones[0].input_shape[1:], name="backbone_input")
     maps = [b(base_input, training=False) for b in backbones]
-    combined = keras.Model(base_input, keras.layers.Concatenate(axis=-1, name="members")(maps),
-                           name="ensemble_backbone")
+    combined = keras.Model(
+        base_input,
+        keras.layers.Concatenate(axis=-1, name="members")(maps),
+        name="ensemble_backbone",
+    )
 
     image = keras.Input(shape=shape, dtype="uint8", name="image")
     x = image
@@ -106,14 +109,21 @@ def _same_split(run_dirs: list[Path]) -> dict:
     splits = [json.loads((d / "split.json").read_text()) for d in run_dirs]
     for run_dir, split in zip(run_dirs[1:], splits[1:], strict=True):
         if split["validation"] != splits[0]["validation"]:
-            raise ValueError(f"{run_dir} was validated on other images than {run_dirs[0]}: "
-                             "members must share the validation split (the ensemble's "
-                             "threshold is chosen on it)")
+            raise ValueError(
+                f"{run_dir} was validated on other images than {run_dirs[0]}: "
+                "members must share the validation split (the ensemble's "
+                "threshold is chosen on it)"
+            )
     return splits[0]
 
 
-def ensemble_runs(run_dirs: list[Path], out: Path, data_root: Path,
-                  cache_dir: Path | None = None, batch_size: int = 32) -> dict:
+def ensemble_runs(
+    run_dirs: list[Path],
+    out: Path,
+    data_root: Path,
+    cache_dir: Path | None = None,
+    batch_size: int = 32,
+) -> dict:
     """Write `out` as a run folder (model.keras, split.json, run.json, report/) that
     `pneumoscreen export` turns into a bundle like any other run."""
     from training.evaluate import evaluate_run
@@ -126,8 +136,10 @@ def ensemble_runs(run_dirs: list[Path], out: Path, data_root: Path,
     for run_dir, run in zip(run_dirs, runs, strict=True):
         for key in ("labels", "positive_labels", "input_size", "target_sensitivity"):
             if getattr(run, key) != getattr(first, key):
-                raise ValueError(f"{run_dir}: {key} {getattr(run, key)!r} differs from "
-                                 f"{run_dirs[0]}'s {getattr(first, key)!r}")
+                raise ValueError(
+                    f"{run_dir}: {key} {getattr(run, key)!r} differs from "
+                    f"{run_dirs[0]}'s {getattr(first, key)!r}"
+                )
     model = build_ensemble([load_trained(d / "model.keras") for d in run_dirs])
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "model.keras")
@@ -142,27 +154,31 @@ def ensemble_runs(run_dirs: list[Path], out: Path, data_root: Path,
     y_positive = np.isin(y_val, positive)
     threshold = choose_threshold(y_positive, scores, first.target_sensitivity)
     metrics = binary_metrics(y_positive, scores, threshold)
-    print(f"ensemble of {len(run_dirs)}: validation AUC {metrics['auc']:.4f}, threshold "
-          f"{threshold:.4f}, sensitivity {metrics['sensitivity']:.3f}, specificity "
-          f"{metrics['specificity']:.3f}")
+    print(
+        f"ensemble of {len(run_dirs)}: validation AUC {metrics['auc']:.4f}, threshold "
+        f"{threshold:.4f}, sensitivity {metrics['sensitivity']:.3f}, specificity "
+        f"{metrics['specificity']:.3f}"
+    )
 
     # The first member's record (its config, data counts and tool versions stand for the
     # recipe all members share), with the ensemble's own threshold and no calibration yet.
-    record = first.model_copy(update={
-        "config": replace(first.config, out=out),
-        "threshold": threshold,
-        "distribute": None,
-        "calibration": None,
-        "ensemble": EnsembleInfo(
-            members=[str(d) for d in run_dirs],
-            member_best_val_auc=[r.best_val_auc for r in runs],
-            combination="mean of the members' logits (one Dense head over their "
-                        "concatenated pooled features, each member weighted 1/M)",
-        ),
-        "epochs_run": sum(r.epochs_run for r in runs),
-        "best_val_auc": metrics["auc"],
-        "history": [],
-        "wall_time_s": round(time.perf_counter() - started, 1),
-    })
+    record = first.model_copy(
+        update={
+            "config": replace(first.config, out=out),
+            "threshold": threshold,
+            "distribute": None,
+            "calibration": None,
+            "ensemble": EnsembleInfo(
+                members=[str(d) for d in run_dirs],
+                member_best_val_auc=[r.best_val_auc for r in runs],
+                combination="mean of the members' logits (one Dense head over their "
+                "concatenated pooled features, each member weighted 1/M)",
+            ),
+            "epochs_run": sum(r.epochs_run for r in runs),
+            "best_val_auc": metrics["auc"],
+            "history": [],
+            "wall_time_s": round(time.perf_counter() - started, 1),
+        }
+    )
     write_run(out, record)
     return evaluate_run(out, data_root, batch_size=batch_size, cache_dir=cache_dir, model=model)

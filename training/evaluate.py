@@ -72,8 +72,9 @@ def evaluate_predictions(
         metrics = binary_metrics(y_positive, scores, record.threshold)
         patients = [patient_id(s.path.name) for s in samples]
         metrics["patients"] = len(set(patients))
-        metrics["intervals_95"] = bootstrap_intervals(y_positive, scores, record.threshold,
-                                                      patients)
+        metrics["intervals_95"] = bootstrap_intervals(
+            y_positive, scores, record.threshold, patients
+        )
         results[name] = SplitResult(metrics, y_positive, scores, probabilities, y)
     return results
 
@@ -113,8 +114,7 @@ def evaluate_model(
         return model.predict(x, batch_size=batch_size, verbose=0)
 
     results = evaluate_predictions(splits, predict, record, cache_dir)
-    record = record.model_copy(
-        update={"calibration": calibrate_run(record, results["validation"])})
+    record = record.model_copy(update={"calibration": calibrate_run(record, results["validation"])})
     return record, write_report(run_dir / "report", record, results)
 
 
@@ -125,52 +125,76 @@ def calibrate_run(record: RunRecord, validation: SplitResult) -> RunCalibration:
     def scores_of(probabilities: np.ndarray) -> np.ndarray:
         return positive_scores(probabilities, positive_indices)
 
-    fit = calibrate(validation.probabilities, validation.label_indices, validation.y_positive,
-                    scores_of, fitted_on=f"the {record.validation_name} validation split")
+    fit = calibrate(
+        validation.probabilities,
+        validation.label_indices,
+        validation.y_positive,
+        scores_of,
+        fitted_on=f"the {record.validation_name} validation split",
+    )
     calibrated = scores_of(scale_probabilities(validation.probabilities, fit.temperature))
     threshold = choose_threshold(validation.y_positive, calibrated, record.target_sensitivity)
     return RunCalibration(
-        **fit.to_json(), threshold=threshold,
+        **fit.to_json(),
+        threshold=threshold,
         reliability_before=reliability_curve(validation.y_positive, validation.scores),
-        reliability_after=reliability_curve(validation.y_positive, calibrated))
+        reliability_after=reliability_curve(validation.y_positive, calibrated),
+    )
 
 
-def write_report(report_dir: Path, record: RunRecord, results: dict[str, SplitResult]
-                 ) -> dict:
+def write_report(report_dir: Path, record: RunRecord, results: dict[str, SplitResult]) -> dict:
     report_dir.mkdir(parents=True, exist_ok=True)
     report = {
-        "model": {"backbone": record.backbone, "input_size": record.input_size,
-                  "labels": record.labels},
+        "model": {
+            "backbone": record.backbone,
+            "input_size": record.input_size,
+            "labels": record.labels,
+        },
         "threshold": record.threshold,
-        "threshold_rule": (f"highest threshold with sensitivity >= {record.target_sensitivity} "
-                           f"on the {record.validation_name} validation split"),
+        "threshold_rule": (
+            f"highest threshold with sensitivity >= {record.target_sensitivity} "
+            f"on the {record.validation_name} validation split"
+        ),
         "splits": {name: result.metrics for name, result in results.items()},
     }
     calibration = record.calibration
     if calibration:
         report["calibration"] = calibration.model_dump(mode="json")
-        plot_reliability({"as trained": calibration.reliability_before,
-                          f"temperature {calibration.temperature:.2f}":
-                              calibration.reliability_after},
-                         report_dir / "reliability.png")
+        plot_reliability(
+            {
+                "as trained": calibration.reliability_before,
+                f"temperature {calibration.temperature:.2f}": calibration.reliability_after,
+            },
+            report_dir / "reliability.png",
+        )
     (report_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_roc({name: (r.y_positive, r.scores) for name, r in results.items()},
-             report_dir / "roc.png", {name: r.metrics for name, r in results.items()})
+    plot_roc(
+        {name: (r.y_positive, r.scores) for name, r in results.items()},
+        report_dir / "roc.png",
+        {name: r.metrics for name, r in results.items()},
+    )
     for name, result in results.items():
         suffix = "" if name == "validation" else f"_{name}"
-        title = {"validation": f"validation split ({record.validation_name})",
-                 "official_val": "official val", "test": "test"}.get(name, name)
+        title = {
+            "validation": f"validation split ({record.validation_name})",
+            "official_val": "official val",
+            "test": "test",
+        }.get(name, name)
         plot_confusion(result.metrics, report_dir / f"confusion_matrix{suffix}.png", title)
     for name, result in results.items():
         metrics = result.metrics
         auc = "n/a" if metrics["auc"] is None else f"{metrics['auc']:.4f}"
         ci = metrics["intervals_95"]["auc"]
         ci_text = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-        print(f"{name:13s} n={metrics['n']:5d} AUC {auc}{ci_text} sens "
-              f"{metrics['sensitivity']:.3f} spec {metrics['specificity']:.3f} "
-              f"acc {metrics['accuracy']:.3f}")
+        print(
+            f"{name:13s} n={metrics['n']:5d} AUC {auc}{ci_text} sens "
+            f"{metrics['sensitivity']:.3f} spec {metrics['specificity']:.3f} "
+            f"acc {metrics['accuracy']:.3f}"
+        )
     if calibration:
-        print(f"calibration: T = {calibration.temperature:.3f}, ECE "
-              f"{calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, threshold "
-              f"{record.threshold:.4f} -> {calibration.threshold:.4f}")
+        print(
+            f"calibration: T = {calibration.temperature:.3f}, ECE "
+            f"{calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, threshold "
+            f"{record.threshold:.4f} -> {calibration.threshold:.4f}"
+        )
     return report

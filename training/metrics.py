@@ -50,8 +50,11 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
-             operating_points: dict[str, dict] | None = None) -> None:
+def plot_roc(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: Path,
+    operating_points: dict[str, dict] | None = None,
+) -> None:
     """ROC curves, one per named split, with each split's operating point marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=120)
@@ -64,13 +67,19 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
         if point:
             ax.plot(1 - point["specificity"], point["sensitivity"], "o", color="black")
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity",
-           title="ROC: pneumonia vs normal", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="1 - specificity (false positive rate)",
+        ylabel="sensitivity",
+        title="ROC: pneumonia vs normal",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     _save_with_legend(plt, fig, ax, path, "lower right")
 
 
-def plot_confusion(metrics: dict, path: Path, title: str,
-                   labels: tuple[str, str] = ("NORMAL", "PNEUMONIA")) -> None:
+def plot_confusion(
+    metrics: dict, path: Path, title: str, labels: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+) -> None:
     plt = _pyplot()
     cm = metrics["confusion_matrix"]
     grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
@@ -99,9 +108,14 @@ def _pyplot():
 BOOTSTRAP_RESAMPLES = 1000
 
 
-def bootstrap_intervals(y_true: np.ndarray, scores: np.ndarray, threshold: float,
-                        groups: list[str], resamples: int = BOOTSTRAP_RESAMPLES,
-                        seed: int = 0) -> dict[str, list[float] | None]:
+def bootstrap_intervals(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    groups: list[str],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, list[float] | None]:
     """95% intervals [low, high] of AUC, sensitivity and specificity at `threshold`,
     resampling PATIENTS (service.patient_bootstrap, the one the site calibration uses);
     None for all three when the split lacks a class."""
@@ -109,8 +123,10 @@ def bootstrap_intervals(y_true: np.ndarray, scores: np.ndarray, threshold: float
     if y_true.all() or not y_true.any():
         return {"auc": None, "sensitivity": None, "specificity": None}
     figures = bootstrap_figures(y_true, scores, groups, threshold, resamples, seed)
-    return {name: [figures[name].low, figures[name].high]
-            for name in ("auc", "sensitivity", "specificity")}
+    return {
+        name: [figures[name].low, figures[name].high]
+        for name in ("auc", "sensitivity", "specificity")
+    }
 
 
 def plot_reliability(curves: dict[str, list[tuple[float, float, int]]], path: Path) -> None:
@@ -121,8 +137,13 @@ def plot_reliability(curves: dict[str, list[tuple[float, float, int]]], path: Pa
     for name, points in curves.items():
         mean, observed, _ = zip(*points, strict=True)
         ax.plot(mean, observed, "o-", label=name)
-    ax.set(xlabel="mean P(pneumonia) in bin", ylabel="observed share with pneumonia",
-           title="Reliability (validation split)", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="mean P(pneumonia) in bin",
+        ylabel="observed share with pneumonia",
+        title="Reliability (validation split)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     _save_with_legend(plt, fig, ax, path, "upper left")
 
 

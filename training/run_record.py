@@ -138,8 +138,11 @@ def read_run(run_dir: Path) -> RunRecord:
     if isinstance(config, dict) and isinstance(raw.get("data"), dict):
         # Tests' untrained runs recorded only part of the config: what the record says
         # elsewhere fills the rest (then TrainConfig's defaults).
-        known = {"data": raw["data"].get("root"), "out": str(run_dir),
-                 **{k: raw[k] for k in _CONFIG_AT_TOP if k in raw}}
+        known = {
+            "data": raw["data"].get("root"),
+            "out": str(run_dir),
+            **{k: raw[k] for k in _CONFIG_AT_TOP if k in raw},
+        }
         raw["config"] = {**known, **config}
     try:
         return RunRecord.model_validate(raw)
@@ -160,8 +163,18 @@ def tool_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for package in ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime",
-                    "numpy", "pillow", "scikit-learn", "pneumoscreen"):
+    for package in (
+        "tensorflow-cpu",
+        "tensorflow",
+        "keras",
+        "tf2onnx",
+        "onnx",
+        "onnxruntime",
+        "numpy",
+        "pillow",
+        "scikit-learn",
+        "pneumoscreen",
+    ):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:

@@ -70,20 +70,36 @@ def train(config: TrainConfig) -> dict:
         config.out / MODEL_FILE, monitor="val_auc", mode="max", save_best_only=True, verbose=1
     )
     history_log = keras.callbacks.CSVLogger(str(config.out / HISTORY_FILE), append=True)
-    fitting = Fitting(model, strategy, data, class_weights(train_samples, labels), auc,
-                      checkpoint, history_log)
+    fitting = Fitting(
+        model, strategy, data, class_weights(train_samples, labels), auc, checkpoint, history_log
+    )
     history = fit_phase_1(fitting, config)
     history += fit_phase_2(fitting, config, initial_epoch=len(history))
     best, threshold = choose_operating_point(config, data, positive)
 
-    record = run_record(config, labels, threshold, train_samples, val_samples,
-                        describe(strategy, model), history, auc.best, started)
+    record = run_record(
+        config,
+        labels,
+        threshold,
+        train_samples,
+        val_samples,
+        describe(strategy, model),
+        history,
+        auc.best,
+        started,
+    )
     # Written before evaluating, so a run whose evaluation fails still has its model and
     # record (`pneumoscreen evaluate` can finish it); written again with what evaluation
     # adds (the calibration) and the final wall time.
     write_run(config.out, record)
-    record, report = evaluate_model(config.out, record, config.data, best,
-                                    batch_size=config.batch_size, cache_dir=config.cache_dir)
+    record, report = evaluate_model(
+        config.out,
+        record,
+        config.data,
+        best,
+        batch_size=config.batch_size,
+        cache_dir=config.cache_dir,
+    )
     record = record.model_copy(update={"wall_time_s": round(time.perf_counter() - started, 1)})
     write_run(config.out, record)
     print(f"done in {record.wall_time_s:.0f} s: {config.out}")
@@ -93,8 +109,9 @@ def train(config: TrainConfig) -> dict:
 class ValidationAUC(keras.callbacks.Callback):
     """AUC of P(pneumonia) on the validation split, logged as `val_auc` each epoch."""
 
-    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, positive_indices: list[int],
-                 batch_size: int) -> None:
+    def __init__(
+        self, x_val: np.ndarray, y_val: np.ndarray, positive_indices: list[int], batch_size: int
+    ) -> None:
         super().__init__()
         self.x_val, self.batch_size = x_val, batch_size
         self.positive_indices = positive_indices
@@ -119,12 +136,14 @@ def split_data(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     if not all_train:
         raise FileNotFoundError(f"no images in {config.data}/train/{{NORMAL,PNEUMONIA}}")
     train_samples, val_samples = split_for_validation(
-        all_train, config.validation, config.val_fraction, config.seed, config.folds,
-        config.fold)
+        all_train, config.validation, config.val_fraction, config.seed, config.folds, config.fold
+    )
     _write_split(config, train_samples, val_samples)
-    print(f"train: {len(train_samples)} images {label_counts(train_samples)}, "
-          f"validation ({config.validation}): {len(val_samples)} images "
-          f"{label_counts(val_samples)}")
+    print(
+        f"train: {len(train_samples)} images {label_counts(train_samples)}, "
+        f"validation ({config.validation}): {len(val_samples)} images "
+        f"{label_counts(val_samples)}"
+    )
     return train_samples, val_samples
 
 
@@ -137,26 +156,40 @@ class TrainingData:
     val_ds: tf.data.Dataset
 
 
-def load_data(config: TrainConfig, labels: tuple[str, ...], train_samples: list[Sample],
-              val_samples: list[Sample]) -> TrainingData:
+def load_data(
+    config: TrainConfig,
+    labels: tuple[str, ...],
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+) -> TrainingData:
     size = (config.input_size, config.input_size)
     x_train, y_train = load_arrays(train_samples, labels, size, config.cache_dir)
     x_val, y_val = load_arrays(val_samples, labels, size, config.cache_dir)
     train_ds = _train_dataset(x_train, y_train, config)
-    val_ds = tf.data.Dataset.from_tensor_slices((x_val, _targets(y_val, labels, config))
-                                                ).batch(config.batch_size)
+    val_ds = tf.data.Dataset.from_tensor_slices((x_val, _targets(y_val, labels, config))).batch(
+        config.batch_size
+    )
     return TrainingData(x_val, y_val, train_ds, val_ds)
 
 
 # 3. The model, created in the strategy's scope (and so is each compile's optimizer).
-def build(config: TrainConfig, labels: tuple[str, ...]) -> tuple[tf.distribute.Strategy,
-                                                                   keras.Model]:
+def build(
+    config: TrainConfig, labels: tuple[str, ...]
+) -> tuple[tf.distribute.Strategy, keras.Model]:
     strategy = make_strategy(tf, config.distribute)
-    print(f"distribute: {config.distribute} ({type(strategy).__name__}, "
-          f"{strategy.num_replicas_in_sync} replica(s))")
+    print(
+        f"distribute: {config.distribute} ({type(strategy).__name__}, "
+        f"{strategy.num_replicas_in_sync} replica(s))"
+    )
     with strategy.scope():
-        model = build_model(config.backbone, config.input_size, len(labels), config.weights,
-                            config.dropout, config.intensity_stretch)
+        model = build_model(
+            config.backbone,
+            config.input_size,
+            len(labels),
+            config.weights,
+            config.dropout,
+            config.intensity_stretch,
+        )
     return strategy, model
 
 
@@ -180,19 +213,32 @@ def fit_phase_1(fitting: Fitting, config: TrainConfig) -> list[dict[str, float]]
     return fit_phase(fitting, config, config.learning_rate, config.epochs_frozen, 0)
 
 
-def fit_phase_2(fitting: Fitting, config: TrainConfig,
-                initial_epoch: int) -> list[dict[str, float]]:
+def fit_phase_2(
+    fitting: Fitting, config: TrainConfig, initial_epoch: int
+) -> list[dict[str, float]]:
     n_layers = config.fine_tune_layers
     if n_layers is None:
         n_layers = backbone_spec(config.backbone).fine_tune_layers
     unfrozen = unfreeze_top(fitting.model, n_layers)
     print(f"phase 2: fine-tuning the top {n_layers} backbone layers ({unfrozen} with weights)")
-    return fit_phase(fitting, config, config.fine_tune_learning_rate, config.epochs_finetune,
-                     initial_epoch, config.cosine_decay)
+    return fit_phase(
+        fitting,
+        config,
+        config.fine_tune_learning_rate,
+        config.epochs_finetune,
+        initial_epoch,
+        config.cosine_decay,
+    )
 
 
-def fit_phase(fitting: Fitting, config: TrainConfig, learning_rate: float, epochs: int,
-              initial_epoch: int, cosine: bool = False) -> list[dict[str, float]]:
+def fit_phase(
+    fitting: Fitting,
+    config: TrainConfig,
+    learning_rate: float,
+    epochs: int,
+    initial_epoch: int,
+    cosine: bool = False,
+) -> list[dict[str, float]]:
     """Compile (in the strategy's scope) and fit `epochs` more epochs with early stopping;
     the history rows as Keras logs them."""
     if epochs <= 0:
@@ -200,13 +246,15 @@ def fit_phase(fitting: Fitting, config: TrainConfig, learning_rate: float, epoch
     model, data = fitting.model, fitting.data
     with fitting.strategy.scope():
         model.compile(
-            optimizer=keras.optimizers.Adam(_learning_rate(learning_rate, epochs,
-                                                           len(data.train_ds), cosine)),
+            optimizer=keras.optimizers.Adam(
+                _learning_rate(learning_rate, epochs, len(data.train_ds), cosine)
+            ),
             loss=_loss(config),
             metrics=["accuracy"],
         )
-    stop = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
-                                         patience=config.patience, verbose=1)
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_auc", mode="max", patience=config.patience, verbose=1
+    )
     result = model.fit(
         data.train_ds,
         validation_data=data.val_ds,
@@ -217,14 +265,17 @@ def fit_phase(fitting: Fitting, config: TrainConfig, learning_rate: float, epoch
         callbacks=[fitting.auc, fitting.checkpoint, stop, fitting.history_log],
         verbose=config.verbose,
     )
-    rows = [dict(zip(result.history, values, strict=True))
-            for values in zip(*result.history.values(), strict=False)]  # as Keras logs them
+    rows = [
+        dict(zip(result.history, values, strict=True))
+        for values in zip(*result.history.values(), strict=False)
+    ]  # as Keras logs them
     return [{k: float(v) for k, v in row.items()} for row in rows]
 
 
 # 5. The operating point, on the validation split.
-def choose_operating_point(config: TrainConfig, data: TrainingData,
-                           positive: list[int]) -> tuple[keras.Model, float]:
+def choose_operating_point(
+    config: TrainConfig, data: TrainingData, positive: list[int]
+) -> tuple[keras.Model, float]:
     """The best checkpoint, and the highest threshold reaching the target sensitivity."""
     best = load_trained(config.out / MODEL_FILE)
     val_probabilities = best.predict(data.x_val, batch_size=config.batch_size, verbose=0)
@@ -232,17 +283,26 @@ def choose_operating_point(config: TrainConfig, data: TrainingData,
     y_val_positive = np.isin(data.y_val, positive)
     threshold = choose_threshold(y_val_positive, val_scores, config.target_sensitivity)
     val_metrics = binary_metrics(y_val_positive, val_scores, threshold)
-    print(f"threshold {threshold:.4f} for sensitivity >= {config.target_sensitivity}: "
-          f"validation AUC {val_metrics['auc']:.4f}, sensitivity "
-          f"{val_metrics['sensitivity']:.3f}, specificity {val_metrics['specificity']:.3f}")
+    print(
+        f"threshold {threshold:.4f} for sensitivity >= {config.target_sensitivity}: "
+        f"validation AUC {val_metrics['auc']:.4f}, sensitivity "
+        f"{val_metrics['sensitivity']:.3f}, specificity {val_metrics['specificity']:.3f}"
+    )
     return best, threshold
 
 
 # 6. What the run found, for evaluate, export and the model card.
-def run_record(config: TrainConfig, labels: tuple[str, ...], threshold: float,
-               train_samples: list[Sample], val_samples: list[Sample],
-               distribute: dict[str, Any], history: list[dict[str, float]],
-               best_val_auc: float, started: float) -> RunRecord:
+def run_record(
+    config: TrainConfig,
+    labels: tuple[str, ...],
+    threshold: float,
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+    distribute: dict[str, Any],
+    history: list[dict[str, float]],
+    best_val_auc: float,
+    started: float,
+) -> RunRecord:
     return RunRecord(
         config=config,
         backbone=config.backbone,
@@ -286,14 +346,17 @@ def _loss(config: TrainConfig) -> keras.losses.Loss:
     return keras.losses.SparseCategoricalCrossentropy()
 
 
-def _learning_rate(peak: float, epochs: int, steps_per_epoch: int, cosine: bool
-                   ) -> float | keras.optimizers.schedules.LearningRateSchedule:
+def _learning_rate(
+    peak: float, epochs: int, steps_per_epoch: int, cosine: bool
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """A constant rate, or one warm-up epoch to `peak` followed by cosine decay to 0."""
     if not cosine:
         return peak
     warmup = steps_per_epoch
     return keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, (epochs - 1) * steps_per_epoch), warmup_target=peak,
+        0.0,
+        decay_steps=max(1, (epochs - 1) * steps_per_epoch),
+        warmup_target=peak,
         warmup_steps=warmup,
     )
 
@@ -326,8 +389,7 @@ def augmentation(seed: int) -> keras.Sequential:
             layers.RandomRotation(0.02, fill_mode="constant", seed=seed),  # about +-7 degrees
             layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed + 1),
             layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 2),
-            layers.RandomShear(x_factor=0.05, y_factor=0.05, fill_mode="constant",
-                               seed=seed + 3),
+            layers.RandomShear(x_factor=0.05, y_factor=0.05, fill_mode="constant", seed=seed + 3),
             layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed + 4),
             layers.RandomContrast(0.3, value_range=(0, 255), seed=seed + 5),
         ],
@@ -348,8 +410,9 @@ def strong_augmentation(seed: int) -> Callable[[tf.Tensor], tf.Tensor]:
             # Zoom-in by up to 20% on each axis independently: a random resized crop.
             layers.RandomZoom((-0.2, 0.0), (-0.2, 0.0), fill_mode="reflect", seed=seed + 10),
             layers.RandomContrast(0.5, value_range=(0, 255), seed=seed + 11),
-            layers.RandomGaussianBlur(factor=0.5, kernel_size=3, sigma=(0.1, 1.2),
-                                      value_range=(0, 255), seed=seed + 12),
+            layers.RandomGaussianBlur(
+                factor=0.5, kernel_size=3, sigma=(0.1, 1.2), value_range=(0, 255), seed=seed + 12
+            ),
         ],
         name="strong_augmentation",
     )
@@ -374,7 +437,11 @@ def _write_split(config: TrainConfig, train: list[Sample], val: list[Sample]) ->
     def rel(samples: list[Sample]) -> list[str]:
         return [str(s.path.relative_to(config.data)) for s in samples]
 
-    split = {"seed": config.seed, "val_fraction": config.val_fraction,
-             "scheme": config.validation,
-             "train": rel(train), "validation": rel(val)}
+    split = {
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "scheme": config.validation,
+        "train": rel(train),
+        "validation": rel(val),
+    }
     (config.out / "split.json").write_text(json.dumps(split, indent=1) + "\n")

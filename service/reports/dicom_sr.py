@@ -38,15 +38,25 @@ SERIES_DESCRIPTION = "pneumoscreen AI result - screening aid, not a diagnosis"
 
 # Attributes an SR cannot do without: it copies the study and references the instance.
 REQUIRED_SOURCE_ATTRIBUTES = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
 )
 
 
 # Type 2 attributes of the Patient and General Study modules: the SR copies them from the
 # source; one the source lacks is written empty, as Type 2 allows.
 COPIED_SOURCE_ATTRIBUTES = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
 )
 
 

@@ -43,12 +43,21 @@ IMAGING_STUDY_REPORT = {"system": LOINC, "code": "18748-4", "display": "Diagnost
 _INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 POSITIVE = {"system": _INTERPRETATION, "code": "POS", "display": "Positive"}
 NEGATIVE = {"system": _INTERPRETATION, "code": "NEG", "display": "Negative"}
-_RADIOLOGY = {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD",
-              "display": "Radiology"}
-_IMAGING = {"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-            "code": "imaging", "display": "Imaging"}
-_ACCESSION = {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN",
-              "display": "Accession ID"}
+_RADIOLOGY = {
+    "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+    "code": "RAD",
+    "display": "Radiology",
+}
+_IMAGING = {
+    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+    "code": "imaging",
+    "display": "Imaging",
+}
+_ACCESSION = {
+    "system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+    "code": "ACSN",
+    "display": "Accession ID",
+}
 DISCLAIMER = "Screening aid, not a diagnosis: for priority review by a clinician."
 
 
@@ -95,18 +104,22 @@ def _study(header: Dataset | None) -> dict[str, Any] | None:
     study_uid = _text(header, "StudyInstanceUID")
     if study_uid is None:
         return None
-    return {"type": "ImagingStudy",
-            "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study_uid}"}}
+    return {
+        "type": "ImagingStudy",
+        "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study_uid}"},
+    }
 
 
 def device_resource(meta: BundleMeta) -> dict[str, Any]:
     return {
         "resourceType": "Device",
         "status": "active",
-        "identifier": [{
-            "type": {"text": "sha256 of model.onnx"},
-            "value": meta.onnx_sha256,
-        }],
+        "identifier": [
+            {
+                "type": {"text": "sha256 of model.onnx"},
+                "value": meta.onnx_sha256,
+            }
+        ],
         "deviceName": [{"name": meta.name, "type": "model-name"}],
         "version": [{"value": meta.version}],
         "note": [{"text": meta.intended_use}],
@@ -132,13 +145,18 @@ def observation_resource(
                 "code": {"text": f"Probability of {meta.positive_label}"},
                 "valueQuantity": {
                     "value": round(result.positive_probability, 6),
-                    "unit": "probability", "system": UCUM, "code": "1",
+                    "unit": "probability",
+                    "system": UCUM,
+                    "code": "1",
                 },
             },
             {
                 "code": {"text": "Operating threshold"},
                 "valueQuantity": {
-                    "value": meta.threshold, "unit": "probability", "system": UCUM, "code": "1",
+                    "value": meta.threshold,
+                    "unit": "probability",
+                    "system": UCUM,
+                    "code": "1",
                 },
             },
         ],
@@ -161,7 +179,10 @@ def _add_context(resource: dict[str, Any], header: Dataset | None) -> None:
 
 
 def report_resource(
-    result: Scored, meta: BundleMeta, header: Dataset | None, observation_url: str,
+    result: Scored,
+    meta: BundleMeta,
+    header: Dataset | None,
+    observation_url: str,
     issued: str,
 ) -> dict[str, Any]:
     decision = "positive" if result.screen_positive else "negative"
@@ -183,10 +204,12 @@ def report_resource(
     _add_context(report, header)
     accession = _text(header, "AccessionNumber")
     if accession is not None:
-        report["basedOn"] = [{
-            "type": "ServiceRequest",
-            "identifier": {"type": {"coding": [_ACCESSION]}, "value": accession},
-        }]
+        report["basedOn"] = [
+            {
+                "type": "ServiceRequest",
+                "identifier": {"type": {"coding": [_ACCESSION]}, "value": accession},
+            }
+        ]
     study = _study(header)
     if study is not None:
         report["imagingStudy"] = [study]
@@ -197,12 +220,14 @@ def outcome_resource(item: ReportItem) -> dict[str, Any]:
     assert item.error is not None
     return {
         "resourceType": "OperationOutcome",
-        "issue": [{
-            "severity": "error",
-            "code": "invalid" if item.error.status_code < 500 else "exception",
-            "details": {"text": item.error.code},
-            "diagnostics": item.error.message,
-        }],
+        "issue": [
+            {
+                "severity": "error",
+                "code": "invalid" if item.error.status_code < 500 else "exception",
+                "details": {"text": item.error.code},
+                "diagnostics": item.error.message,
+            }
+        ],
     }
 
 
@@ -220,10 +245,22 @@ def bundle_dict(
             entries.append({"fullUrl": _urn(), "resource": outcome_resource(item)})
             continue
         observation_url = _urn()
-        entries.append({"fullUrl": _urn(), "resource": report_resource(
-            item.result, meta, item.header, observation_url, issued)})
-        entries.append({"fullUrl": observation_url, "resource": observation_resource(
-            item.result, meta, item.header, device_url, issued)})
+        entries.append(
+            {
+                "fullUrl": _urn(),
+                "resource": report_resource(
+                    item.result, meta, item.header, observation_url, issued
+                ),
+            }
+        )
+        entries.append(
+            {
+                "fullUrl": observation_url,
+                "resource": observation_resource(
+                    item.result, meta, item.header, device_url, issued
+                ),
+            }
+        )
     entries.append({"fullUrl": device_url, "resource": device_resource(meta)})
     data = {
         "resourceType": "Bundle",
@@ -235,4 +272,3 @@ def bundle_dict(
     # Raises on a structural mistake of ours (a server bug, 500), never on the input.
     Bundle.model_validate(data)
     return data
-

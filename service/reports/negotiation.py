@@ -25,8 +25,10 @@ class MediaType:
         return cls(main, sub, params)
 
     def __str__(self) -> str:
-        tail = "".join(f'; {key}="{value}"' if "/" in value or ";" in value
-                       else f"; {key}={value}" for key, value in self.params.items())
+        tail = "".join(
+            f'; {key}="{value}"' if "/" in value or ";" in value else f"; {key}={value}"
+            for key, value in self.params.items()
+        )
         return f"{self.type}/{self.subtype}{tail}"
 
 

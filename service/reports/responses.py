@@ -44,8 +44,9 @@ def negotiate(request: Request, offers: Sequence[MediaType]) -> MediaType:
     chosen = choose(request.headers.get("accept"), offers)
     if chosen is None:
         supported = ", ".join(str(offer) for offer in offers)
-        raise ApiError("not_acceptable",
-                       f"this route answers one of: {supported} (see the Accept header)")
+        raise ApiError(
+            "not_acceptable", f"this route answers one of: {supported} (see the Accept header)"
+        )
     return chosen
 
 
@@ -107,9 +108,7 @@ def _multipart(items: list[ReportItem], meta: BundleMeta) -> tuple[bytes, str]:
     return b"".join(chunks), content_type
 
 
-async def batch_report(
-    answer: MediaType, items: list[ReportItem], meta: BundleMeta
-) -> Response:
+async def batch_report(answer: MediaType, items: list[ReportItem], meta: BundleMeta) -> Response:
     """The answer to /predict/batch for a non-JSON media type: a multipart/related of one
     part per file, in request order (an SR, or an application/json error part for a
     file that could not be screened), or one FHIR Bundle."""
@@ -125,19 +124,36 @@ _FHIR_EXAMPLE = {
     "resourceType": "Bundle",
     "type": "collection",
     "entry": [
-        {"fullUrl": "urn:uuid:...", "resource": {
-            "resourceType": "DiagnosticReport", "status": "preliminary",
-            "result": [{"reference": "urn:uuid:(the Observation)"}]}},
-        {"fullUrl": "urn:uuid:...", "resource": {
-            "resourceType": "Observation", "status": "preliminary",
-            "code": {"coding": [fhir.PNEUMONIA]},
-            "valueCodeableConcept": {"coding": [fhir.PRESENT]},
-            "component": [{"code": {"text": "Probability of PNEUMONIA"},
-                           "valueQuantity": {"value": 0.97, "system": fhir.UCUM,
-                                             "code": "1"}}]}},
-        {"fullUrl": "urn:uuid:...", "resource": {
-            "resourceType": "Device", "deviceName": [{"name": "pneumonia-mobilenet",
-                                                      "type": "model-name"}]}},
+        {
+            "fullUrl": "urn:uuid:...",
+            "resource": {
+                "resourceType": "DiagnosticReport",
+                "status": "preliminary",
+                "result": [{"reference": "urn:uuid:(the Observation)"}],
+            },
+        },
+        {
+            "fullUrl": "urn:uuid:...",
+            "resource": {
+                "resourceType": "Observation",
+                "status": "preliminary",
+                "code": {"coding": [fhir.PNEUMONIA]},
+                "valueCodeableConcept": {"coding": [fhir.PRESENT]},
+                "component": [
+                    {
+                        "code": {"text": "Probability of PNEUMONIA"},
+                        "valueQuantity": {"value": 0.97, "system": fhir.UCUM, "code": "1"},
+                    }
+                ],
+            },
+        },
+        {
+            "fullUrl": "urn:uuid:...",
+            "resource": {
+                "resourceType": "Device",
+                "deviceName": [{"name": "pneumonia-mobilenet", "type": "model-name"}],
+            },
+        },
     ],
 }
 
@@ -146,11 +162,11 @@ def openapi_responses(batch: bool) -> dict[int | str, dict[str, Any]]:
     """The 200 answer's extra media types, as OpenAPI shows them (Swagger UI sends the one
     picked in its "Media type" list as Accept)."""
     dicom_note = (
-        "`multipart/related; type=\"application/dicom\"`: one DICOM Comprehensive SR per "
+        '`multipart/related; type="application/dicom"`: one DICOM Comprehensive SR per '
         "file (TID 1500), in request order; a file that could not be screened is an "
         "`application/json` part with its error."
-        if batch else
-        "`application/dicom`: a DICOM Comprehensive SR (TID 1500) in the input's study; "
+        if batch
+        else "`application/dicom`: a DICOM Comprehensive SR (TID 1500) in the input's study; "
         "needs a DICOM input (422 `dicom_input_required` otherwise)."
     )
     dicom_type = str(DICOM_MULTIPART) if batch else str(DICOM)

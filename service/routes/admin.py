@@ -21,7 +21,8 @@ from service.security import require_admin_key
 def _error(*codes: str) -> dict[int | str, dict[str, Any]]:
     return {
         ERROR_CODES[code][0]: {
-            "model": ErrorResponse, "description": f"`{code}`: {ERROR_CODES[code][1]}"
+            "model": ErrorResponse,
+            "description": f"`{code}`: {ERROR_CODES[code][1]}",
         }
         for code in codes
     }
@@ -46,8 +47,12 @@ async def reload(runner: RunnerDep) -> ReloadReport:
     report = reload_report(outcome)
     assert report is not None
     if not outcome.ok:
-        serving = (f"{outcome.serving.name} {outcome.serving.version} keeps serving"
-                   if outcome.serving is not None else "no model is serving")
-        raise ApiError("reload_failed", f"the new bundle was not loaded ({serving}): "
-                       f"{outcome.error}")
+        serving = (
+            f"{outcome.serving.name} {outcome.serving.version} keeps serving"
+            if outcome.serving is not None
+            else "no model is serving"
+        )
+        raise ApiError(
+            "reload_failed", f"the new bundle was not loaded ({serving}): {outcome.error}"
+        )
     return report

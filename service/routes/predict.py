@@ -43,6 +43,7 @@ from service.uploads import Upload, files_in, parse_form, read_upload
 
 log = logging.getLogger("pneumoscreen.predict")
 
+
 def _errors(*codes: str) -> dict[int | str, dict[str, Any]]:
     by_status: dict[int, list[str]] = {}
     for code in codes:
@@ -62,9 +63,12 @@ _FILE_SCHEMA = {
     "description": "A chest radiograph: JPEG, PNG or DICOM (detected from the content).",
 }
 
-_EXPLAIN = Query(False, description="Add `heatmap`: the class activation map of the "
-                 "positive class as a PNG sized to the original image (and `preview` for "
-                 "DICOM). Needs a format 2 bundle (else 422 `explain_unavailable`).")
+_EXPLAIN = Query(
+    False,
+    description="Add `heatmap`: the class activation map of the "
+    "positive class as a PNG sized to the original image (and `preview` for "
+    "DICOM). Needs a format 2 bundle (else 422 `explain_unavailable`).",
+)
 
 _GATE_NOTE = (
     "With a format 2 bundle an input gate runs first (GATE_ENABLED): an image that is not "
@@ -120,8 +124,9 @@ def _deadline(request: Request) -> float:
     return deadline
 
 
-async def _decode(request: Request, runner: ModelRunner, data: bytes,
-                  explain: bool = False) -> Prepared:
+async def _decode(
+    request: Request, runner: ModelRunner, data: bytes, explain: bool = False
+) -> Prepared:
     """The model input, the gate's image facts, and the DICOM header (no pixels; None for
     JPEG/PNG) for reports, for the model pinned by the request."""
     model = deps.ready_model(request)
@@ -135,8 +140,12 @@ async def _decode(request: Request, runner: ModelRunner, data: bytes,
         )
     except (ImageError, GateRefusal) as exc:
         # Size, sniffed format and code only: never the bytes, the filename or DICOM tags.
-        log.info('{"event": "image_rejected", "code": "%s", "bytes": %d, "format": "%s"}',
-                 exc.code, len(data), sniff_format(data) or "unknown")
+        log.info(
+            '{"event": "image_rejected", "code": "%s", "bytes": %d, "format": "%s"}',
+            exc.code,
+            len(data),
+            sniff_format(data) or "unknown",
+        )
         if isinstance(exc, GateRefusal):
             raise refusal_error(exc) from None
         raise
@@ -144,11 +153,12 @@ async def _decode(request: Request, runner: ModelRunner, data: bytes,
         deps.metrics(request).decode.observe(time.perf_counter() - started)
 
 
-def _judge_all(outputs: list[ModelOutput], prepared: list[Prepared],
-               explain: bool) -> list[Judged]:
+def _judge_all(outputs: list[ModelOutput], prepared: list[Prepared], explain: bool) -> list[Judged]:
     """Blocking: each image judged by the gate of the bundle that produced its outputs."""
-    return [judge(output.meta, output.gate, output.outputs, item, explain)
-            for output, item in zip(outputs, prepared, strict=True)]
+    return [
+        judge(output.meta, output.gate, output.outputs, item, explain)
+        for output, item in zip(outputs, prepared, strict=True)
+    ]
 
 
 async def _infer(
@@ -160,7 +170,8 @@ async def _infer(
     image is judged by the gate of the bundle that produced its outputs."""
     metrics = deps.metrics(request)
     outputs = await runner.predict(
-        [item.model_input for item in prepared], deadline=_deadline(request),
+        [item.model_input for item in prepared],
+        deadline=_deadline(request),
         model=deps.ready_model(request),
     )
     # The gate and heatmaps (PNG encoding) cost CPU: off the event loop, like decoding.
@@ -190,12 +201,16 @@ def _model_ref(meta: BundleMeta) -> ModelRef:
 def _result_fields(result: Judged, meta: BundleMeta) -> dict[str, Any]:
     """The fields a single prediction and a batch entry share."""
     assert result.scored is not None
-    return {**dataclasses.asdict(result.scored), "threshold": meta.threshold,
-            **result.extras}
+    return {**dataclasses.asdict(result.scored), "threshold": meta.threshold, **result.extras}
 
 
-async def predict(request: Request, runner: RunnerDep, settings: SettingsDep,
-                  metrics: MetricsDep, explain: bool = _EXPLAIN) -> Prediction | Response:
+async def predict(
+    request: Request,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    explain: bool = _EXPLAIN,
+) -> Prediction | Response:
     meta = deps.ready_model(request).meta  # pinned by admitted(), which answered 503 if not ready
     answer = reports.negotiate(request, reports.SINGLE_OFFERS)  # 406 before the body too
     if explain and not meta.has_explain_outputs:
@@ -205,8 +220,9 @@ async def predict(request: Request, runner: RunnerDep, settings: SettingsDep,
         uploads = files_in(form, "file")
         request.state.n_files = len(uploads)
         if not uploads:
-            raise ApiError("missing_file",
-                           "send the image as multipart/form-data in the field 'file'")
+            raise ApiError(
+                "missing_file", "send the image as multipart/form-data in the field 'file'"
+            )
         upload = await read_upload(uploads[0], settings.max_file_bytes)
     finally:
         await form.close()
@@ -233,7 +249,8 @@ async def predict(request: Request, runner: RunnerDep, settings: SettingsDep,
         raise refusal_error(result.refusal)
     if answer != reports.JSON:
         return await reports.single_report(
-            answer, ReportItem(result.scored, header=image.header), meta)
+            answer, ReportItem(result.scored, header=image.header), meta
+        )
     return Prediction(
         **_result_fields(result, meta),
         model=_model_ref(meta),
@@ -241,9 +258,13 @@ async def predict(request: Request, runner: RunnerDep, settings: SettingsDep,
     )
 
 
-async def predict_batch(request: Request, runner: RunnerDep, settings: SettingsDep,
-                        metrics: MetricsDep, explain: bool = _EXPLAIN
-                        ) -> BatchResponse | Response:
+async def predict_batch(
+    request: Request,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    explain: bool = _EXPLAIN,
+) -> BatchResponse | Response:
     meta = deps.ready_model(request).meta  # pinned by admitted(), which answered 503 if not ready
     answer = reports.negotiate(request, reports.BATCH_OFFERS)  # 406 before the body too
     if explain and not meta.has_explain_outputs:
@@ -280,8 +301,7 @@ async def predict_batch(request: Request, runner: RunnerDep, settings: SettingsD
     ]
     images = [outcome for outcome in outcomes if isinstance(outcome, Prepared)]
     scored, inference_ms = (
-        await bounded(request, _infer(request, runner, images, explain)) if images
-        else ([], 0.0)
+        await bounded(request, _infer(request, runner, images, explain)) if images else ([], 0.0)
     )
     meta = deps.ready_model(request).meta
     scores = iter(scored)
@@ -290,23 +310,30 @@ async def predict_batch(request: Request, runner: RunnerDep, settings: SettingsD
     for item, outcome in zip(read, outcomes, strict=True):
         if isinstance(outcome, ApiError):
             metrics.image_errors.labels(outcome.code).inc()
-            results.append(BatchItem(
-                filename=item.filename,
-                error=ErrorDetail(code=outcome.code, message=outcome.message),
-            ))
+            results.append(
+                BatchItem(
+                    filename=item.filename,
+                    error=ErrorDetail(code=outcome.code, message=outcome.message),
+                )
+            )
             report_items.append(ReportItem(error=outcome, filename=item.filename))
             continue
         result = next(scores)
         if result.refusal is not None:
             metrics.image_errors.labels(result.refusal.code).inc()
             refusal = refusal_error(result.refusal)
-            results.append(BatchItem(filename=item.filename, error=ErrorDetail(
-                code=refusal.code, message=refusal.message)))
+            results.append(
+                BatchItem(
+                    filename=item.filename,
+                    error=ErrorDetail(code=refusal.code, message=refusal.message),
+                )
+            )
             report_items.append(ReportItem(error=refusal, filename=item.filename))
             continue
         results.append(BatchItem(filename=item.filename, **_result_fields(result, meta)))
-        report_items.append(ReportItem(result.scored, header=outcome.header,
-                                       filename=item.filename))
+        report_items.append(
+            ReportItem(result.scored, header=outcome.header, filename=item.filename)
+        )
     if answer != reports.JSON:
         return await reports.batch_report(answer, report_items, meta)
     return BatchResponse(
@@ -327,13 +354,30 @@ def build_router(max_batch_files: int) -> APIRouter:
         description="Upload one radiograph (JPEG, PNG or DICOM) as multipart/form-data in "
         "the field `file`. The answer is a screening aid, not a diagnosis. " + _GATE_NOTE,
         openapi_extra=_multipart_body("file", _FILE_SCHEMA),
-        responses={**reports.openapi_responses(batch=False), **_errors(
-            "empty_file", "invalid_image", "invalid_multipart", "unauthorized",
-            "file_too_large", "request_too_large", "too_many_files", "image_too_large",
-            "unsupported_media_type", "missing_file", "image_too_small", "model_not_ready",
-            "not_acceptable", "dicom_input_required", "dicom_header_incomplete",
-            *GATE_CODES, "explain_unavailable", "server_busy", "deadline_exceeded",
-        )},
+        responses={
+            **reports.openapi_responses(batch=False),
+            **_errors(
+                "empty_file",
+                "invalid_image",
+                "invalid_multipart",
+                "unauthorized",
+                "file_too_large",
+                "request_too_large",
+                "too_many_files",
+                "image_too_large",
+                "unsupported_media_type",
+                "missing_file",
+                "image_too_small",
+                "model_not_ready",
+                "not_acceptable",
+                "dicom_input_required",
+                "dicom_header_incomplete",
+                *GATE_CODES,
+                "explain_unavailable",
+                "server_busy",
+                "deadline_exceeded",
+            ),
+        },
     )
     router.add_api_route(
         "/predict/batch",
@@ -347,19 +391,33 @@ def build_router(max_batch_files: int) -> APIRouter:
         "cannot be read gets an `error` entry and does not fail the others. The readable "
         "images go to the model together (the scheduler may merge them with other "
         "requests' images). A screening aid, not a diagnosis. "
-        + _GATE_NOTE + " In a batch a refused image is that entry's `error`.",
-        openapi_extra=_multipart_body("files", {
-            "type": "array",
-            "items": _FILE_SCHEMA,
-            "minItems": 1,
-            "maxItems": max_batch_files,
-            "description": f"1 to {max_batch_files} radiographs, the field repeated once "
-            "per file.",
-        }),
-        responses={**reports.openapi_responses(batch=True), **_errors(
-            "invalid_multipart", "unauthorized", "request_too_large", "too_many_files",
-            "missing_file", "model_not_ready", "not_acceptable", "explain_unavailable",
-            "server_busy", "deadline_exceeded",
-        )},
+        + _GATE_NOTE
+        + " In a batch a refused image is that entry's `error`.",
+        openapi_extra=_multipart_body(
+            "files",
+            {
+                "type": "array",
+                "items": _FILE_SCHEMA,
+                "minItems": 1,
+                "maxItems": max_batch_files,
+                "description": f"1 to {max_batch_files} radiographs, the field repeated once "
+                "per file.",
+            },
+        ),
+        responses={
+            **reports.openapi_responses(batch=True),
+            **_errors(
+                "invalid_multipart",
+                "unauthorized",
+                "request_too_large",
+                "too_many_files",
+                "missing_file",
+                "model_not_ready",
+                "not_acceptable",
+                "explain_unavailable",
+                "server_busy",
+                "deadline_exceeded",
+            ),
+        },
     )
     return router

@@ -68,11 +68,13 @@ def _as_protocol_error(request: Request, exc: Exception) -> Response | None:
         api = image_error(exc)
         return protocol_error(api.status_code, api.message)
     if isinstance(exc, ModelNotReady):
-        return protocol_error(error_status("model_not_ready"), str(exc),
-                              {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return protocol_error(
+            error_status("model_not_ready"), str(exc), {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        )
     if isinstance(exc, ServerBusy):  # admission (MAX_QUEUE), as on /predict
-        return protocol_error(error_status("server_busy"), str(exc),
-                              {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+        return protocol_error(
+            error_status("server_busy"), str(exc), {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)}
+        )
     if isinstance(exc, DeadlineExceeded):
         return protocol_error(error_status("deadline_exceeded"), deadline_message(request))
     if isinstance(exc, StarletteHTTPException):
@@ -110,7 +112,8 @@ def _model(request: Request, name: str, version: str | None) -> BundleMeta:
     if version is not None and version != meta.version:
         raise oip.ProtocolError(
             f"unknown version '{version}' of model '{name}'; the served version is "
-            f"'{meta.version}'", 404,
+            f"'{meta.version}'",
+            404,
         )
     return meta
 
@@ -191,7 +194,8 @@ def _element_error(index: int, api: ApiError) -> oip.ProtocolError:
     """The whole request fails (the protocol has no per-element errors); the element and
     our stable code say which file and why."""
     return oip.ProtocolError(
-        f"input '{oip.INPUT}' element {index}: {api.code}: {api.message}", api.status_code)
+        f"input '{oip.INPUT}' element {index}: {api.code}: {api.message}", api.status_code
+    )
 
 
 async def _infer_v2(request: Request, name: str, version: str | None) -> Response:
@@ -208,9 +212,12 @@ async def _infer_v2(request: Request, name: str, version: str | None) -> Respons
     request.state.ticket.grow(len(parsed.images))  # admitted() counted one image so far
     request.state.deadline = deadline_from_now(request)
     metrics = deps.metrics(request)
-    decoded = await bounded(request, asyncio.gather(
-        *(_decode(request, runner, data) for data in parsed.images), return_exceptions=True
-    ))
+    decoded = await bounded(
+        request,
+        asyncio.gather(
+            *(_decode(request, runner, data) for data in parsed.images), return_exceptions=True
+        ),
+    )
     for index, outcome in enumerate(decoded):
         if isinstance(outcome, ImageError | ApiError):
             api = image_error(outcome) if isinstance(outcome, ImageError) else outcome
@@ -232,13 +239,17 @@ async def _infer_v2(request: Request, name: str, version: str | None) -> Respons
         [result.screen_positive for result in scored],
     )
     body, header_length = oip.encode_infer_response(
-        meta.name, meta.version, parsed, tensors,
+        meta.name,
+        meta.version,
+        parsed,
+        tensors,
         parameters={"labels": ",".join(meta.labels), "threshold": meta.threshold},
     )
     if header_length is None:
         return Response(body, media_type="application/json")
-    return Response(body, media_type="application/octet-stream",
-                    headers={oip.HEADER_LENGTH: str(header_length)})
+    return Response(
+        body, media_type="application/octet-stream", headers={oip.HEADER_LENGTH: str(header_length)}
+    )
 
 
 def _unknown_route(router: APIRouter) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -259,8 +270,10 @@ _ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "requir
 
 
 def _errors(*pairs: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
-    return {status: {"description": text, "content": {"application/json": {"schema": _ERROR}}}
-            for status, text in pairs}
+    return {
+        status: {"description": text, "content": {"application/json": {"schema": _ERROR}}}
+        for status, text in pairs
+    }
 
 
 _NOT_READY = ERROR_CODES["model_not_ready"]
@@ -272,7 +285,7 @@ _INFER_DESCRIPTION = (
     "tensors, raw with the binary tensor data extension). Outputs `probabilities` FP32 "
     "[N, n_labels] (label order in the response's `parameters.labels`), `label` BYTES "
     "[N], `screen_positive` BOOL [N]. Same preprocessing and limits as /predict/batch. "
-    "Needs `X-API-Key` when the server sets API_KEY. Errors: {\"error\": \"...\"}."
+    'Needs `X-API-Key` when the server sets API_KEY. Errors: {"error": "..."}.'
 )
 _INFER_ERRORS = _errors(
     (400, "The request breaks the protocol, or an image cannot be decoded."),
@@ -281,39 +294,73 @@ _INFER_ERRORS = _errors(
     (413, "Too many images (MAX_BATCH_FILES), or a file or image too large."),
     (415, "An element is not JPEG, PNG or DICOM (or a Content-Encoding we do not read)."),
     (422, "An image is too small (MIN_IMAGE_SIDE)."),
-    (error_status("model_not_ready"),
-     f"{ERROR_CODES['model_not_ready'][1]} Or: {ERROR_CODES['server_busy'][1]}"),
+    (
+        error_status("model_not_ready"),
+        f"{ERROR_CODES['model_not_ready'][1]} Or: {ERROR_CODES['server_busy'][1]}",
+    ),
     ERROR_CODES["deadline_exceeded"],
 )
-_INFER_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object"}, "example": {
-        "id": "42",
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                    "data": ["<the file, base64>"]}],
-    }},
-    "application/octet-stream": {"schema": {
-        "type": "string", "format": "binary",
-        "description": "Binary tensor data extension: the JSON request, then the "
-        "tensors' bytes; header Inference-Header-Content-Length gives the JSON's length.",
-    }},
-}}}
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object"},
+                "example": {
+                    "id": "42",
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "datatype": "BYTES",
+                            "shape": [1],
+                            "data": ["<the file, base64>"],
+                        }
+                    ],
+                },
+            },
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "Binary tensor data extension: the JSON request, then the "
+                    "tensors' bytes; header Inference-Header-Content-Length gives the "
+                    "JSON's length.",
+                }
+            },
+        },
+    }
+}
 
 
 def build_router() -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["open inference protocol"], route_class=ProtocolRoute)
     router.add_api_route("", server_metadata, methods=["GET"], summary="Server metadata")
     router.add_api_route("/health/live", server_live, methods=["GET"], summary="Server live")
-    router.add_api_route("/health/ready", server_ready, methods=["GET"],
-                         summary="Server ready (503 while the model loads)")
+    router.add_api_route(
+        "/health/ready",
+        server_ready,
+        methods=["GET"],
+        summary="Server ready (503 while the model loads)",
+    )
     routes = (
         ("/models/{name}", model_metadata, model_ready, model_infer),
         ("/models/{name}/versions/{version}", version_metadata, version_ready, version_infer),
     )
     for base, metadata, ready, infer in routes:
-        router.add_api_route(base, metadata, methods=["GET"], summary="Model metadata",
-                             responses=_errors(_UNKNOWN_MODEL, _NOT_READY))
-        router.add_api_route(base + "/ready", ready, methods=["GET"],
-                             summary="Model ready", responses=_errors(_UNKNOWN_MODEL))
+        router.add_api_route(
+            base,
+            metadata,
+            methods=["GET"],
+            summary="Model metadata",
+            responses=_errors(_UNKNOWN_MODEL, _NOT_READY),
+        )
+        router.add_api_route(
+            base + "/ready",
+            ready,
+            methods=["GET"],
+            summary="Model ready",
+            responses=_errors(_UNKNOWN_MODEL),
+        )
         router.add_api_route(
             base + "/infer",
             admitted(infer),
@@ -324,6 +371,10 @@ def build_router() -> APIRouter:
             responses=_INFER_ERRORS,
             openapi_extra=_INFER_BODY,
         )
-    router.add_api_route("/{path:path}", _unknown_route(router), include_in_schema=False,
-                         methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+    router.add_api_route(
+        "/{path:path}",
+        _unknown_route(router),
+        include_in_schema=False,
+        methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"],
+    )
     return router

@@ -29,10 +29,23 @@ from tests.support.deploy_manifests import (
 
 DOCKERFILES = (REPO / "Dockerfile.api", REPO / "Dockerfile.train")
 # Fields of KServe's predictor that are not pod fields (replicas, scaling, the model).
-KSERVE_NON_POD_FIELDS = {"model", "minReplicas", "maxReplicas", "scaleMetric", "scaleTarget",
-                         "scaleMetricType", "autoScaling", "containerConcurrency", "timeout",
-                         "canaryTrafficPercent", "logger", "batcher", "labels", "annotations",
-                         "deploymentStrategy"}
+KSERVE_NON_POD_FIELDS = {
+    "model",
+    "minReplicas",
+    "maxReplicas",
+    "scaleMetric",
+    "scaleTarget",
+    "scaleMetricType",
+    "autoScaling",
+    "containerConcurrency",
+    "timeout",
+    "canaryTrafficPercent",
+    "logger",
+    "batcher",
+    "labels",
+    "annotations",
+    "deploymentStrategy",
+}
 
 
 def kserve_pod_objects() -> list[dict[str, Any]]:
@@ -41,20 +54,32 @@ def kserve_pod_objects() -> list[dict[str, Any]]:
     accepted findings; plus the file's own PodDisruptionBudget and NetworkPolicy."""
     documents = kserve_documents()
     runtime, isvc = one(documents, "ServingRuntime"), one(documents, "InferenceService")
-    pod = {key: value for key, value in isvc["spec"]["predictor"].items()
-           if key not in KSERVE_NON_POD_FIELDS}
+    pod = {
+        key: value
+        for key, value in isvc["spec"]["predictor"].items()
+        if key not in KSERVE_NON_POD_FIELDS
+    }
     pod["containers"] = runtime["spec"]["containers"]
     pod["volumes"] = runtime["spec"].get("volumes", [])
     labels = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
-    skips = {key: value for key, value in runtime["metadata"].get("annotations", {}).items()
-             if key.startswith("checkov.io/skip")}
+    skips = {
+        key: value
+        for key, value in runtime["metadata"].get("annotations", {}).items()
+        if key.startswith("checkov.io/skip")
+    }
     deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": f"{isvc['metadata']['name']}-predictor",
-                     "namespace": isvc["metadata"]["namespace"], "annotations": skips},
-        "spec": {"replicas": isvc["spec"]["predictor"]["minReplicas"],
-                 "selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels}, "spec": pod}},
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": f"{isvc['metadata']['name']}-predictor",
+            "namespace": isvc["metadata"]["namespace"],
+            "annotations": skips,
+        },
+        "spec": {
+            "replicas": isvc["spec"]["predictor"]["minReplicas"],
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
     }
     others = [doc for doc in documents if doc["kind"] in ("PodDisruptionBudget", "NetworkPolicy")]
     return [deployment, *others]
@@ -71,17 +96,24 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for name, objects in sources.items():
         (folder / name).write_text(yaml.safe_dump_all(objects, sort_keys=False))
         files.append(folder / name)
-    args = [binary, "--framework", "kubernetes", "dockerfile", "--output", "json",
-            "--skip-download"]
+    args = [
+        binary,
+        "--framework",
+        "kubernetes",
+        "dockerfile",
+        "--output",
+        "json",
+        "--skip-download",
+    ]
     for path in [*files, *DOCKERFILES]:
         args += ["--file", str(path)]
     # Offline: no policy download, no look-up of a newer checkov on PyPI.
     env = {**os.environ, "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true"}
     env.pop("BC_API_KEY", None)
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env,
-                            check=False)
-    assert result.stdout.strip(), f"checkov printed nothing (exit {result.returncode}):\n" \
-                                  f"{result.stderr[-3000:]}"
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert result.stdout.strip(), (
+        f"checkov printed nothing (exit {result.returncode}):\n{result.stderr[-3000:]}"
+    )
     parsed = json.loads(result.stdout)
     reports = parsed if isinstance(parsed, list) else [parsed]
     by_type = {r["check_type"]: r for r in reports}
@@ -94,8 +126,10 @@ def _checks(report: dict[str, Any], outcome: str) -> list[dict[str, Any]]:
 
 
 def test_no_failed_checks(report: dict[str, Any]) -> None:
-    failed = [f"{c['check_id']} {c['check_name']!r} on {c['resource']} ({c['file_path']})"
-              for c in _checks(report, "failed_checks")]
+    failed = [
+        f"{c['check_id']} {c['check_name']!r} on {c['resource']} ({c['file_path']})"
+        for c in _checks(report, "failed_checks")
+    ]
     assert not failed, "checkov findings to fix or skip with a reason:\n" + "\n".join(failed)
     assert report["exit"] == 0
     for r in report["reports"].values():

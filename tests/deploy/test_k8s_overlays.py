@@ -56,23 +56,36 @@ def test_overlays_exist() -> None:
 
 def test_overlay_renders_every_object_of_the_base(rendered: list[dict[str, Any]]) -> None:
     kinds = {obj["kind"] for obj in rendered}
-    assert kinds == {"ServiceAccount", "ConfigMap", "Service", "Deployment",
-                     "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"}
+    assert kinds == {
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+    }
     # The API key is referenced, never shipped: no Secret object, no key in the settings.
     assert not of_kind(rendered, "Secret")
     for obj in rendered:
         assert obj["metadata"].get("namespace") not in (None, "", "default"), obj["metadata"]
 
 
-def test_probes_are_routes_the_app_serves(rendered: list[dict[str, Any]],
-                                          server: LiveServer) -> None:
+def test_probes_are_routes_the_app_serves(
+    rendered: list[dict[str, Any]], server: LiveServer
+) -> None:
     _, api = api_pod(rendered)
-    paths = {kind: api[kind]["httpGet"]["path"]
-             for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    paths = {
+        kind: api[kind]["httpGet"]["path"]
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
     # Readiness (and start-up) on the route that is 503 until the model is loaded;
     # liveness on the one that answers as soon as the process does.
-    assert paths == {"startupProbe": "/health", "readinessProbe": "/health",
-                     "livenessProbe": "/livez"}
+    assert paths == {
+        "startupProbe": "/health",
+        "readinessProbe": "/health",
+        "livenessProbe": "/livez",
+    }
     assert_probes_served(paths, server.base_url)
 
 
@@ -150,8 +163,11 @@ def test_replicas_rollout_disruptions_and_autoscaling(rendered: list[dict[str, A
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, "rollouts never drop a pod"
 
     hpa = one(rendered, "HorizontalPodAutoscaler")["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                     "name": deployment["metadata"]["name"]}
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     assert 2 <= hpa["minReplicas"] <= hpa["maxReplicas"]
     [metric] = hpa["metrics"]
     assert metric["resource"]["name"] == "cpu"
@@ -192,12 +208,16 @@ def test_cpu_and_gpu_overlays_differ_where_they_should() -> None:
 
 
 def test_site_bundle_component_serves_the_training_volume(tmp_path: Path) -> None:
-    site = render_with_components(tmp_path, K8S / "overlays" / "cpu",
-                                  K8S / "components" / "site-bundle")
+    site = render_with_components(
+        tmp_path, K8S / "overlays" / "cpu", K8S / "components" / "site-bundle"
+    )
     pod, api = api_pod(site)
     model_dir = Path(literal_env(container_env(api, site))["MODEL_DIR"])
-    [(mount_path, mount)] = [(Path(path), m) for path, m in mounts(api).items()
-                             if model_dir.is_relative_to(path) and path != "/"]
+    [(mount_path, mount)] = [
+        (Path(path), m)
+        for path, m in mounts(api).items()
+        if model_dir.is_relative_to(path) and path != "/"
+    ]
     assert mount["readOnly"] is True
     [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     claim = volume["persistentVolumeClaim"]["claimName"]
@@ -207,8 +227,11 @@ def test_site_bundle_component_serves_the_training_volume(tmp_path: Path) -> Non
     job_pod = one(training, "Job")["spec"]["template"]["spec"]
     train = container(job_pod, "train")
     bundle_dir = Path(literal_env(container_env(train, training))["BUNDLE_DIR"])
-    [(job_mount_path, job_mount)] = [(Path(path), m) for path, m in mounts(train).items()
-                                     if bundle_dir.is_relative_to(path) and path != "/"]
+    [(job_mount_path, job_mount)] = [
+        (Path(path), m)
+        for path, m in mounts(train).items()
+        if bundle_dir.is_relative_to(path) and path != "/"
+    ]
     [job_volume] = [v for v in job_pod["volumes"] if v["name"] == job_mount["name"]]
     assert job_volume["persistentVolumeClaim"]["claimName"] == claim
     assert claim in {pvc["metadata"]["name"] for pvc in of_kind(training, "PersistentVolumeClaim")}
@@ -216,8 +239,9 @@ def test_site_bundle_component_serves_the_training_volume(tmp_path: Path) -> Non
 
 
 def test_openshift_component_leaves_the_uid_to_openshift(tmp_path: Path) -> None:
-    objects = render_with_components(tmp_path, K8S / "overlays" / "cpu",
-                                     K8S / "components" / "openshift")
+    objects = render_with_components(
+        tmp_path, K8S / "overlays" / "cpu", K8S / "components" / "openshift"
+    )
     pod, _ = api_pod(objects)
     context = pod["securityContext"]
     assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(context)

@@ -56,9 +56,14 @@ def base_api() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_runtime_and_service_speak_open_inference_protocol_v2(
-        documents: list[dict[str, Any]]) -> None:
+    documents: list[dict[str, Any]],
+) -> None:
     assert {doc["kind"] for doc in documents} == {
-        "ServingRuntime", "InferenceService", "PodDisruptionBudget", "NetworkPolicy"}
+        "ServingRuntime",
+        "InferenceService",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    }
     runtime = one(documents, "ServingRuntime")
     isvc = one(documents, "InferenceService")
     model = isvc["spec"]["predictor"]["model"]
@@ -73,12 +78,16 @@ def test_runtime_and_service_speak_open_inference_protocol_v2(
     assert len(namespaces) == 1 and namespaces != {"default"}
 
 
-def test_probes_are_the_oip_health_routes_of_the_app(documents: list[dict[str, Any]],
-                                                    server: LiveServer) -> None:
+def test_probes_are_the_oip_health_routes_of_the_app(
+    documents: list[dict[str, Any]], server: LiveServer
+) -> None:
     api = runtime_container(documents)
     paths = {kind: api[kind]["httpGet"]["path"] for kind in PROBES}
-    assert paths == {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
-                     "livenessProbe": "/v2/health/live"}
+    assert paths == {
+        "startupProbe": "/v2/health/ready",
+        "readinessProbe": "/v2/health/ready",
+        "livenessProbe": "/v2/health/live",
+    }
     assert_probes_served(paths, server.base_url)
 
 
@@ -104,7 +113,8 @@ def test_env_port_and_threads_are_the_apps(documents: list[dict[str, Any]]) -> N
 
 
 def test_same_resources_probe_timings_and_security_as_the_base(
-        documents: list[dict[str, Any]]) -> None:
+    documents: list[dict[str, Any]],
+) -> None:
     base_pod, base = base_api()
     api = runtime_container(documents)
     assert api["image"].split(":")[0] == base["image"].split(":")[0]
@@ -118,8 +128,12 @@ def test_same_resources_probe_timings_and_security_as_the_base(
     assert "/tmp" in mounts(base)
 
     spec = predictor(documents)
-    for key in ("securityContext", "automountServiceAccountToken", "enableServiceLinks",
-                "terminationGracePeriodSeconds"):
+    for key in (
+        "securityContext",
+        "automountServiceAccountToken",
+        "enableServiceLinks",
+        "terminationGracePeriodSeconds",
+    ):
         assert spec[key] == base_pod[key], key
     hpa = yaml.safe_load((K8S / "base" / "horizontalpodautoscaler.yaml").read_text())["spec"]
     assert (spec["minReplicas"], spec["maxReplicas"]) == (hpa["minReplicas"], hpa["maxReplicas"])
@@ -138,7 +152,8 @@ def test_termination_grace_period_exceeds_the_drain(documents: list[dict[str, An
 
 
 def test_disruption_budget_and_network_policy_select_the_predictor_pods(
-        documents: list[dict[str, Any]]) -> None:
+    documents: list[dict[str, Any]],
+) -> None:
     # KServe labels every predictor pod with the InferenceService's name.
     name = one(documents, "InferenceService")["metadata"]["name"]
     selector = {"serving.kserve.io/inferenceservice": name}
@@ -146,5 +161,7 @@ def test_disruption_budget_and_network_policy_select_the_predictor_pods(
     policy = one(documents, "NetworkPolicy")["spec"]
     assert policy["podSelector"]["matchLabels"] == selector
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"} and policy["egress"] == []
-    assert one(documents, "PodDisruptionBudget")["spec"]["minAvailable"] < \
-        predictor(documents)["minReplicas"]
+    assert (
+        one(documents, "PodDisruptionBudget")["spec"]["minAvailable"]
+        < predictor(documents)["minReplicas"]
+    )

@@ -46,7 +46,11 @@ def entrypoint_variables() -> set[str]:
 
 def test_job_runs_the_gpu_training_image_on_a_gpu(rendered: list[dict[str, Any]]) -> None:
     assert {obj["kind"] for obj in rendered} == {
-        "Job", "PersistentVolumeClaim", "ServiceAccount", "NetworkPolicy"}
+        "Job",
+        "PersistentVolumeClaim",
+        "ServiceAccount",
+        "NetworkPolicy",
+    }
     pod, train = job_pod(rendered)
     assert train["image"].split(":")[0] == "pneumoscreen-train"
     assert train["image"].endswith("-gpu"), "the Job asks for a GPU: it runs train-gpu"
@@ -102,10 +106,12 @@ def test_job_runs_as_the_images_user(rendered: list[dict[str, Any]]) -> None:
 
 
 def test_gpu_image_installs_the_pinned_tensorflow_release() -> None:
-    pinned = re.search(r"^tensorflow_cpu==(\S+)$", (REPO / "constraints.txt").read_text(),
-                       re.MULTILINE)
-    declared = re.search(r"^ARG TENSORFLOW_VERSION=(\S+)$", DOCKERFILE_TRAIN.read_text(),
-                         re.MULTILINE)
+    pinned = re.search(
+        r"^tensorflow_cpu==(\S+)$", (REPO / "constraints.txt").read_text(), re.MULTILINE
+    )
+    declared = re.search(
+        r"^ARG TENSORFLOW_VERSION=(\S+)$", DOCKERFILE_TRAIN.read_text(), re.MULTILINE
+    )
     assert pinned and declared and pinned.group(1) == declared.group(1), (
         "Dockerfile.train's TENSORFLOW_VERSION must be the tensorflow_cpu pin of constraints.txt"
     )
@@ -121,11 +127,18 @@ def test_entrypoint_passes_distribute_to_train(tmp_path: Path) -> None:
     fake = bin_dir / "pneumoscreen"
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
     fake.chmod(0o755)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DATA_DIR": str(tmp_path / "data"),
-           "WEIGHTS": "none", "RUN_DIR": str(tmp_path / "run"), "BUNDLE_DIR": str(tmp_path / "b"),
-           "CACHE_DIR": str(tmp_path / "cache"), "DISTRIBUTE": "mirrored"}
-    result = subprocess.run(["bash", str(ENTRYPOINT)], env=env, capture_output=True, text=True,
-                            timeout=30, check=False)
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "DATA_DIR": str(tmp_path / "data"),
+        "WEIGHTS": "none",
+        "RUN_DIR": str(tmp_path / "run"),
+        "BUNDLE_DIR": str(tmp_path / "b"),
+        "CACHE_DIR": str(tmp_path / "cache"),
+        "DISTRIBUTE": "mirrored",
+    }
+    result = subprocess.run(
+        ["bash", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
     assert result.returncode == 0, result.stderr
     train_call, export_call = calls.read_text().splitlines()
     assert train_call.startswith("train ") and "--distribute mirrored" in train_call
@@ -149,16 +162,28 @@ def test_entrypoint_refuses_an_existing_bundle_before_training(tmp_path: Path) -
     fake = bin_dir / "pneumoscreen"
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
     fake.chmod(0o755)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DATA_DIR": str(tmp_path / "data"),
-           "WEIGHTS": "none", "RUN_DIR": str(tmp_path / "run"), "BUNDLE_DIR": str(bundle),
-           "CACHE_DIR": str(tmp_path / "cache")}
-    refused = subprocess.run(["bash", str(ENTRYPOINT)], env=env, capture_output=True, text=True,
-                             timeout=30, check=False)
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "DATA_DIR": str(tmp_path / "data"),
+        "WEIGHTS": "none",
+        "RUN_DIR": str(tmp_path / "run"),
+        "BUNDLE_DIR": str(bundle),
+        "CACHE_DIR": str(tmp_path / "cache"),
+    }
+    refused = subprocess.run(
+        ["bash", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
     assert refused.returncode == 2 and "EXPORT_ARGS=--force" in refused.stderr
     assert not calls.exists()
 
-    forced = subprocess.run(["bash", str(ENTRYPOINT)], env={**env, "EXPORT_ARGS": "--force"},
-                            capture_output=True, text=True, timeout=30, check=False)
+    forced = subprocess.run(
+        ["bash", str(ENTRYPOINT)],
+        env={**env, "EXPORT_ARGS": "--force"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert forced.returncode == 0, forced.stderr
     train_call, export_call = calls.read_text().splitlines()
     assert train_call.startswith("train ")

@@ -42,8 +42,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run_dir, bundle = base / "run", base / "bundle"
     weights = mobilenet_weights()
     make_untrained_run(run_dir, DATA, SIZE, base / "cache", weights)
-    export_run(run_dir, bundle, DATA, version="0.0.1-test", cache_dir=base / "cache",
-               gate_rotation_images=64)
+    export_run(
+        run_dir,
+        bundle,
+        DATA,
+        version="0.0.1-test",
+        cache_dir=base / "cache",
+        gate_rotation_images=64,
+    )
     return {"run": run_dir, "bundle": bundle, "cache": base / "cache"}
 
 
@@ -63,8 +69,9 @@ def test_cam_in_numpy_equals_the_onnx_output(exported: dict[str, Path]) -> None:
     model = load_trained(exported["run"] / "model.keras")
     images = _fixture_inputs()
     session = make_session(exported["bundle"] / "model.onnx")
-    probabilities, features, cam = session.run(["probabilities", "features", "cam"],
-                                               {"image": images})
+    probabilities, features, cam = session.run(
+        ["probabilities", "features", "cam"], {"image": images}
+    )
     maps = feature_maps(model, images).astype(np.float64)
     kernel, bias = model.get_layer("probabilities").get_weights()
     # Export folds the run's fitted temperature into the head (export.onnx_export), so the
@@ -121,8 +128,9 @@ def test_int8_bundle_gets_its_own_gate(exported: dict[str, Path], tmp_path: Path
     from export.quantize import quantize_bundle
 
     fp32 = read_bundle(exported["bundle"])
-    int8 = quantize_bundle(exported["bundle"], tmp_path / "int8", exported["run"], DATA,
-                           cache_dir=exported["cache"])
+    int8 = quantize_bundle(
+        exported["bundle"], tmp_path / "int8", exported["run"], DATA, cache_dir=exported["cache"]
+    )
     assert read_bundle(tmp_path / "int8") == int8
     assert int8.format_version == 2 and int8.gate is not None and fp32.gate is not None
     assert set(int8.files_sha256) == {"model.onnx", GATE_FILE}

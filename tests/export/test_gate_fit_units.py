@@ -16,8 +16,9 @@ def test_the_bound_covers_the_quantile_as_often_as_it_says() -> None:
     rng = np.random.default_rng(7)
     share, confidence, n, trials = 0.995, 0.95, 2000, 400
     true_quantile = 2.5758293035489  # standard normal, 99.5%
-    results = [quantile_upper_bound(rng.standard_normal(n), share, confidence)
-               for _ in range(trials)]
+    results = [
+        quantile_upper_bound(rng.standard_normal(n), share, confidence) for _ in range(trials)
+    ]
     covered = np.mean([bound >= true_quantile for bound, _ in results])
     # 400 trials: a 95% coverage shows as 0.95 +- 0.011 (sd); a plain quantile gives ~0.5.
     assert 0.92 <= covered <= 0.99
@@ -62,10 +63,12 @@ def _block_features(images: np.ndarray) -> np.ndarray:
 def test_the_fit_holds_renditions_and_passes_every_validation_rendition() -> None:
     train, labels = fixture_inputs(64, "train")
     val, _ = fixture_inputs(64, "val")
-    stats, info = fit_gate(_block_features, train, labels, ["NORMAL", "PNEUMONIA"], val,
-                           components=8)
-    plain_stats, plain = fit_gate(_block_features, train, labels, ["NORMAL", "PNEUMONIA"],
-                                  val, components=8, render=None)
+    stats, info = fit_gate(
+        _block_features, train, labels, ["NORMAL", "PNEUMONIA"], val, components=8
+    )
+    plain_stats, plain = fit_gate(
+        _block_features, train, labels, ["NORMAL", "PNEUMONIA"], val, components=8, render=None
+    )
     counts = info.fitted_on["per_class"]
     assert counts["NORMAL"] == 2 * int(np.sum(labels == 0))
     assert counts["PNEUMONIA"] == 2 * int(np.sum(labels == 1))
@@ -77,8 +80,11 @@ def test_the_fit_holds_renditions_and_passes_every_validation_rendition() -> Non
     rendered = _block_features(serving_renditions(val))
     for features in (_block_features(val), rendered):
         assert all(decide(stats, info, row).accepted for row in stats.distances(features))
-    assert info.acceptance["validation_renditions"] == {"n": len(val), "accepted": len(val),
-                                                        "rate": 1.0}
+    assert info.acceptance["validation_renditions"] == {
+        "n": len(val),
+        "accepted": len(val),
+        "rate": 1.0,
+    }
     assert "validation_renditions" not in plain.acceptance
     assert plain.threshold > 0 and plain_stats.means.shape == stats.means.shape
 
@@ -86,5 +92,4 @@ def test_the_fit_holds_renditions_and_passes_every_validation_rendition() -> Non
 def test_the_fit_refuses_a_confidence_outside_its_range() -> None:
     train, labels = fixture_inputs(64, "train")
     with pytest.raises(ValueError, match="confidence"):
-        fit_gate(_block_features, train, labels, ["NORMAL", "PNEUMONIA"], train,
-                 confidence=1.0)
+        fit_gate(_block_features, train, labels, ["NORMAL", "PNEUMONIA"], train, confidence=1.0)

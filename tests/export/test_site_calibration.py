@@ -42,8 +42,11 @@ def _error_line(result) -> str:
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _make_site(root: Path) -> Path:
@@ -63,8 +66,9 @@ def _reference_scores(bundle: Path, site: Path) -> tuple[np.ndarray, np.ndarray,
     meta = read_bundle(bundle)
     session = make_session(bundle / "model.onnx")
     paths = sorted(site.glob("*/*.jpeg"))
-    images = np.stack([load_model_input(p.read_bytes(), meta.input.height, meta.input.width)
-                       for p in paths])
+    images = np.stack(
+        [load_model_input(p.read_bytes(), meta.input.height, meta.input.width) for p in paths]
+    )
     (output,) = session.run(["probabilities"], {"image": images})
     rows = np.asarray(output, dtype=np.float64)
     rows /= rows.sum(axis=1, keepdims=True)
@@ -96,15 +100,17 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def calibrated(source: Path, site: Path, tmp_path_factory: pytest.TempPathFactory):
     before = _tree_digest(source)
     out = tmp_path_factory.mktemp("models") / "st-elsewhere"
-    result = _invoke("--model-dir", str(source), "--data", str(site), "--out", str(out),
-                     *SMALL_SITE)
+    result = _invoke(
+        "--model-dir", str(source), "--data", str(site), "--out", str(out), *SMALL_SITE
+    )
     assert result.exit_code == 0, result.output
     assert _tree_digest(source) == before, "the source bundle was modified"
     return out, result.output
 
 
-def test_new_threshold_follows_the_training_rule_on_the_site(source: Path, site: Path,
-                                                             calibrated) -> None:
+def test_new_threshold_follows_the_training_rule_on_the_site(
+    source: Path, site: Path, calibrated
+) -> None:
     out, _ = calibrated
     meta = read_bundle(out)
     y, scores, _ = _reference_scores(source, site)
@@ -128,8 +134,10 @@ def test_bundle_keeps_model_and_extra_files_and_records_the_calibration(
     assert (out / "gate_stats.json").read_bytes() == (source / "gate_stats.json").read_bytes()
     assert (out / "extra" / "deep" / "table.bin").read_bytes() == bytes(range(256))
     assert "validation report" not in (out / "report" / "metrics.json").read_text()
-    assert sorted(p.name for p in (out / "report").iterdir()) == ["metrics.json",
-                                                                  "site_calibration.md"]
+    assert sorted(p.name for p in (out / "report").iterdir()) == [
+        "metrics.json",
+        "site_calibration.md",
+    ]
     card = (out / "MODEL_CARD.md").read_text()
     assert card.startswith("# Model card: tiny") and "## Site calibration" in card
 
@@ -154,34 +162,44 @@ def test_bundle_keeps_model_and_extra_files_and_records_the_calibration(
     assert f"new {meta.threshold:.4f}" in md and "old 0.5000" in md
 
 
-def test_calibrated_bundle_is_served_with_its_new_threshold(source: Path, site: Path,
-                                                            calibrated) -> None:
+def test_calibrated_bundle_is_served_with_its_new_threshold(
+    source: Path, site: Path, calibrated
+) -> None:
     out, _ = calibrated
     meta = read_bundle(out)
     y, scores, paths = _reference_scores(source, site)
     at_threshold = paths[int(np.flatnonzero(y & (scores == meta.threshold))[0])]
     below = scores < meta.threshold
     just_below = paths[int(np.flatnonzero(below)[np.argmax(scores[below])])]
-    with live_server(out) as server, httpx.Client(base_url=server.base_url,
-                                                  timeout=30) as client:
+    with live_server(out) as server, httpx.Client(base_url=server.base_url, timeout=30) as client:
         card = client.get("/model").json()
         assert card["threshold"] == meta.threshold
         assert card["version"] == meta.version
         assert card["site_calibration"]["data"] == "st-elsewhere"
         for path, positive in ((at_threshold, True), (just_below, False)):
-            response = client.post("/predict", files={"file": (path.name, path.read_bytes(),
-                                                                "image/jpeg")})
+            response = client.post(
+                "/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")}
+            )
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["threshold"] == meta.threshold
             assert body["screen_positive"] is positive, (path.name, body)
 
 
-def test_too_few_positives_is_refused_with_the_count_needed(source: Path, site: Path,
-                                                            tmp_path: Path) -> None:
+def test_too_few_positives_is_refused_with_the_count_needed(
+    source: Path, site: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "site-bundle"
-    result = _invoke("--model-dir", str(source), "--data", str(site), "--out", str(out),
-                     "--target-sensitivity", "0.95")
+    result = _invoke(
+        "--model-dir",
+        str(source),
+        "--data",
+        str(site),
+        "--out",
+        str(out),
+        "--target-sensitivity",
+        "0.95",
+    )
     assert result.exit_code == 2, result.output
     line = _error_line(result)
     assert line.startswith("error: too few site X-rays to support target sensitivity 0.95")
@@ -220,8 +238,16 @@ def test_existing_out_needs_force_and_force_replaces_only_a_bundle(
     not_a_bundle = tmp_path / "documents"
     not_a_bundle.mkdir()
     (not_a_bundle / "letter.txt").write_text("keep me")
-    result = _invoke("--model-dir", str(source), "--data", str(site), "--out",
-                     str(not_a_bundle), *SMALL_SITE, "--force")
+    result = _invoke(
+        "--model-dir",
+        str(source),
+        "--data",
+        str(site),
+        "--out",
+        str(not_a_bundle),
+        *SMALL_SITE,
+        "--force",
+    )
     assert result.exit_code == 2 and "is not a model bundle" in _error_line(result)
     assert (not_a_bundle / "letter.txt").read_text() == "keep me"
 
@@ -230,8 +256,9 @@ def test_existing_out_needs_force_and_force_replaces_only_a_bundle(
 def test_the_source_bundle_is_never_overwritten(source: Path, site: Path, where: str) -> None:
     before = _tree_digest(source)
     out = {"same": source, "parent": source.parent, "inside": source / "site"}[where]
-    result = _invoke("--model-dir", str(source), "--data", str(site), "--out", str(out),
-                     *SMALL_SITE, "--force")
+    result = _invoke(
+        "--model-dir", str(source), "--data", str(site), "--out", str(out), *SMALL_SITE, "--force"
+    )
     assert result.exit_code == 2
     assert "would overwrite the source bundle" in _error_line(result)
     assert _tree_digest(source) == before
@@ -242,8 +269,17 @@ def test_standard_layout_test_folder_is_read(source: Path, tmp_path: Path) -> No
     _make_site(data / "test")
     (data / "train" / "NORMAL").mkdir(parents=True)  # present, and not read
     out = tmp_path / "out"
-    result = _invoke("--model-dir", str(source), "--data", str(data), "--out", str(out),
-                     *SMALL_SITE, "--bootstrap", "200")
+    result = _invoke(
+        "--model-dir",
+        str(source),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *SMALL_SITE,
+        "--bootstrap",
+        "200",
+    )
     assert result.exit_code == 0, result.output
     record = read_bundle(out).site_calibration
     assert record["folder"] == "test" and record["data"] == "hospital"
@@ -253,15 +289,17 @@ def test_standard_layout_test_folder_is_read(source: Path, tmp_path: Path) -> No
 def test_missing_class_and_unknown_layout_are_refused(source: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = _invoke("--model-dir", str(source), "--data", str(empty), "--out",
-                     str(tmp_path / "o1"))
+    result = _invoke(
+        "--model-dir", str(source), "--data", str(empty), "--out", str(tmp_path / "o1")
+    )
     assert result.exit_code == 2 and "no NORMAL/ or PNEUMONIA/ folder" in _error_line(result)
     one_class = tmp_path / "one"
     _make_site(one_class)
     shutil.rmtree(one_class / "NORMAL")
     (one_class / "NORMAL").mkdir()
-    result = _invoke("--model-dir", str(source), "--data", str(one_class), "--out",
-                     str(tmp_path / "o2"))
+    result = _invoke(
+        "--model-dir", str(source), "--data", str(one_class), "--out", str(tmp_path / "o2")
+    )
     assert result.exit_code == 2 and "needs X-rays of both classes" in _error_line(result)
 
 
@@ -271,8 +309,9 @@ def test_unreadable_image_is_refused_unless_skipped(source: Path, tmp_path: Path
     args = ["--model-dir", str(source), "--data", str(data), *SMALL_SITE, "--bootstrap", "200"]
     refused = _invoke(*args, "--out", str(tmp_path / "a"))
     assert refused.exit_code == 2
-    assert "1 of 37 site images could not be read (first: NORMAL/broken.jpeg" in \
-        _error_line(refused)
+    assert "1 of 37 site images could not be read (first: NORMAL/broken.jpeg" in _error_line(
+        refused
+    )
     assert not (tmp_path / "a").exists()
     skipped = _invoke(*args, "--out", str(tmp_path / "b"), "--skip-unreadable")
     assert skipped.exit_code == 0, skipped.output
@@ -280,20 +319,29 @@ def test_unreadable_image_is_refused_unless_skipped(source: Path, tmp_path: Path
     assert record["skipped_unreadable"] == 1 and record["counts"]["NORMAL"]["images"] == 18
 
 
-def test_three_label_model_scores_the_sum_of_its_positive_labels(site: Path,
-                                                                  tmp_path: Path) -> None:
+def test_three_label_model_scores_the_sum_of_its_positive_labels(
+    site: Path, tmp_path: Path
+) -> None:
     bundle = tmp_path / "three"
     make_tiny_bundle(bundle, size=64, labels=("NORMAL", "BACTERIAL", "VIRAL"))
     out = tmp_path / "three-site"
-    result = _invoke("--model-dir", str(bundle), "--data", str(site), "--out", str(out),
-                     *SMALL_SITE, "--bootstrap", "200")
+    result = _invoke(
+        "--model-dir",
+        str(bundle),
+        "--data",
+        str(site),
+        "--out",
+        str(out),
+        *SMALL_SITE,
+        "--bootstrap",
+        "200",
+    )
     assert result.exit_code == 0, result.output
     y, scores, _ = _reference_scores(bundle, site)
     assert read_bundle(out).threshold in set(scores[y].tolist())
 
 
-def test_runs_without_tensorflow_or_scikit_learn(source: Path, site: Path,
-                                                 tmp_path: Path) -> None:
+def test_runs_without_tensorflow_or_scikit_learn(source: Path, site: Path, tmp_path: Path) -> None:
     script = (
         "import sys\n"
         "from pneumoscreen.cli import app\n"
@@ -307,6 +355,13 @@ def test_runs_without_tensorflow_or_scikit_learn(source: Path, site: Path,
         "assert not heavy, heavy\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", script], check=False, cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -97,7 +97,8 @@ def test_auc_matches_scikit_learn_with_ties_and_weights() -> None:
     weights = rng.integers(0, 4, size=300)
     repeated = np.repeat(np.arange(300), weights)
     assert auc(y, scores, weights) == pytest.approx(
-        metrics.roc_auc_score(y[repeated], scores[repeated]), abs=1e-12)
+        metrics.roc_auc_score(y[repeated], scores[repeated]), abs=1e-12
+    )
 
 
 def test_bootstrap_intervals_contain_the_point_estimates_and_are_seeded() -> None:
@@ -126,6 +127,7 @@ def test_bootstrap_draws_patients_not_images() -> None:
     assert figures["sensitivity"].value == pytest.approx(50 / 55)
     assert figures["sensitivity"].low == 0.0
     # Counted per image, the same films give a tight interval around 50/55.
-    per_image = bootstrap_figures(y, scores, [str(i) for i in range(75)], threshold=0.5,
-                                  replicates=1000, seed=0)
+    per_image = bootstrap_figures(
+        y, scores, [str(i) for i in range(75)], threshold=0.5, replicates=1000, seed=0
+    )
     assert per_image["sensitivity"].low > 0.8

@@ -35,20 +35,53 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run_dir, bundle_dir = base / "run", base / "bundle"
     weights = mobilenet_weights()
     runner = CliRunner()
-    result = runner.invoke(app, [
-        "train", "--data", str(DATA), "--out", str(run_dir), "--backbone", "mobilenet",
-        "--weights", weights, "--input-size", str(SIZE), "--epochs-frozen", "1",
-        "--epochs-finetune", "1", "--batch-size", "8", "--val-fraction", "0.25",
-        "--cache-dir", str(base / "cache"),
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(DATA),
+            "--out",
+            str(run_dir),
+            "--backbone",
+            "mobilenet",
+            "--weights",
+            weights,
+            "--input-size",
+            str(SIZE),
+            "--epochs-frozen",
+            "1",
+            "--epochs-finetune",
+            "1",
+            "--batch-size",
+            "8",
+            "--val-fraction",
+            "0.25",
+            "--cache-dir",
+            str(base / "cache"),
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     # train evaluates too, and its last write of run.json keeps evaluate's calibration.
     assert read_run(run_dir).calibration is not None
     cache = ["--cache-dir", str(base / "cache")]
     result = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--data", str(DATA), *cache])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    result = runner.invoke(app, ["export", "--run", str(run_dir), "--data", str(DATA),
-                                 "--out", str(bundle_dir), "--version", "0.0.1-test", *cache])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--run",
+            str(run_dir),
+            "--data",
+            str(DATA),
+            "--out",
+            str(bundle_dir),
+            "--version",
+            "0.0.1-test",
+            *cache,
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     return {"run": run_dir, "bundle": bundle_dir, "weights": Path(weights)}
 
@@ -92,14 +125,17 @@ def test_bundle_loads_and_matches_keras(trained: dict[str, Path]) -> None:
     assert (trained["bundle"] / "MODEL_CARD.md").read_text().count("not a diagnosis") >= 1
     assert (trained["bundle"] / "report" / "roc.png").is_file()
 
-    images = np.stack([load_model_input(p.read_bytes(), SIZE, SIZE)
-                       for p in sorted((FIXTURES / "fullres").iterdir())])
+    images = np.stack(
+        [
+            load_model_input(p.read_bytes(), SIZE, SIZE)
+            for p in sorted((FIXTURES / "fullres").iterdir())
+        ]
+    )
     session = make_session(trained["bundle"] / "model.onnx")
     assert session.get_inputs()[0].name == "image"
     assert session.get_inputs()[0].type == "tensor(uint8)"
     onnx_probabilities = session.run(["probabilities"], {"image": images})[0]
-    keras_probabilities = load_trained(trained["run"] / "model.keras").predict(
-        images, verbose=0)
+    keras_probabilities = load_trained(trained["run"] / "model.keras").predict(images, verbose=0)
     np.testing.assert_allclose(onnx_probabilities.sum(axis=1), 1.0, atol=1e-5)
     # The bundle serves the trained model with its fitted temperature folded into the head:
     # softmax(log(p) / T) of the Keras probabilities, and the threshold mapped to match.
@@ -118,14 +154,47 @@ def test_bundle_loads_and_matches_keras(trained: dict[str, Path]) -> None:
 def test_three_label_mode_trains_and_exports(tmp_path: Path) -> None:
     runner = CliRunner()
     run_dir, bundle_dir = tmp_path / "run3", tmp_path / "bundle3"
-    result = runner.invoke(app, [
-        "train", "--data", str(DATA), "--out", str(run_dir), "--weights", "none",
-        "--input-size", "64", "--labels", "3", "--epochs-frozen", "1", "--epochs-finetune", "0",
-        "--batch-size", "8", "--val-fraction", "0.25", "--cache-dir", str(tmp_path / "cache"),
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(DATA),
+            "--out",
+            str(run_dir),
+            "--weights",
+            "none",
+            "--input-size",
+            "64",
+            "--labels",
+            "3",
+            "--epochs-frozen",
+            "1",
+            "--epochs-finetune",
+            "0",
+            "--batch-size",
+            "8",
+            "--val-fraction",
+            "0.25",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
-    result = runner.invoke(app, ["export", "--run", str(run_dir), "--data", str(DATA),
-                                 "--out", str(bundle_dir), "--cache-dir", str(tmp_path / "cache")])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--run",
+            str(run_dir),
+            "--data",
+            str(DATA),
+            "--out",
+            str(bundle_dir),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     meta = read_bundle(bundle_dir)
     assert meta.labels == ["NORMAL", "BACTERIAL", "VIRAL"]

@@ -132,8 +132,12 @@ def dicom_no_pixels() -> bytes:
 
 
 def dicom_jpeg_ls_declared() -> bytes:
-    return dicom_bytes(None, rows_columns=_dicom_pixels().shape, transfer_syntax=JPEGLSLossless,
-                       encapsulated_frames=[b"\x00" * 256])
+    return dicom_bytes(
+        None,
+        rows_columns=_dicom_pixels().shape,
+        transfer_syntax=JPEGLSLossless,
+        encapsulated_frames=[b"\x00" * 256],
+    )
 
 
 def dicom_path_as_photometric() -> bytes:
@@ -155,9 +159,11 @@ def dicom_garbage() -> bytes:
     return b"\x00" * 128 + b"DICM" + np.random.default_rng(5).bytes(4000)
 
 
-SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="512" height="512">'
-       b'<rect width="512" height="512" fill="black"/><circle cx="256" cy="256" r="200" '
-       b'fill="white"/></svg>')
+SVG = (
+    b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="512" height="512">'
+    b'<rect width="512" height="512" fill="black"/><circle cx="256" cy="256" r="200" '
+    b'fill="white"/></svg>'
+)
 HTML = b"<!doctype html><html><body><img src='chest.jpeg'><script>alert(1)</script></body></html>"
 
 
@@ -176,59 +182,168 @@ class FileCase:
 FILE_CASES: list[FileCase] = [
     FileCase("empty-file", lambda: b"", 400, "empty_file", "chest.jpeg", "image/jpeg"),
     FileCase("truncated-jpeg", truncated_jpeg, 400, "invalid_image", "chest.jpeg", "image/jpeg"),
-    FileCase("jpeg-header-only", jpeg_header_only, 400, "invalid_image", "chest.jpeg",
-             "image/jpeg"),
-    FileCase("jpeg-magic-then-garbage", jpeg_magic_then_garbage, 400, "invalid_image",
-             "chest.jpeg", "image/jpeg"),
-    FileCase("text", lambda: b"this is a radiology report, not an image\n" * 20, 415,
-             "unsupported_media_type", "report.txt", "text/plain"),
-    FileCase("text-named-jpeg", lambda: b"definitely not a JPEG\n" * 10, 415,
-             "unsupported_media_type", "chest.jpeg", "image/jpeg"),
+    FileCase(
+        "jpeg-header-only", jpeg_header_only, 400, "invalid_image", "chest.jpeg", "image/jpeg"
+    ),
+    FileCase(
+        "jpeg-magic-then-garbage",
+        jpeg_magic_then_garbage,
+        400,
+        "invalid_image",
+        "chest.jpeg",
+        "image/jpeg",
+    ),
+    FileCase(
+        "text",
+        lambda: b"this is a radiology report, not an image\n" * 20,
+        415,
+        "unsupported_media_type",
+        "report.txt",
+        "text/plain",
+    ),
+    FileCase(
+        "text-named-jpeg",
+        lambda: b"definitely not a JPEG\n" * 10,
+        415,
+        "unsupported_media_type",
+        "chest.jpeg",
+        "image/jpeg",
+    ),
     FileCase("html", lambda: HTML, 415, "unsupported_media_type", "page.html", "text/html"),
-    FileCase("json", lambda: json.dumps({"image": "chest.jpeg", "pixels": [1, 2, 3]}).encode(),
-             415, "unsupported_media_type", "data.json", "application/json"),
+    FileCase(
+        "json",
+        lambda: json.dumps({"image": "chest.jpeg", "pixels": [1, 2, 3]}).encode(),
+        415,
+        "unsupported_media_type",
+        "data.json",
+        "application/json",
+    ),
     FileCase("svg", lambda: SVG, 415, "unsupported_media_type", "chest.svg", "image/svg+xml"),
     FileCase("zip", zip_of_xray, 415, "unsupported_media_type", "chest.zip", "application/zip"),
-    FileCase("gzip", lambda: gzip.compress(good_jpeg()), 415, "unsupported_media_type",
-             "chest.jpeg.gz", "application/gzip"),
-    FileCase("pdf", lambda: _save(xray_grey(), "PDF"), 415, "unsupported_media_type",
-             "chest.pdf", "application/pdf"),
-    FileCase("gif-static", lambda: _save(xray_grey(), "GIF"), 415, "unsupported_media_type",
-             "chest.gif", "image/gif"),
-    FileCase("gif-animated", animated_gif, 415, "unsupported_media_type", "chest.gif",
-             "image/gif"),
-    FileCase("bmp", lambda: _save(xray_grey(), "BMP"), 415, "unsupported_media_type",
-             "chest.bmp", "image/bmp"),
-    FileCase("tiff", lambda: _save(xray_grey(), "TIFF"), 415, "unsupported_media_type",
-             "chest.tiff", "image/tiff"),
-    FileCase("webp", lambda: _save(xray_grey(), "WEBP"), 415, "unsupported_media_type",
-             "chest.webp", "image/webp"),
-    FileCase("jpeg-damaged-exif", damaged_exif_jpeg, 400, "invalid_image", "chest.jpeg",
-             "image/jpeg"),
+    FileCase(
+        "gzip",
+        lambda: gzip.compress(good_jpeg()),
+        415,
+        "unsupported_media_type",
+        "chest.jpeg.gz",
+        "application/gzip",
+    ),
+    FileCase(
+        "pdf",
+        lambda: _save(xray_grey(), "PDF"),
+        415,
+        "unsupported_media_type",
+        "chest.pdf",
+        "application/pdf",
+    ),
+    FileCase(
+        "gif-static",
+        lambda: _save(xray_grey(), "GIF"),
+        415,
+        "unsupported_media_type",
+        "chest.gif",
+        "image/gif",
+    ),
+    FileCase("gif-animated", animated_gif, 415, "unsupported_media_type", "chest.gif", "image/gif"),
+    FileCase(
+        "bmp",
+        lambda: _save(xray_grey(), "BMP"),
+        415,
+        "unsupported_media_type",
+        "chest.bmp",
+        "image/bmp",
+    ),
+    FileCase(
+        "tiff",
+        lambda: _save(xray_grey(), "TIFF"),
+        415,
+        "unsupported_media_type",
+        "chest.tiff",
+        "image/tiff",
+    ),
+    FileCase(
+        "webp",
+        lambda: _save(xray_grey(), "WEBP"),
+        415,
+        "unsupported_media_type",
+        "chest.webp",
+        "image/webp",
+    ),
+    FileCase(
+        "jpeg-damaged-exif", damaged_exif_jpeg, 400, "invalid_image", "chest.jpeg", "image/jpeg"
+    ),
     FileCase("cmyk-jpeg", cmyk_jpeg, 415, "unsupported_media_type", "chest.jpeg", "image/jpeg"),
-    FileCase("png-decompression-bomb-30000px", png_bomb, 413, "image_too_large", "chest.png",
-             "image/png"),
-    FileCase("png-header-declares-20000px", png_declares_20000, 413, "image_too_large",
-             "chest.png", "image/png"),
+    FileCase(
+        "png-decompression-bomb-30000px", png_bomb, 413, "image_too_large", "chest.png", "image/png"
+    ),
+    FileCase(
+        "png-header-declares-20000px",
+        png_declares_20000,
+        413,
+        "image_too_large",
+        "chest.png",
+        "image/png",
+    ),
     FileCase("png-1x1", png_1x1, 422, "image_too_small", "chest.png", "image/png"),
     FileCase("random-bytes", random_bytes, 415, "unsupported_media_type"),
-    FileCase("dicom-multiframe", dicom_multiframe, 415, "unsupported_media_type", "chest.dcm",
-             "application/dicom"),
-    FileCase("dicom-no-pixels", dicom_no_pixels, 415, "unsupported_media_type", "chest.dcm",
-             "application/dicom"),
-    FileCase("dicom-jpeg-ls-no-decoder", dicom_jpeg_ls_declared, 415, "unsupported_media_type",
-             "chest.dcm", "application/dicom"),
-    FileCase("dicom-garbage-after-preamble", dicom_garbage, 400, "invalid_image", "chest.dcm",
-             "application/dicom"),
-    FileCase("long-filename-text", lambda: b"not an image", 415, "unsupported_media_type",
-             "x" * 2_000 + ".jpeg", "image/jpeg"),
+    FileCase(
+        "dicom-multiframe",
+        dicom_multiframe,
+        415,
+        "unsupported_media_type",
+        "chest.dcm",
+        "application/dicom",
+    ),
+    FileCase(
+        "dicom-no-pixels",
+        dicom_no_pixels,
+        415,
+        "unsupported_media_type",
+        "chest.dcm",
+        "application/dicom",
+    ),
+    FileCase(
+        "dicom-jpeg-ls-no-decoder",
+        dicom_jpeg_ls_declared,
+        415,
+        "unsupported_media_type",
+        "chest.dcm",
+        "application/dicom",
+    ),
+    FileCase(
+        "dicom-garbage-after-preamble",
+        dicom_garbage,
+        400,
+        "invalid_image",
+        "chest.dcm",
+        "application/dicom",
+    ),
+    FileCase(
+        "long-filename-text",
+        lambda: b"not an image",
+        415,
+        "unsupported_media_type",
+        "x" * 2_000 + ".jpeg",
+        "image/jpeg",
+    ),
     # Pillow's message for it was "cannot identify image file <_io.BytesIO object at 0x...>".
-    FileCase("jpeg-20-bytes", twenty_byte_jpeg, 400, "invalid_image", "chest.jpeg",
-             "image/jpeg"),
-    FileCase("dicom-path-as-photometric", dicom_path_as_photometric, 400, "invalid_image",
-             "chest.dcm", "application/dicom"),
-    FileCase("dicom-unknown-transfer-syntax", dicom_unknown_transfer_syntax, 415,
-             "unsupported_media_type", "chest.dcm", "application/dicom"),
+    FileCase("jpeg-20-bytes", twenty_byte_jpeg, 400, "invalid_image", "chest.jpeg", "image/jpeg"),
+    FileCase(
+        "dicom-path-as-photometric",
+        dicom_path_as_photometric,
+        400,
+        "invalid_image",
+        "chest.dcm",
+        "application/dicom",
+    ),
+    FileCase(
+        "dicom-unknown-transfer-syntax",
+        dicom_unknown_transfer_syntax,
+        415,
+        "unsupported_media_type",
+        "chest.dcm",
+        "application/dicom",
+    ),
 ]
 
 
@@ -273,54 +388,121 @@ def _good_part(field: str) -> tuple[str, str, str, bytes]:
 
 
 REQUEST_CASES: list[RequestCase] = [
-    RequestCase("wrong-field-name", "/predict",
-                lambda: multipart([_good_part("image")]), 422, "missing_file"),
+    RequestCase(
+        "wrong-field-name",
+        "/predict",
+        lambda: multipart([_good_part("image")]),
+        422,
+        "missing_file",
+    ),
     RequestCase("no-file-at-all-empty-body", "/predict", lambda: ({}, b""), 422, "missing_file"),
-    RequestCase("multipart-without-parts", "/predict", lambda: multipart([]), 422,
-                "missing_file"),
-    RequestCase("file-field-as-text", "/predict",
-                lambda: multipart([("file", None, None, b"chest.jpeg")]), 422, "missing_file"),
-    RequestCase("urlencoded-form", "/predict",
-                lambda: ({"Content-Type": "application/x-www-form-urlencoded"},
-                         b"file=chest.jpeg"), 422, "missing_file"),
-    RequestCase("json-body", "/predict",
-                lambda: ({"Content-Type": "application/json"}, b'{"file": "chest.jpeg"}'),
-                422, "missing_file"),
-    RequestCase("raw-jpeg-body", "/predict",
-                lambda: ({"Content-Type": "image/jpeg"}, SMALL_XRAY.read_bytes()), 422,
-                "missing_file"),
-    RequestCase("multipart-part-without-disposition", "/predict",
-                lambda: ({"Content-Type": "multipart/form-data; boundary=abc"},
-                         b"--abc\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\xff\r\n--abc--\r\n"),
-                400, "invalid_multipart"),
-    RequestCase("multipart-wrong-boundary", "/predict",
-                lambda: ({"Content-Type": "multipart/form-data; boundary=abc"},
-                         (b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; "
-                         b"filename=\"a.jpeg\"\r\n\r\n\xff\xd8\xff\r\n--xyz--\r\n")),
-                400, "invalid_multipart"),
-    RequestCase("multipart-without-boundary-parameter", "/predict",
-                lambda: ({"Content-Type": "multipart/form-data"}, SMALL_XRAY.read_bytes()),
-                400, "invalid_multipart"),
+    RequestCase("multipart-without-parts", "/predict", lambda: multipart([]), 422, "missing_file"),
+    RequestCase(
+        "file-field-as-text",
+        "/predict",
+        lambda: multipart([("file", None, None, b"chest.jpeg")]),
+        422,
+        "missing_file",
+    ),
+    RequestCase(
+        "urlencoded-form",
+        "/predict",
+        lambda: ({"Content-Type": "application/x-www-form-urlencoded"}, b"file=chest.jpeg"),
+        422,
+        "missing_file",
+    ),
+    RequestCase(
+        "json-body",
+        "/predict",
+        lambda: ({"Content-Type": "application/json"}, b'{"file": "chest.jpeg"}'),
+        422,
+        "missing_file",
+    ),
+    RequestCase(
+        "raw-jpeg-body",
+        "/predict",
+        lambda: ({"Content-Type": "image/jpeg"}, SMALL_XRAY.read_bytes()),
+        422,
+        "missing_file",
+    ),
+    RequestCase(
+        "multipart-part-without-disposition",
+        "/predict",
+        lambda: (
+            {"Content-Type": "multipart/form-data; boundary=abc"},
+            b"--abc\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\xff\r\n--abc--\r\n",
+        ),
+        400,
+        "invalid_multipart",
+    ),
+    RequestCase(
+        "multipart-wrong-boundary",
+        "/predict",
+        lambda: (
+            {"Content-Type": "multipart/form-data; boundary=abc"},
+            (
+                b'--xyz\r\nContent-Disposition: form-data; name="file"; '
+                b'filename="a.jpeg"\r\n\r\n\xff\xd8\xff\r\n--xyz--\r\n'
+            ),
+        ),
+        400,
+        "invalid_multipart",
+    ),
+    RequestCase(
+        "multipart-without-boundary-parameter",
+        "/predict",
+        lambda: ({"Content-Type": "multipart/form-data"}, SMALL_XRAY.read_bytes()),
+        400,
+        "invalid_multipart",
+    ),
     # Cut off before the closing boundary: the unfinished part is dropped by the parser, so
     # the server sees no file (422 missing_file); 400 invalid_multipart would be as good.
-    RequestCase("multipart-truncated", "/predict",
-                lambda: ({"Content-Type": "multipart/form-data; boundary=abc"},
-                         (b"--abc\r\nContent-Disposition: form-data; name=\"file\"; "
-                         b"filename=\"a.jpeg\"\r\n\r\n\xff\xd8\xff")), 422, "missing_file",
-                also=((400, "invalid_multipart"),)),
-    RequestCase("two-files-on-single-predict", "/predict",
-                lambda: multipart([_good_part("file"), _good_part("file")]), 413,
-                "too_many_files"),
+    RequestCase(
+        "multipart-truncated",
+        "/predict",
+        lambda: (
+            {"Content-Type": "multipart/form-data; boundary=abc"},
+            (
+                b'--abc\r\nContent-Disposition: form-data; name="file"; '
+                b'filename="a.jpeg"\r\n\r\n\xff\xd8\xff'
+            ),
+        ),
+        422,
+        "missing_file",
+        also=((400, "invalid_multipart"),),
+    ),
+    RequestCase(
+        "two-files-on-single-predict",
+        "/predict",
+        lambda: multipart([_good_part("file"), _good_part("file")]),
+        413,
+        "too_many_files",
+    ),
     # A part header beyond the multipart parser's limit (python-multipart: 4 KiB a header
     # line) is a malformed body.
-    RequestCase("huge-filename", "/predict",
-                lambda: multipart([("file", "x" * 100_000 + ".jpeg", "image/jpeg",
-                                    SMALL_XRAY.read_bytes())]), 400, "invalid_multipart"),
-    RequestCase("batch-wrong-field-name", "/predict/batch",
-                lambda: multipart([_good_part("file")]), 422, "missing_file"),
-    RequestCase("batch-too-many-files", "/predict/batch",
-                lambda: multipart([_good_part("files")] * (DEFAULT_MAX_BATCH_FILES + 1)), 413,
-                "too_many_files"),
+    RequestCase(
+        "huge-filename",
+        "/predict",
+        lambda: multipart(
+            [("file", "x" * 100_000 + ".jpeg", "image/jpeg", SMALL_XRAY.read_bytes())]
+        ),
+        400,
+        "invalid_multipart",
+    ),
+    RequestCase(
+        "batch-wrong-field-name",
+        "/predict/batch",
+        lambda: multipart([_good_part("file")]),
+        422,
+        "missing_file",
+    ),
+    RequestCase(
+        "batch-too-many-files",
+        "/predict/batch",
+        lambda: multipart([_good_part("files")] * (DEFAULT_MAX_BATCH_FILES + 1)),
+        413,
+        "too_many_files",
+    ),
 ]
 
 
@@ -352,8 +534,9 @@ def assert_healthy(http: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize("case", FILE_CASES, ids=[case.id for case in FILE_CASES])
-def test_bad_file_is_rejected_cleanly(client: httpx.Client, server: LiveServer,
-                                      case: FileCase) -> None:
+def test_bad_file_is_rejected_cleanly(
+    client: httpx.Client, server: LiveServer, case: FileCase
+) -> None:
     headers, body = multipart([file_part(case)])
     response = client.post("/predict", content=body, headers=headers)
     error = assert_error(response, case.status, case.code)
@@ -383,11 +566,17 @@ def test_bad_request_form_is_rejected_cleanly(client: httpx.Client, case: Reques
         ("chest.jpeg", "application/octet-stream", lambda: dicom_bytes(_dicom_pixels())),
         ("x" * 1000 + ".jpeg", "image/jpeg", good_jpeg),  # a long filename is fine
     ],
-    ids=["jpeg-named-png", "jpeg-as-text-plain", "png-named-jpeg", "dicom-as-octet-stream",
-         "long-filename-jpeg"],
+    ids=[
+        "jpeg-named-png",
+        "jpeg-as-text-plain",
+        "png-named-jpeg",
+        "dicom-as-octet-stream",
+        "long-filename-jpeg",
+    ],
 )
-def test_misnamed_but_valid_images_are_accepted(client: httpx.Client, filename: str,
-                                                content_type: str, make) -> None:
+def test_misnamed_but_valid_images_are_accepted(
+    client: httpx.Client, filename: str, content_type: str, make
+) -> None:
     headers, body = multipart([("file", filename, content_type, make())])
     response = client.post("/predict", content=body, headers=headers)
     assert response.status_code == 200, response.text[:500]
@@ -396,8 +585,9 @@ def test_misnamed_but_valid_images_are_accepted(client: httpx.Client, filename: 
     assert abs(sum(result["probabilities"].values()) - 1.0) < 1e-4
 
 
-def test_batch_of_every_bad_file_plus_one_good_xray(client: httpx.Client,
-                                                    server: LiveServer) -> None:
+def test_batch_of_every_bad_file_plus_one_good_xray(
+    client: httpx.Client, server: LiveServer
+) -> None:
     cases = FILE_CASES
     assert len(cases) + 1 <= DEFAULT_MAX_BATCH_FILES
     good_index = len(cases) // 2
@@ -446,8 +636,11 @@ SMALL_REQUEST_LIMIT = 400_000
 
 @pytest.fixture(scope="module")
 def small_limits_server(tiny_bundle: Path) -> Iterator[LiveServer]:
-    env = {"MAX_FILE_BYTES": str(SMALL_FILE_LIMIT), "MAX_REQUEST_BYTES": str(SMALL_REQUEST_LIMIT),
-           "MAX_BATCH_FILES": "4"}
+    env = {
+        "MAX_FILE_BYTES": str(SMALL_FILE_LIMIT),
+        "MAX_REQUEST_BYTES": str(SMALL_REQUEST_LIMIT),
+        "MAX_BATCH_FILES": "4",
+    }
     with live_server(tiny_bundle, env=env) as running:
         yield running
 
@@ -457,14 +650,14 @@ def test_file_over_max_file_bytes(small_limits_server: LiveServer) -> None:
     assert SMALL_FILE_LIMIT < len(big) < SMALL_REQUEST_LIMIT
     with httpx.Client(base_url=small_limits_server.base_url, timeout=TIMEOUT) as http:
         headers, body = multipart([("file", "big.jpeg", "image/jpeg", big)])
-        error = assert_error(http.post("/predict", content=body, headers=headers), 413,
-                             "file_too_large")
+        error = assert_error(
+            http.post("/predict", content=body, headers=headers), 413, "file_too_large"
+        )
         assert f"{SMALL_FILE_LIMIT:,}" in error["message"]
         assert_healthy(http)
 
         # In a batch only the big file fails; the small one is still predicted.
-        headers, body = multipart([("files", "big.jpeg", "image/jpeg", big),
-                                   _good_part("files")])
+        headers, body = multipart([("files", "big.jpeg", "image/jpeg", big), _good_part("files")])
         response = http.post("/predict/batch", content=body, headers=headers)
         assert response.status_code == 200, response.text[:500]
         big_result, small_result = response.json()["results"]
@@ -473,18 +666,22 @@ def test_file_over_max_file_bytes(small_limits_server: LiveServer) -> None:
 
         # MAX_BATCH_FILES from the environment.
         headers, body = multipart([_good_part("files")] * 5)
-        assert_error(http.post("/predict/batch", content=body, headers=headers), 413,
-                     "too_many_files")
+        assert_error(
+            http.post("/predict/batch", content=body, headers=headers), 413, "too_many_files"
+        )
         assert_healthy(http)
 
 
 def test_request_over_max_request_bytes(small_limits_server: LiveServer) -> None:
     with httpx.Client(base_url=small_limits_server.base_url, timeout=TIMEOUT) as http:
-        headers, body = multipart([("files", "a.bin", "application/octet-stream",
-                                    b"\x00" * (SMALL_REQUEST_LIMIT // 2))] * 3)
+        headers, body = multipart(
+            [("files", "a.bin", "application/octet-stream", b"\x00" * (SMALL_REQUEST_LIMIT // 2))]
+            * 3
+        )
         assert len(body) > SMALL_REQUEST_LIMIT
-        assert_error(http.post("/predict/batch", content=body, headers=headers), 413,
-                     "request_too_large")
+        assert_error(
+            http.post("/predict/batch", content=body, headers=headers), 413, "request_too_large"
+        )
 
         # Streamed without Content-Length (chunked): still stopped at the limit.
         def chunks() -> Iterator[bytes]:

@@ -63,6 +63,15 @@ def test_future_format_is_refused(tmp_path: Path) -> None:
 
 def test_schema_documents_the_contract() -> None:
     schema = BundleMeta.model_json_schema()
-    for field in ("labels", "threshold", "input", "onnx_sha256", "validation_metrics",
-                  "tool_versions", "created_at", "backbone", "training_data"):
+    for field in (
+        "labels",
+        "threshold",
+        "input",
+        "onnx_sha256",
+        "validation_metrics",
+        "tool_versions",
+        "created_at",
+        "backbone",
+        "training_data",
+    ):
         assert field in schema["properties"]

@@ -116,8 +116,9 @@ def test_concurrent_threads_never_exceed_the_capacity() -> None:
 
 def test_a_large_release_calls_the_hook() -> None:
     calls: list[int] = []
-    budget = DecodeMemoryBudget(100, wait_s=0, on_large_release=lambda: calls.append(1),
-                                large_bytes=50)
+    budget = DecodeMemoryBudget(
+        100, wait_s=0, on_large_release=lambda: calls.append(1), large_bytes=50
+    )
     with budget.reserve(10):
         pass
     assert calls == []

@@ -120,8 +120,9 @@ def test_scan_limit_is_a_setting_and_real_progressive_jpegs_pass(grey: np.ndarra
 
 def test_a_progressive_jpeg_inside_a_dicom_is_counted_too(no_pixel_decoding: None) -> None:
     frame = progressive_jpeg(512, 200)
-    data = dicom_bytes(None, rows_columns=(512, 512), transfer_syntax=JPEGBaseline8Bit,
-                       encapsulated_frames=[frame])
+    data = dicom_bytes(
+        None, rows_columns=(512, 512), transfer_syntax=JPEGBaseline8Bit, encapsulated_frames=[frame]
+    )
     with pytest.raises(ImageTooComplex, match="in the DICOM file"):
         decode_grey(data)
 
@@ -150,7 +151,8 @@ def test_dicom_decoded_bytes_count_bits_allocated(grey: np.ndarray) -> None:
     with pytest.raises(ImageTooLarge, match="2 bytes"):
         decode_grey(data, limits=DecodeLimits(max_decoded_bytes=grey.size * 2 - 1))
     assert decode_grey(data, limits=DecodeLimits(max_decoded_bytes=grey.size * 2)).shape == (
-        grey.shape)
+        grey.shape
+    )
 
 
 def test_jpeg_cost_is_its_draft_size(grey: np.ndarray) -> None:
@@ -170,8 +172,9 @@ def test_deflated_dicom_decodes_like_its_uncompressed_copy(grey: np.ndarray) -> 
     pixels = to_12bit(grey)
     deflated = deflated_dicom(pixels, window=(1800, 2500))
     assert transfer_syntax(deflated) == DEFLATED
-    assert np.array_equal(decode_grey(deflated), decode_grey(dicom_bytes(pixels,
-                                                                          window=(1800, 2500))))
+    assert np.array_equal(
+        decode_grey(deflated), decode_grey(dicom_bytes(pixels, window=(1800, 2500)))
+    )
     # What we hand pydicom is a valid Explicit VR Little Endian file with the same data.
     inflated = pydicom.dcmread(io.BytesIO(inflate_dicom(deflated, 64 * MiB)))
     original = pydicom.dcmread(io.BytesIO(deflated))
@@ -185,9 +188,11 @@ def test_deflated_dicom_decodes_like_its_uncompressed_copy(grey: np.ndarray) -> 
 
 @pytest.mark.parametrize(
     ("rows_columns", "refused_by"),
-    [(None, "16384x16384 px"),  # declares its size: over MAX_PIXELS, on its header
-     ((6000, 6000), "would decode to 72,000,000 bytes"),  # under MAX_PIXELS, 16-bit
-     ((512, 512), "inflates to more than")],  # declares 512x512 but carries 512 MiB
+    [
+        (None, "16384x16384 px"),  # declares its size: over MAX_PIXELS, on its header
+        ((6000, 6000), "would decode to 72,000,000 bytes"),  # under MAX_PIXELS, 16-bit
+        ((512, 512), "inflates to more than"),
+    ],  # declares 512x512 but carries 512 MiB
     ids=["declares-16384px", "declares-6000px-16bit", "lies-about-its-size"],
 )
 def test_deflated_dicom_bomb_is_refused_with_bounded_memory(
@@ -211,8 +216,7 @@ def test_deflated_dicom_bomb_is_refused_with_bounded_memory(
 def test_deflated_dicom_without_readable_attributes_is_capped_by_the_limit() -> None:
     """When the image attributes are not in the first 64 KiB (a large element before
     them), the cap is MAX_DECODED_BYTES plus 1 MiB."""
-    ds = make_dataset(None, rows_columns=(512, 512), bits_stored=16,
-                      transfer_syntax=DEFLATED)
+    ds = make_dataset(None, rows_columns=(512, 512), bits_stored=16, transfer_syntax=DEFLATED)
     ds.add_new((0x0011, 0x0010), "LO", "ACME")  # a private block before group 0028
     ds.add_new((0x0011, 0x1001), "OB", b"\0" * (128 * 1024))
     ds.PixelData = b"\0" * (3 * MiB)
@@ -227,8 +231,10 @@ def test_damaged_deflate_streams_are_corrupt_images(grey: np.ndarray) -> None:
     deflated = deflated_dicom(grey)
     start = deflated.index(b"DICM") + 4
     meta_end = len(deflated) - len(zlib.compress(b""))  # somewhere in the stream
-    for damaged in (deflated[: (start + len(deflated)) // 2],  # cut short
-                    deflated[:meta_end // 2] + b"\xff" * 64):  # garbage stream
+    for damaged in (
+        deflated[: (start + len(deflated)) // 2],  # cut short
+        deflated[: meta_end // 2] + b"\xff" * 64,
+    ):  # garbage stream
         with pytest.raises(ImageError) as raised:
             decode_grey(damaged)
         assert isinstance(raised.value, CorruptImage | ImageTooLarge), raised.value
@@ -259,8 +265,9 @@ def _dicom_cases(grey: np.ndarray) -> dict[str, bytes]:
     return {
         "dicom-8bit": dicom_bytes(big),
         "dicom-16bit": dicom_bytes(pixels),
-        "dicom-16bit-rescale-window": dicom_bytes(pixels, window=(900, 1500),
-                                                  rescale=(0.5, -100.0)),
+        "dicom-16bit-rescale-window": dicom_bytes(
+            pixels, window=(900, 1500), rescale=(0.5, -100.0)
+        ),
         "dicom-monochrome1": dicom_bytes(pixels, photometric="MONOCHROME1"),
         "dicom-rgb": to_bytes(rgb),
         "dicom-deflated-16bit": deflated_dicom(pixels, window=(1800, 2500)),

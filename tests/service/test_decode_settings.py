@@ -20,9 +20,12 @@ def test_decode_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert defaults.max_jpeg_scans == 32
     assert defaults.memory is not None
     assert (defaults.memory.capacity, defaults.memory.wait_s) == (512 * 1024 * 1024, 5.0)
-    for name, value in {"MAX_DECODED_BYTES": "1000", "MAX_JPEG_SCANS": "7",
-                        "DECODE_MEMORY_BUDGET_BYTES": "2000",
-                        "DECODE_BUDGET_WAIT_S": "0.5"}.items():
+    for name, value in {
+        "MAX_DECODED_BYTES": "1000",
+        "MAX_JPEG_SCANS": "7",
+        "DECODE_MEMORY_BUDGET_BYTES": "2000",
+        "DECODE_BUDGET_WAIT_S": "0.5",
+    }.items():
         monkeypatch.setenv(name, value)
     limits = Settings().decode_limits()
     assert (limits.max_decoded_bytes, limits.max_jpeg_scans) == (1000, 7)

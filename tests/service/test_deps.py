@@ -14,17 +14,32 @@ ROUTES = sorted((REPO / "service" / "routes").glob("*.py"))
 
 def test_routes_do_not_read_app_state() -> None:
     assert ROUTES  # the glob found the route modules
-    reads = [f"{path.name}:{number}: {line.strip()}" for path in ROUTES
-             for number, line in enumerate(path.read_text().splitlines(), 1)
-             if re.search(r"\bapp\s*\.\s*state\b", line)]
+    reads = [
+        f"{path.name}:{number}: {line.strip()}"
+        for path in ROUTES
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bapp\s*\.\s*state\b", line)
+    ]
     assert reads == [], "use service.deps instead:\n" + "\n".join(reads)
 
 
 def test_dependencies_add_no_parameters_to_the_openapi_document(tmp_path: Path) -> None:
     document = create_app(Settings(model_dir=tmp_path)).openapi()
-    names = {parameter["name"] for path in document["paths"].values()
-             for operation in path.values() for parameter in operation.get("parameters", [])}
+    names = {
+        parameter["name"]
+        for path in document["paths"].values()
+        for operation in path.values()
+        for parameter in operation.get("parameters", [])
+    }
     assert "explain" in names  # the walk sees the routes' own parameters
-    dependencies = {"request", "runner", "settings", "metrics", "registry", "lifecycle",
-                    "model", "limits"}
+    dependencies = {
+        "request",
+        "runner",
+        "settings",
+        "metrics",
+        "registry",
+        "lifecycle",
+        "model",
+        "limits",
+    }
     assert names & dependencies == set()

@@ -30,43 +30,64 @@ def test_docs_offer_and_send_the_accept_variants(server: LiveServer, tmp_path: P
         cdp.send("Page.enable")
         cdp.send("Runtime.enable")
         cdp.send("Page.navigate", url=server.url("/docs"))
-        cdp.wait_for("document.querySelectorAll('.swagger-ui .opblock').length > 0",
-                     what="swagger-ui operations")
+        cdp.wait_for(
+            "document.querySelectorAll('.swagger-ui .opblock').length > 0",
+            what="swagger-ui operations",
+        )
         operations = cdp.evaluate(
             "[...document.querySelectorAll('.opblock-summary-path')].map(p => "
-            "(p.getAttribute('data-path') || p.textContent).trim())")
+            "(p.getAttribute('data-path') || p.textContent).trim())"
+        )
         assert "/v2/models/{name}/infer" in operations, operations
 
         cdp.evaluate(f"{PREDICT_OPBLOCK}.setAttribute('data-test', 'predict')")
-        cdp.evaluate("(() => { const b = document.querySelector('[data-test=predict]');"
-                     " (b.querySelector('.opblock-summary-control') || "
-                     "b.querySelector('.opblock-summary')).click(); })()")
-        cdp.wait_for(f"document.querySelector('{MEDIA_SELECT}') !== null",
-                     what="the response media type list")
+        cdp.evaluate(
+            "(() => { const b = document.querySelector('[data-test=predict]');"
+            " (b.querySelector('.opblock-summary-control') || "
+            "b.querySelector('.opblock-summary')).click(); })()"
+        )
+        cdp.wait_for(
+            f"document.querySelector('{MEDIA_SELECT}') !== null",
+            what="the response media type list",
+        )
         options = cdp.evaluate(
-            f"[...document.querySelector('{MEDIA_SELECT}').options].map(o => o.value)")
-        assert set(options) == {"application/json", "application/dicom",
-                                "application/fhir+json"}, options
+            f"[...document.querySelector('{MEDIA_SELECT}').options].map(o => o.value)"
+        )
+        assert set(options) == {"application/json", "application/dicom", "application/fhir+json"}, (
+            options
+        )
 
         # Try it out with the FHIR media type picked: the answer is a FHIR Bundle.
-        if cdp.evaluate("document.querySelector('[data-test=predict] .try-out__btn')"
-                        ".textContent.trim()") == "Try it out":
+        if (
+            cdp.evaluate(
+                "document.querySelector('[data-test=predict] .try-out__btn').textContent.trim()"
+            )
+            == "Try it out"
+        ):
             cdp.evaluate("document.querySelector('[data-test=predict] .try-out__btn').click()")
-        cdp.wait_for("document.querySelector('[data-test=predict] input[type=file]') !== null",
-                     what="the file input")
+        cdp.wait_for(
+            "document.querySelector('[data-test=predict] input[type=file]') !== null",
+            what="the file input",
+        )
         cdp.evaluate(
             "(() => { const s = document.querySelector('" + MEDIA_SELECT + "');"
             " const set = Object.getOwnPropertyDescriptor(HTMLSelectElement.prototype,"
             " 'value').set; set.call(s, 'application/fhir+json');"
-            " s.dispatchEvent(new Event('change', {bubbles: true})); })()")
+            " s.dispatchEvent(new Event('change', {bubbles: true})); })()"
+        )
         document = cdp.send("DOM.getDocument", depth=-1)
-        node = cdp.send("DOM.querySelector", nodeId=document["root"]["nodeId"],
-                        selector="[data-test=predict] input[type=file]")
+        node = cdp.send(
+            "DOM.querySelector",
+            nodeId=document["root"]["nodeId"],
+            selector="[data-test=predict] input[type=file]",
+        )
         cdp.send("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(FIXTURE_XRAY)])
         cdp.evaluate("document.querySelector('[data-test=predict] .btn.execute').click()")
-        body_js = ("(() => { const el = document.querySelector("
-                   "'[data-test=predict] .live-responses-table .response-col_description pre');"
-                   " return el ? el.textContent : null; })()")
+        body_js = (
+            "(() => { const el = document.querySelector("
+            "'[data-test=predict] .live-responses-table .response-col_description pre');"
+            " return el ? el.textContent : null; })()"
+        )
         text = cdp.wait_for(body_js, what="the response body shown in the page")
         curl = cdp.evaluate("document.querySelector('[data-test=predict] .curl').textContent")
         assert "accept: application/fhir+json" in curl.lower(), curl

@@ -28,6 +28,7 @@ from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.browser
 
+
 @needs_chromium
 def test_docs_render_offline_and_upload_an_xray(server: LiveServer, tmp_path: Path) -> None:
     started = time.monotonic()
@@ -38,8 +39,10 @@ def test_docs_render_offline_and_upload_an_xray(server: LiveServer, tmp_path: Pa
         cdp.send("Page.navigate", url=server.url("/docs"))
 
         # Swagger UI rendered the operations from the service's own OpenAPI document.
-        cdp.wait_for("document.querySelectorAll('.swagger-ui .opblock').length > 0",
-                     what="swagger-ui operations")
+        cdp.wait_for(
+            "document.querySelectorAll('.swagger-ui .opblock').length > 0",
+            what="swagger-ui operations",
+        )
         operations = cdp.evaluate(
             "[...document.querySelectorAll('.opblock')].map(b => "
             "b.querySelector('.opblock-summary-method').textContent.trim() + ' ' + "
@@ -59,33 +62,53 @@ def test_docs_render_offline_and_upload_an_xray(server: LiveServer, tmp_path: Pa
             " (b.querySelector('.opblock-summary-control') || b.querySelector('.opblock-summary'))"
             ".click(); })()"
         )
-        cdp.wait_for("document.querySelector('[data-test=predict] .opblock-body') !== null",
-                     what="the expanded POST /predict")
-        cdp.wait_for("document.querySelector('[data-test=predict] .try-out__btn') !== null",
-                     what="the Try it out button")
-        if cdp.evaluate("document.querySelector('[data-test=predict] .try-out__btn')"
-                        ".textContent.trim()") == "Try it out":
+        cdp.wait_for(
+            "document.querySelector('[data-test=predict] .opblock-body') !== null",
+            what="the expanded POST /predict",
+        )
+        cdp.wait_for(
+            "document.querySelector('[data-test=predict] .try-out__btn') !== null",
+            what="the Try it out button",
+        )
+        if (
+            cdp.evaluate(
+                "document.querySelector('[data-test=predict] .try-out__btn').textContent.trim()"
+            )
+            == "Try it out"
+        ):
             cdp.evaluate("document.querySelector('[data-test=predict] .try-out__btn').click()")
-        cdp.wait_for("document.querySelector('[data-test=predict] input[type=file]') !== null",
-                     what="the file input")
+        cdp.wait_for(
+            "document.querySelector('[data-test=predict] input[type=file]') !== null",
+            what="the file input",
+        )
 
         document = cdp.send("DOM.getDocument", depth=-1)
-        node = cdp.send("DOM.querySelector", nodeId=document["root"]["nodeId"],
-                        selector="[data-test=predict] input[type=file]")
+        node = cdp.send(
+            "DOM.querySelector",
+            nodeId=document["root"]["nodeId"],
+            selector="[data-test=predict] input[type=file]",
+        )
         assert node["nodeId"], "file input found through the DOM domain"
         cdp.send("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(FIXTURE_XRAY)])
-        assert cdp.evaluate(
-            "document.querySelector('[data-test=predict] input[type=file]').files[0].name"
-        ) == FIXTURE_XRAY.name
+        assert (
+            cdp.evaluate(
+                "document.querySelector('[data-test=predict] input[type=file]').files[0].name"
+            )
+            == FIXTURE_XRAY.name
+        )
 
-        cdp.wait_for("document.querySelector('[data-test=predict] .btn.execute') !== null",
-                     what="the Execute button")
+        cdp.wait_for(
+            "document.querySelector('[data-test=predict] .btn.execute') !== null",
+            what="the Execute button",
+        )
         cdp.evaluate("document.querySelector('[data-test=predict] .btn.execute').click()")
 
         # The live response appears in the page: status 200 and a JSON body with a label.
-        body_js = ("(() => { const el = document.querySelector("
-                   "'[data-test=predict] .live-responses-table .response-col_description pre');"
-                   " return el ? el.textContent : null; })()")
+        body_js = (
+            "(() => { const el = document.querySelector("
+            "'[data-test=predict] .live-responses-table .response-col_description pre');"
+            " return el ? el.textContent : null; })()"
+        )
         text = cdp.wait_for(body_js, what="the response body shown in the page")
         status = cdp.evaluate(
             "document.querySelector('[data-test=predict] .live-responses-table "
@@ -99,23 +122,28 @@ def test_docs_render_offline_and_upload_an_xray(server: LiveServer, tmp_path: Pa
         # Let late requests (fonts, images) show up before looking at the network log.
         time.sleep(0.3)
         cdp.send("Runtime.evaluate", expression="1")
-        screenshot = cdp.send("Page.captureScreenshot", format="png",
-                              captureBeyondViewport=False)
+        screenshot = cdp.send("Page.captureScreenshot", format="png", captureBeyondViewport=False)
         shot = tmp_path / "docs.png"
         shot.write_bytes(base64.b64decode(screenshot["data"]))
         if target := os.environ.get("DOCS_SCREENSHOT"):
             Path(target).write_bytes(shot.read_bytes())
         assert shot.stat().st_size > 10_000, "a rendered page, not a blank one"
 
-        requested = [e["params"]["request"]["url"] for e in cdp.events
-                     if e["method"] == "Network.requestWillBeSent"]
+        requested = [
+            e["params"]["request"]["url"]
+            for e in cdp.events
+            if e["method"] == "Network.requestWillBeSent"
+        ]
         assert any(url.endswith("/openapi.json") for url in requested), requested
         assert any("swagger-ui-bundle.js" in url for url in requested), requested
         # (Swagger UI adds the query parameters it shows, e.g. ?explain=false.)
         assert any(urlsplit(url).path.endswith("/predict") for url in requested), requested
         leaks = non_local_requests(cdp.events)
         assert not leaks, f"/docs made requests beyond localhost: {leaks}"
-        failed = [e["params"].get("errorText") for e in cdp.events
-                  if e["method"] == "Network.loadingFailed"]
+        failed = [
+            e["params"].get("errorText")
+            for e in cdp.events
+            if e["method"] == "Network.loadingFailed"
+        ]
         assert not failed, f"requests failed while loading /docs: {failed}"
     assert time.monotonic() - started < 60

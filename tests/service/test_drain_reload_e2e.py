@@ -29,12 +29,15 @@ PATIENCE_S = 60.0
 def _partial_predict(port: int, image: bytes) -> tuple[socket.socket, bytes]:
     """A /predict request whose head and first half of body are sent; returns the socket
     and the rest of the body, to send later."""
-    request = httpx.Request("POST", f"http://127.0.0.1:{port}/predict",
-                            files={"file": ("a.jpeg", image)})
+    request = httpx.Request(
+        "POST", f"http://127.0.0.1:{port}/predict", files={"file": ("a.jpeg", image)}
+    )
     body = request.read()
-    head = (f"POST /predict HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-            f"content-type: {request.headers['content-type']}\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /predict HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        f"content-type: {request.headers['content-type']}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S)
     half = len(body) // 2
     sock.sendall(head + body[:half])
@@ -65,8 +68,11 @@ def _read_response(sock: socket.socket) -> bytes:
         data = b"".join(chunks)
         head, sep, body = data.partition(b"\r\n\r\n")
         if sep:
-            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")]
+            length = [
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ]
             if length and len(body) >= length[0]:
                 return data
 
@@ -115,8 +121,12 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     onnx = root / "broken" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[:-16] + b"\0" * 16)  # no longer its sha256
     (root / "current").symlink_to(root / "a")
-    return {"a": root / "a", "b": root / "b", "broken": root / "broken",
-            "current": root / "current"}
+    return {
+        "a": root / "a",
+        "b": root / "b",
+        "broken": root / "broken",
+        "current": root / "current",
+    }
 
 
 def _point(bundles: dict[str, Path], name: str) -> None:
@@ -148,8 +158,9 @@ def test_admin_reload_under_load_fails_no_request(
     image = SMALL[0].read_bytes()
 
     def client() -> None:
-        with httpx.Client(base_url=server.base_url, timeout=PATIENCE_S,
-                          headers={"X-API-Key": KEY}) as http:
+        with httpx.Client(
+            base_url=server.base_url, timeout=PATIENCE_S, headers={"X-API-Key": KEY}
+        ) as http:
             while not stop.is_set():
                 response = http.post("/predict", files={"file": ("a.jpeg", image)})
                 version = response.json().get("model", {}).get("version", "")
@@ -161,8 +172,9 @@ def test_admin_reload_under_load_fails_no_request(
     try:
         _wait(lambda: len(answers) >= 20, "traffic before the reload")
         _point(bundles, "b")
-        reload = httpx.post(server.url("/admin/reload"), headers={"X-API-Key": KEY},
-                            timeout=PATIENCE_S)
+        reload = httpx.post(
+            server.url("/admin/reload"), headers={"X-API-Key": KEY}, timeout=PATIENCE_S
+        )
         served_before = len(answers)
         _wait(lambda: len(answers) >= served_before + 30, "traffic after the reload")
     finally:
@@ -179,7 +191,7 @@ def test_admin_reload_under_load_fails_no_request(
     # Once switched, nothing goes back to the old bundle.
     assert versions[-10:] == ["2.0.0"] * 10
     first_new = versions.index("2.0.0")
-    assert "1.0.0" not in versions[first_new + len(clients):]
+    assert "1.0.0" not in versions[first_new + len(clients) :]
     health = _serving(server)
     assert health["status"] == "ok" and health["model"]["name"] == "tiny-b"
     assert health["last_reload"]["ok"] is True and health["last_reload"]["trigger"] == "admin"
@@ -195,8 +207,9 @@ def test_a_broken_bundle_keeps_the_old_one_serving(
     before = _serving(server)["model"]
     _point(bundles, "broken")
     try:
-        response = httpx.post(server.url("/admin/reload"), headers={"X-API-Key": KEY},
-                              timeout=PATIENCE_S)
+        response = httpx.post(
+            server.url("/admin/reload"), headers={"X-API-Key": KEY}, timeout=PATIENCE_S
+        )
     finally:
         _point(bundles, "b")
     assert response.status_code == 422, response.text
@@ -207,8 +220,12 @@ def test_a_broken_bundle_keeps_the_old_one_serving(
     assert health["status"] == "ok" and health["model"] == before
     assert health["last_reload"]["ok"] is False and "sha256" in health["last_reload"]["error"]
     assert health["last_reload"]["serving"] == before
-    predict = httpx.post(server.url("/predict"), headers={"X-API-Key": KEY},
-                         files={"file": ("a.jpeg", SMALL[1].read_bytes())}, timeout=PATIENCE_S)
+    predict = httpx.post(
+        server.url("/predict"),
+        headers={"X-API-Key": KEY},
+        files={"file": ("a.jpeg", SMALL[1].read_bytes())},
+        timeout=PATIENCE_S,
+    )
     assert predict.status_code == 200 and predict.json()["model"]["version"] == before["version"]
 
 
@@ -216,8 +233,7 @@ def test_sighup_reloads(reloadable: LiveServer, bundles: dict[str, Path]) -> Non
     server = reloadable
     _point(bundles, "a")
     os.kill(server.process.pid, signal.SIGHUP)
-    _wait(lambda: _serving(server).get("model", {}).get("version") == "1.0.0",
-          "the SIGHUP reload")
+    _wait(lambda: _serving(server).get("model", {}).get("version") == "1.0.0", "the SIGHUP reload")
     health = _serving(server)
     assert health["last_reload"]["trigger"] == "sighup" and health["last_reload"]["ok"]
     assert server.process.poll() is None
@@ -274,8 +290,9 @@ def test_a_reload_to_a_format_2_bundle_brings_its_gate(
     xray = SMALL[0].read_bytes()
 
     async def predict(client: httpx.AsyncClient, data: bytes, **params: str) -> httpx.Response:
-        return await client.post("/predict", files={"file": ("x.jpeg", data)}, params=params,
-                                 headers={"X-API-Key": KEY})
+        return await client.post(
+            "/predict", files={"file": ("x.jpeg", data)}, params=params, headers={"X-API-Key": KEY}
+        )
 
     async def run() -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

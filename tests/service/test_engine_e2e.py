@@ -44,8 +44,11 @@ def one_at_a_time(slow_bundle: Path) -> Iterator[LiveServer]:
 
 def metric(server: LiveServer, name: str, labels: str = "") -> float:
     text = httpx.get(server.url("/metrics"), timeout=10).text
-    pattern = rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$" if labels else \
-        rf"^{re.escape(name)}(?:\{{\}})? ([0-9.e+-]+)$"
+    pattern = (
+        rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$"
+        if labels
+        else rf"^{re.escape(name)}(?:\{{\}})? ([0-9.e+-]+)$"
+    )
     match = re.search(pattern, text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
@@ -72,21 +75,27 @@ def _raw_multipart(count: int) -> bytes:
     """A whole POST /predict/batch request with `count` files, as bytes."""
     request = httpx.Request("POST", "http://127.0.0.1/predict/batch", files=_batch_files(count))
     body = request.read()
-    head = (f"POST /predict/batch HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-            f"content-type: {request.headers['content-type']}\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /predict/batch HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        f"content-type: {request.headers['content-type']}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
     return head + body
 
 
 def test_full_queue_answers_503_server_busy_at_once(one_at_a_time: LiveServer) -> None:
     server = one_at_a_time
     with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(httpx.post, server.url("/predict/batch"), files=_batch_files(BATCH),
-                           timeout=300)
-        wait_for(lambda: metric(server, "pneumoscreen_admitted_images") >= BATCH,
-                 "the batch to be admitted")
-        refused = httpx.post(server.url("/predict"),
-                             files={"file": ("a.jpeg", SMALL[1].read_bytes())}, timeout=30)
+        busy = pool.submit(
+            httpx.post, server.url("/predict/batch"), files=_batch_files(BATCH), timeout=300
+        )
+        wait_for(
+            lambda: metric(server, "pneumoscreen_admitted_images") >= BATCH,
+            "the batch to be admitted",
+        )
+        refused = httpx.post(
+            server.url("/predict"), files={"file": ("a.jpeg", SMALL[1].read_bytes())}, timeout=30
+        )
         # The model is still on the big batch: the refusal did not wait for it.
         still_running = not busy.done()
         assert refused.status_code == 503, refused.text
@@ -95,8 +104,9 @@ def test_full_queue_answers_503_server_busy_at_once(one_at_a_time: LiveServer) -
         assert still_running
         assert busy.result().status_code == 200
     # Room again: served as usual.
-    ok = httpx.post(server.url("/predict"), files={"file": ("a.jpeg", SMALL[1].read_bytes())},
-                    timeout=60)
+    ok = httpx.post(
+        server.url("/predict"), files={"file": ("a.jpeg", SMALL[1].read_bytes())}, timeout=60
+    )
     assert ok.status_code == 200, ok.text
     assert metric(server, "pneumoscreen_admitted_images") == 0
 
@@ -110,11 +120,17 @@ def test_disconnected_client_work_is_dropped_not_run(one_at_a_time: LiveServer) 
         sock.sendall(_raw_multipart(BATCH))
         wait_for(lambda: runs(server) > runs_before, "the model to start on the batch")
     # The socket is closed: the server must drop the rest rather than run it.
-    wait_for(lambda: metric(server, "pneumoscreen_admitted_images") == 0
-             and metric(server, "pneumoscreen_queued_images") == 0, "the server to let go")
+    wait_for(
+        lambda: (
+            metric(server, "pneumoscreen_admitted_images") == 0
+            and metric(server, "pneumoscreen_queued_images") == 0
+        ),
+        "the server to let go",
+    )
     ran = runs(server) - runs_before
-    dropped = metric(server, "pneumoscreen_dropped_images_total", '{reason="cancelled"}') \
-        - dropped_before
+    dropped = (
+        metric(server, "pneumoscreen_dropped_images_total", '{reason="cancelled"}') - dropped_before
+    )
     assert ran < BATCH, f"all {BATCH} images ran for a client that had gone"
     assert dropped >= 1 and ran + dropped <= BATCH
     assert 'status="499"' in httpx.get(server.url("/metrics")).text
@@ -124,20 +140,22 @@ def test_disconnected_client_work_is_dropped_not_run(one_at_a_time: LiveServer) 
 def test_deadline_answers_504_and_drops_the_rest(slow_bundle: Path) -> None:
     env = {"MAX_BATCH_SIZE": "1", "REQUEST_TIMEOUT_S": "0.5", "INTRA_OP_THREADS": "1"}
     with live_server(slow_bundle, env=env) as server:
-        response = httpx.post(server.url("/predict/batch"), files=_batch_files(BATCH),
-                              timeout=300)
+        response = httpx.post(server.url("/predict/batch"), files=_batch_files(BATCH), timeout=300)
         assert response.status_code == 504, response.text
         body = response.json()
         assert body["error"]["code"] == "deadline_exceeded"
         assert "0.5 s" in body["error"]["message"]
         wait_for(lambda: metric(server, "pneumoscreen_queued_images") == 0, "the queue")
         ran = runs(server) - 1  # the warm-up
-        dropped = sum(metric(server, "pneumoscreen_dropped_images_total", f'{{reason="{r}"}}')
-                      for r in ("cancelled", "deadline"))
+        dropped = sum(
+            metric(server, "pneumoscreen_dropped_images_total", f'{{reason="{r}"}}')
+            for r in ("cancelled", "deadline")
+        )
         assert ran < BATCH and dropped >= 1
         # A request that fits in its deadline is unaffected.
-        one = httpx.post(server.url("/predict"), files={"file": ("a.jpeg", SMALL[0].read_bytes())},
-                         timeout=60)
+        one = httpx.post(
+            server.url("/predict"), files={"file": ("a.jpeg", SMALL[0].read_bytes())}, timeout=60
+        )
         assert one.status_code == 200, one.text
 
 
@@ -148,8 +166,9 @@ def test_concurrent_requests_share_batches_and_get_unbatched_answers(
         samples = [SMALL[i % len(SMALL)] for i in range(16)]
 
         def call(path: Path) -> dict:
-            response = httpx.post(server.url("/predict"),
-                                  files={"file": (path.name, path.read_bytes())}, timeout=120)
+            response = httpx.post(
+                server.url("/predict"), files={"file": (path.name, path.read_bytes())}, timeout=120
+            )
             assert response.status_code == 200, response.text
             return response.json()
 
@@ -158,8 +177,9 @@ def test_concurrent_requests_share_batches_and_get_unbatched_answers(
         for path, answer in zip(samples, answers, strict=True):
             expected = reference_probabilities(slow_bundle, path.read_bytes())
             assert answer["probabilities"] == pytest.approx(expected, abs=1e-6)
-        same_image = [a["probabilities"] for p, a in zip(samples, answers, strict=True)
-                      if p == samples[0]]
+        same_image = [
+            a["probabilities"] for p, a in zip(samples, answers, strict=True) if p == samples[0]
+        ]
         assert all(probabilities == same_image[0] for probabilities in same_image)
         # Fewer model calls than requests: the scheduler merged them.
         assert runs(server) - 1 < len(samples)

@@ -15,9 +15,16 @@ from service.errors import ERROR_CODES, ApiError, error_response, error_status
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 
 # Callables whose first argument (or `code=`) is an error code of the API.
-CODE_TAKERS = frozenset({
-    "ApiError", "error_response", "error_body", "error_status", "raw_error", "GateRefusal",
-})
+CODE_TAKERS = frozenset(
+    {
+        "ApiError",
+        "error_response",
+        "error_body",
+        "error_status",
+        "raw_error",
+        "GateRefusal",
+    }
+)
 
 
 def _name(func: ast.expr) -> str | None:
@@ -32,10 +39,14 @@ def _module_strings(tree: ast.Module) -> dict[str, str]:
     """Module-level `NAME = "text"` constants (e.g. service.gate.NOT_CHEST_XRAY)."""
     strings = {}
     for node in tree.body:
-        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-                and isinstance(node.value.value, str)):
-            strings.update({t.id: node.value.value for t in node.targets
-                            if isinstance(t, ast.Name)})
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            strings.update(
+                {t.id: node.value.value for t in node.targets if isinstance(t, ast.Name)}
+            )
     return strings
 
 
@@ -53,8 +64,12 @@ def _code_arguments() -> list[tuple[str, ast.expr]]:
             if isinstance(node, ast.Call) and _name(node.func) in CODE_TAKERS:
                 given = [kw.value for kw in node.keywords if kw.arg == "code"] or node.args[:1]
             elif isinstance(node, ast.ClassDef):
-                given = [item.value for item in node.body if isinstance(item, ast.Assign)
-                         and [_name(target) for target in item.targets] == ["code"]]
+                given = [
+                    item.value
+                    for item in node.body
+                    if isinstance(item, ast.Assign)
+                    and [_name(target) for target in item.targets] == ["code"]
+                ]
             for arg in given:
                 if isinstance(arg, ast.Name) and arg.id in strings:
                     arg = ast.Constant(strings[arg.id], lineno=arg.lineno)
@@ -63,8 +78,11 @@ def _code_arguments() -> list[tuple[str, ast.expr]]:
 
 
 def test_every_code_named_in_service_is_in_the_table() -> None:
-    literal = {site: arg.value for site, arg in _code_arguments()
-               if isinstance(arg, ast.Constant) and isinstance(arg.value, str)}
+    literal = {
+        site: arg.value
+        for site, arg in _code_arguments()
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+    }
     # The scan sees the codes: not a test that passes because it found nothing.
     assert len(set(literal.values())) >= 25, sorted(set(literal.values()))
     unknown = {site: code for site, code in literal.items() if code not in ERROR_CODES}
@@ -72,8 +90,11 @@ def test_every_code_named_in_service_is_in_the_table() -> None:
 
 
 def test_no_call_site_writes_a_status_next_to_a_code() -> None:
-    with_status = [site for site, arg in _code_arguments()
-                   if isinstance(arg, ast.Constant) and isinstance(arg.value, int)]
+    with_status = [
+        site
+        for site, arg in _code_arguments()
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, int)
+    ]
     assert not with_status, f"a status beside a code (ERROR_CODES has it): {with_status}"
 
 

@@ -21,8 +21,9 @@ GATE_CODES = {"not_chest_xray", "unsupported_view", "rotated_image"}
 
 
 def _post(server: LiveServer, data: bytes, name: str = "x.png", **params: str) -> httpx.Response:
-    return httpx.post(server.url("/predict"), files={"file": (name, data)}, params=params,
-                      timeout=60)
+    return httpx.post(
+        server.url("/predict"), files={"file": (name, data)}, params=params, timeout=60
+    )
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -38,8 +39,9 @@ def _decode_png(payload: dict) -> Image.Image:
     return image
 
 
-def test_health_and_model_card_describe_the_gate(gated_server: LiveServer,
-                                                 gated_bundle: Path) -> None:
+def test_health_and_model_card_describe_the_gate(
+    gated_server: LiveServer, gated_bundle: Path
+) -> None:
     from service.bundle import read_bundle
 
     health = httpx.get(gated_server.url("/health")).json()
@@ -55,8 +57,9 @@ def test_health_and_model_card_describe_the_gate(gated_server: LiveServer,
     assert any("ViewPosition" in check for check in gate["checks"])
 
 
-def test_fixture_xrays_are_accepted_and_scored_as_before(gated_server: LiveServer,
-                                                         gated_bundle: Path) -> None:
+def test_fixture_xrays_are_accepted_and_scored_as_before(
+    gated_server: LiveServer, gated_bundle: Path
+) -> None:
     # The full-resolution fixtures were not used to fit the gate.
     for path in FULLRES:
         response = _post(gated_server, path.read_bytes(), path.name)
@@ -68,10 +71,10 @@ def test_fixture_xrays_are_accepted_and_scored_as_before(gated_server: LiveServe
             assert body["probabilities"][label] == pytest.approx(p, abs=1e-6)
 
 
-@pytest.mark.parametrize("name,data", generated_images(), ids=lambda v: v if isinstance(
-    v, str) else "")
-def test_generated_non_xrays_are_refused(gated_server: LiveServer, name: str,
-                                         data: bytes) -> None:
+@pytest.mark.parametrize(
+    "name,data", generated_images(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_generated_non_xrays_are_refused(gated_server: LiveServer, name: str, data: bytes) -> None:
     response = _post(gated_server, data)
     assert response.status_code == 422, (name, response.text)
     error = response.json()["error"]
@@ -94,8 +97,11 @@ def test_rotated_xrays_are_never_scored(gated_server: LiveServer) -> None:
     codes = []
     for path in FULLRES:
         image = Image.open(path).convert("L")
-        for turn in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
-                     Image.Transpose.ROTATE_270):
+        for turn in (
+            Image.Transpose.ROTATE_90,
+            Image.Transpose.ROTATE_180,
+            Image.Transpose.ROTATE_270,
+        ):
             response = _post(gated_server, _jpeg(image.transpose(turn)), path.name)
             assert response.status_code == 422, (path.name, turn, response.text)
             codes.append(response.json()["error"]["code"])
@@ -108,18 +114,20 @@ def _xray_pixels() -> np.ndarray:
     return np.asarray(Image.open(FULLRES[0]).convert("L"))
 
 
-@pytest.mark.parametrize("tags,code", [
-    ({}, None),
-    ({"Modality": "CT"}, "not_chest_xray"),
-    ({"Modality": "MR"}, "not_chest_xray"),
-    ({"BodyPartExamined": "HAND"}, "not_chest_xray"),
-    ({"ViewPosition": "LL"}, "unsupported_view"),
-    ({"ViewPosition": "LATERAL"}, "unsupported_view"),
-    ({"ViewPosition": "AP"}, None),
-    ({"Modality": "CR", "BodyPartExamined": "THORAX"}, None),
-])
-def test_dicom_tag_rules(gated_server: LiveServer, tags: dict[str, str],
-                         code: str | None) -> None:
+@pytest.mark.parametrize(
+    "tags,code",
+    [
+        ({}, None),
+        ({"Modality": "CT"}, "not_chest_xray"),
+        ({"Modality": "MR"}, "not_chest_xray"),
+        ({"BodyPartExamined": "HAND"}, "not_chest_xray"),
+        ({"ViewPosition": "LL"}, "unsupported_view"),
+        ({"ViewPosition": "LATERAL"}, "unsupported_view"),
+        ({"ViewPosition": "AP"}, None),
+        ({"Modality": "CR", "BodyPartExamined": "THORAX"}, None),
+    ],
+)
+def test_dicom_tag_rules(gated_server: LiveServer, tags: dict[str, str], code: str | None) -> None:
     from tests.support.dicom_factory import make_dataset, to_bytes
 
     dataset = make_dataset(_xray_pixels())
@@ -171,8 +179,9 @@ def test_batch_mixes_xrays_and_refusals(gated_server: LiveServer) -> None:
         ("files", ("page.png", generated["text page 0"])),
         ("files", ("xray2.jpeg", FULLRES[2].read_bytes())),
     ]
-    response = httpx.post(gated_server.url("/predict/batch"), files=files,
-                          params={"explain": "true"}, timeout=60)
+    response = httpx.post(
+        gated_server.url("/predict/batch"), files=files, params={"explain": "true"}, timeout=60
+    )
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert [r["filename"] for r in results] == [name for _, (name, _) in files]
@@ -209,8 +218,12 @@ def test_old_bundle_is_served_as_before(server: LiveServer) -> None:
     response = _post(server, SMALL[0].read_bytes(), "a.jpeg", explain="true")
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "explain_unavailable"
-    batch = httpx.post(server.url("/predict/batch"), params={"explain": "true"},
-                       files=[("files", ("a.jpeg", SMALL[0].read_bytes()))], timeout=30)
+    batch = httpx.post(
+        server.url("/predict/batch"),
+        params={"explain": "true"},
+        files=[("files", ("a.jpeg", SMALL[0].read_bytes()))],
+        timeout=30,
+    )
     assert batch.status_code == 422
 
 

@@ -29,9 +29,15 @@ from tests.support.xray_samples import FULLRES
 
 
 def _info(threshold: float = 3.0, rotated: float = 3.0) -> GateInfo:
-    return GateInfo(method="test", classes=["NORMAL", "PNEUMONIA", "ROTATED_90"],
-                    threshold=threshold, rotated_threshold=rotated, target_acceptance=0.995,
-                    feature_dim=2, components=2)
+    return GateInfo(
+        method="test",
+        classes=["NORMAL", "PNEUMONIA", "ROTATED_90"],
+        threshold=threshold,
+        rotated_threshold=rotated,
+        target_acceptance=0.995,
+        feature_dim=2,
+        components=2,
+    )
 
 
 def test_mahalanobis_distances_match_a_direct_computation() -> None:
@@ -51,8 +57,9 @@ def test_mahalanobis_distances_match_a_direct_computation() -> None:
 
 
 def test_decision_rules() -> None:
-    stats = GateStats(("NORMAL", "PNEUMONIA", "ROTATED_90"), np.zeros(2), np.eye(2),
-                      np.zeros((3, 2)), np.eye(2))
+    stats = GateStats(
+        ("NORMAL", "PNEUMONIA", "ROTATED_90"), np.zeros(2), np.eye(2), np.zeros((3, 2)), np.eye(2)
+    )
     info = _info()
     assert decide(stats, info, np.array([1.0, 2.0, 4.0])).accepted
     far = decide(stats, info, np.array([5.0, 6.0, 7.0]))
@@ -66,16 +73,19 @@ def test_decision_rules() -> None:
     assert odd.refusal is not None and odd.refusal.code == "not_chest_xray"
 
 
-@pytest.mark.parametrize("tags,code", [
-    (DicomTags("DX", "CHEST", "PA"), None),
-    (DicomTags(None, None, None), None),
-    (DicomTags("DR", "THORAX", "AP"), None),
-    (DicomTags("CT", "CHEST", None), "not_chest_xray"),
-    (DicomTags("US", None, None), "not_chest_xray"),
-    (DicomTags("CR", "KNEE", "PA"), "not_chest_xray"),
-    (DicomTags("CR", "CHEST", "RL"), "unsupported_view"),
-    (DicomTags("DX", "CHEST", "LLO"), "unsupported_view"),
-])
+@pytest.mark.parametrize(
+    "tags,code",
+    [
+        (DicomTags("DX", "CHEST", "PA"), None),
+        (DicomTags(None, None, None), None),
+        (DicomTags("DR", "THORAX", "AP"), None),
+        (DicomTags("CT", "CHEST", None), "not_chest_xray"),
+        (DicomTags("US", None, None), "not_chest_xray"),
+        (DicomTags("CR", "KNEE", "PA"), "not_chest_xray"),
+        (DicomTags("CR", "CHEST", "RL"), "unsupported_view"),
+        (DicomTags("DX", "CHEST", "LLO"), "unsupported_view"),
+    ],
+)
 def test_dicom_tag_rules(tags: DicomTags, code: str | None) -> None:
     facts = ImageFacts(100, 100, 0.0, "dicom", tags)
     if code is None:
@@ -87,8 +97,9 @@ def test_dicom_tag_rules(tags: DicomTags, code: str | None) -> None:
 
 
 def test_pixel_checks() -> None:
-    xray = np.repeat(np.asarray(Image.open(FULLRES[0]).convert("L").resize((64, 64)))[..., None],
-                     3, axis=2)
+    xray = np.repeat(
+        np.asarray(Image.open(FULLRES[0]).convert("L").resize((64, 64)))[..., None], 3, axis=2
+    )
     check_pixels(ImageFacts(1000, 900, 0.0, "jpeg"), xray)
     for facts, image, word in (
         (ImageFacts(1000, 900, 0.3, "jpeg"), xray, "coloured"),
@@ -131,8 +142,9 @@ def test_tiny_cam_mean_is_the_log_odds(tmp_path: Path) -> None:
     make_tiny_explain_onnx(tmp_path / "m.onnx", size=64)
     session = make_session(tmp_path / "m.onnx")
     images = np.random.default_rng(1).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
-    probabilities, features, cam = session.run(["probabilities", "features", "cam"],
-                                               {"image": images})
+    probabilities, features, cam = session.run(
+        ["probabilities", "features", "cam"], {"image": images}
+    )
     assert features.shape == (6, 128) and cam.shape == (6, 8, 8)
     log_odds = np.log(probabilities[:, 1]) - np.log(probabilities[:, 0])
     np.testing.assert_allclose(cam.mean(axis=(1, 2)), log_odds, atol=1e-5)

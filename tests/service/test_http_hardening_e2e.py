@@ -30,8 +30,13 @@ PATIENCE_S = 20.0
 
 @pytest.fixture(scope="module")
 def hardened(tiny_bundle: Path) -> Iterator[LiveServer]:
-    env = {"HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
-           "MAX_HEADERS": "50", "MAX_HEADER_BYTES": "8192", "KEEP_ALIVE_TIMEOUT_S": "1"}
+    env = {
+        "HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        "BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        "MAX_HEADERS": "50",
+        "MAX_HEADER_BYTES": "8192",
+        "KEEP_ALIVE_TIMEOUT_S": "1",
+    }
     with live_server(tiny_bundle, env=env, cli=True) as server:
         yield server
 
@@ -53,8 +58,9 @@ def read_until_closed(sock: socket.socket) -> bytes:
         except ConnectionResetError:
             break
         except TimeoutError:
-            raise AssertionError(f"the server kept the connection open for {PATIENCE_S} s") \
-                from None
+            raise AssertionError(
+                f"the server kept the connection open for {PATIENCE_S} s"
+            ) from None
         if not chunk:
             break
         chunks.append(chunk)
@@ -146,9 +152,11 @@ def test_idle_connection_is_closed(hardened: LiveServer) -> None:
 
 def test_slow_body_is_cut_off_with_408(hardened: LiveServer) -> None:
     with connect(hardened) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: 100000\r\n\r\n--b\r\n")
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n--b\r\n"
+        )
         started = time.monotonic()
         try:
             while time.monotonic() - started < PATIENCE_S:
@@ -177,8 +185,9 @@ def test_keep_alive_connection_serves_then_closes_when_idle(hardened: LiveServer
 
 
 def test_connections_beyond_the_cap_are_refused(tiny_bundle: Path) -> None:
-    with live_server(tiny_bundle, env={"MAX_CONNECTIONS": "4", "HEADER_TIMEOUT_S": "60"},
-                     cli=True) as server:
+    with live_server(
+        tiny_bundle, env={"MAX_CONNECTIONS": "4", "HEADER_TIMEOUT_S": "60"}, cli=True
+    ) as server:
         held = [connect(server) for _ in range(4)]
         try:
             # The 4 are open (and idle); a 5th is answered 503 and closed at once.

@@ -11,8 +11,15 @@ from tests.support.live_server import LiveServer
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "integration.md"
-XRAY = REPO / "tests" / "fixtures" / "chest_xray" / "val" / "PNEUMONIA" / (
-    "person1946_bacteria_4874.jpeg")
+XRAY = (
+    REPO
+    / "tests"
+    / "fixtures"
+    / "chest_xray"
+    / "val"
+    / "PNEUMONIA"
+    / ("person1946_bacteria_4874.jpeg")
+)
 
 
 def test_integration_examples_run(server: LiveServer, tmp_path: Path) -> None:

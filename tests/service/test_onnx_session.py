@@ -27,11 +27,13 @@ def test_default_session_is_cpu_with_onnxruntime_defaults(tiny_bundle: Path) -> 
 
 
 def test_service_threads_come_from_the_settings(tiny_bundle: Path) -> None:
-    settings = Settings(model_dir=tiny_bundle, intra_op_threads=2, inter_op_threads=3,
-                        intra_op_spinning=True)
+    settings = Settings(
+        model_dir=tiny_bundle, intra_op_threads=2, inter_op_threads=3, intra_op_spinning=True
+    )
     assert SessionThreads.of(settings) == SessionThreads(2, 3, True)
-    options = make_session(tiny_bundle / "model.onnx",
-                           SessionThreads(2, 3, False)).get_session_options()
+    options = make_session(
+        tiny_bundle / "model.onnx", SessionThreads(2, 3, False)
+    ).get_session_options()
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 3)
     assert options.get_session_config_entry(SPINNING) == "0"
 
@@ -41,14 +43,22 @@ def test_runner_builds_its_session_through_the_factory(
 ) -> None:
     calls: list[tuple[Any, ...]] = []
 
-    def spy(path: Any, threads: SessionThreads = ONNXRUNTIME_DEFAULTS,
-            providers: Any = (CPU,)) -> Any:
+    def spy(
+        path: Any, threads: SessionThreads = ONNXRUNTIME_DEFAULTS, providers: Any = (CPU,)
+    ) -> Any:
         calls.append((Path(path), threads, list(providers)))
         return make_session(path, threads, providers)
 
     monkeypatch.setattr(inference, "make_session", spy)
-    runner = ModelRunner(Settings(model_dir=tiny_bundle, providers="cpu", intra_op_threads=1,
-                                  inter_op_threads=1, intra_op_spinning=False))
+    runner = ModelRunner(
+        Settings(
+            model_dir=tiny_bundle,
+            providers="cpu",
+            intra_op_threads=1,
+            inter_op_threads=1,
+            intra_op_spinning=False,
+        )
+    )
     try:
         runner.load()
         assert runner.state == "ready", runner.error
@@ -59,9 +69,15 @@ def test_runner_builds_its_session_through_the_factory(
     assert options is not None and options.get_session_config_entry(SPINNING) == "0"
 
 
-CALLERS = ["service/inference.py", "export/onnx_export.py", "export/quantize.py",
-           "bench/service_bench.py", "bench/model_latency.py", "tests/support/bundle_factory.py",
-           *sorted(str(p.relative_to(REPO)) for p in (REPO / "tests/export").glob("test_*.py"))]
+CALLERS = [
+    "service/inference.py",
+    "export/onnx_export.py",
+    "export/quantize.py",
+    "bench/service_bench.py",
+    "bench/model_latency.py",
+    "tests/support/bundle_factory.py",
+    *sorted(str(p.relative_to(REPO)) for p in (REPO / "tests/export").glob("test_*.py")),
+]
 
 
 @pytest.mark.parametrize("path", CALLERS)
@@ -69,13 +85,23 @@ def test_sessions_are_built_only_by_the_factory(path: str) -> None:
     """No caller builds an InferenceSession or SessionOptions of its own; the ones that
     build a session import make_session from service.onnx_session."""
     tree = ast.parse((REPO / path).read_text())
-    own = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
-           and getattr(node.func, "attr", None) in ("InferenceSession", "SessionOptions")]
+    own = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "attr", None) in ("InferenceSession", "SessionOptions")
+    ]
     assert own == [], f"{path}: builds its own session at lines {own}"
-    imports = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-               and node.module == "service.onnx_session" for alias in node.names}
-    calls = any(isinstance(node, ast.Call) and getattr(node.func, "id", None) == "make_session"
-                for node in ast.walk(tree))
+    imports = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "service.onnx_session"
+        for alias in node.names
+    }
+    calls = any(
+        isinstance(node, ast.Call) and getattr(node.func, "id", None) == "make_session"
+        for node in ast.walk(tree)
+    )
     if not path.startswith("tests/export/"):  # these build sessions; a test file may not
         assert calls, f"{path}: no make_session call"
     if calls:

@@ -179,8 +179,10 @@ def test_exif_orientation_6_is_honoured(grey: np.ndarray) -> None:
 
 @pytest.mark.parametrize(
     "edits",
-    [TYPE_ERROR_EDITS,  # Make becomes tag 0x013F: TypeError on re-encoding
-     ((41, 28),)],  # Make becomes PlanarConfiguration, a SHORT holding text: struct.error
+    [
+        TYPE_ERROR_EDITS,  # Make becomes tag 0x013F: TypeError on re-encoding
+        ((41, 28),),
+    ],  # Make becomes PlanarConfiguration, a SHORT holding text: struct.error
     ids=["exif-typeerror", "exif-struct-error"],
 )
 def test_damaged_exif_is_a_corrupt_image_not_a_crash(edits: tuple[tuple[int, int], ...]) -> None:
@@ -280,8 +282,18 @@ def test_png_16bit_4_megapixels_decodes_without_float64_copies() -> None:
         np.linspace(-1, 1, 5000, dtype=np.float32).reshape(50, 100),
         np.arange(3 * 20 * 30, dtype=np.uint16).reshape(20, 30, 3),  # RGB DICOM samples
     ],
-    ids=["uint8", "uint16-full", "uint16-big-endian", "int16-full", "int32-narrow",
-         "int32-wide", "float64", "float64-offset", "float32", "rgb"],
+    ids=[
+        "uint8",
+        "uint16-full",
+        "uint16-big-endian",
+        "int16-full",
+        "int32-narrow",
+        "int32-wide",
+        "float64",
+        "float64-offset",
+        "float32",
+        "rgb",
+    ],
 )
 def test_rescale_matches_float64_within_one_grey_level(values: np.ndarray) -> None:
     from service.preprocessing import _rescale_to_uint8
@@ -303,8 +315,9 @@ def test_png_colour_modes_give_the_grey_source(grey: np.ndarray, mode: str) -> N
     source = Image.fromarray(grey)
     if mode == "RGBA":
         converted = source.convert("RGBA")
-        converted.putalpha(Image.fromarray((np.arange(grey.size) % 256).astype(np.uint8)
-                                           .reshape(grey.shape)))  # alpha must be ignored
+        converted.putalpha(
+            Image.fromarray((np.arange(grey.size) % 256).astype(np.uint8).reshape(grey.shape))
+        )  # alpha must be ignored
     else:
         converted = source.convert(mode)
     data = _encode(converted, "PNG")
@@ -454,8 +467,12 @@ def test_dicom_without_pixel_data_is_unsupported(grey: np.ndarray) -> None:
 
 def test_dicom_compressed_syntax_without_a_handler_is_unsupported(grey: np.ndarray) -> None:
     # JPEG-LS needs pyjpegls/GDCM, which the service does not install.
-    data = dicom_bytes(None, rows_columns=grey.shape, transfer_syntax=JPEGLSLossless,
-                       encapsulated_frames=[b"\x00" * 64])
+    data = dicom_bytes(
+        None,
+        rows_columns=grey.shape,
+        transfer_syntax=JPEGLSLossless,
+        encapsulated_frames=[b"\x00" * 64],
+    )
     error = _dicom_error(data)
     assert isinstance(error, UnsupportedImage)
     assert error.code == "unsupported_media_type"
@@ -464,8 +481,12 @@ def test_dicom_compressed_syntax_without_a_handler_is_unsupported(grey: np.ndarr
 
 def test_dicom_jpeg2000_with_declared_but_bogus_data_is_a_clean_error(grey: np.ndarray) -> None:
     # Pillow can decode JPEG 2000, so the handler exists; the "pixel data" is 64 zero bytes.
-    data = dicom_bytes(None, rows_columns=grey.shape, transfer_syntax=JPEG2000Lossless,
-                       encapsulated_frames=[b"\x00" * 64])
+    data = dicom_bytes(
+        None,
+        rows_columns=grey.shape,
+        transfer_syntax=JPEG2000Lossless,
+        encapsulated_frames=[b"\x00" * 64],
+    )
     error = _dicom_error(data)
     assert isinstance(error, UnsupportedImage | CorruptImage)
     assert "JPEG 2000" in error.message

@@ -18,9 +18,12 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="need
 def samples(server: LiveServer) -> dict[str, float]:
     response = httpx.get(server.url("/metrics"), timeout=30)
     assert response.status_code == 200
-    return {sample.name: sample.value
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples if not sample.labels}
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if not sample.labels
+    }
 
 
 def vm_rss_bytes(pid: int) -> int:
@@ -32,9 +35,14 @@ def vm_rss_bytes(pid: int) -> int:
 
 def test_metrics_carry_the_standard_process_series(server: LiveServer) -> None:
     values = samples(server)
-    for name in ("process_resident_memory_bytes", "process_virtual_memory_bytes",
-                 "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
-                 "process_start_time_seconds"):
+    for name in (
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ):
         assert name in values, name
     pid = server.process.pid
     rss = vm_rss_bytes(pid)

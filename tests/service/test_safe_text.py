@@ -9,8 +9,9 @@ from tests.support.leaks import leaks
 def test_filenames_lose_control_and_bidi_characters() -> None:
     # U+202E (RLO) makes "chest\u202egpj.exe" display as "chestexe.jpg".
     assert clean_filename("chest\u202egpj.exe") == "chestgpj.exe"
-    every_bidi = "".join(chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A),
-                                          0x200E, 0x200F, 0x061C])
+    every_bidi = "".join(
+        chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]
+    )
     assert clean_filename(f"a{every_bidi}b.dcm") == "ab.dcm"
     assert clean_filename("x\x00y\r\nz\x1b[31m.png") == "xyz[31m.png"
     assert clean_filename("zero\u200bwidth.jpeg") == "zerowidth.jpeg"  # Cf as well
@@ -32,9 +33,12 @@ def test_redact_removes_reprs_addresses_paths_and_tracebacks() -> None:
         cleaned = redact(message)
         assert cleaned and not leaks(cleaned), (message, cleaned)
     # Our own messages pass unchanged.
-    for message in ("not a JPEG, PNG or DICOM file (unrecognised content)",
-                    "image is 20x20 px; at least 32 px per side is needed",
-                    "at most 1 file(s) per request", "send JPEG/PNG/DICOM"):
+    for message in (
+        "not a JPEG, PNG or DICOM file (unrecognised content)",
+        "image is 20x20 px; at least 32 px per side is needed",
+        "at most 1 file(s) per request",
+        "send JPEG/PNG/DICOM",
+    ):
         assert redact(message) == message
     assert len(redact("x " * 1000)) <= 500
     assert "\n" not in redact("line one\nline two")

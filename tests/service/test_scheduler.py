@@ -33,8 +33,10 @@ class GateModel:
         self.started.set()
         assert self.release.wait(30), "the test never released the gate"
         self.batches.append([int(image[0, 0, 0]) for image in batch])
-        return {"probabilities": batch[:, 0, 0, :2].astype(np.float32),
-                "features": batch.reshape(len(batch), -1)[:, :4].astype(np.float32)}
+        return {
+            "probabilities": batch[:, 0, 0, :2].astype(np.float32),
+            "features": batch.reshape(len(batch), -1)[:, :4].astype(np.float32),
+        }
 
 
 def _image(value: int, size: int = 8) -> np.ndarray:
@@ -135,8 +137,10 @@ def test_a_batch_holds_one_model_only() -> None:
     scheduler = BatchScheduler(max_batch_size=8)
     try:
         _hold(scheduler, first)
-        futures = [scheduler.submit(model, [_image(v)])[0]
-                   for model, v in ((first, 1), (second, 2), (second, 3), (first, 4))]
+        futures = [
+            scheduler.submit(model, [_image(v)])[0]
+            for model, v in ((first, 1), (second, 2), (second, 3), (first, 4))
+        ]
         first.release.set()
         for future in futures:
             future.result(30)
@@ -189,6 +193,7 @@ def test_runner_results_equal_unbatched_onnxruntime(tiny_bundle: Path) -> None:
     rng = np.random.default_rng(7)
     images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(24)]
     try:
+
         async def all_at_once() -> list:
             return await asyncio.gather(*(runner.predict([image]) for image in images))
 

@@ -52,21 +52,29 @@ def run_schemathesis(server: LiveServer, headers: dict[str, str] | None = None) 
 
 
 def check_operation(
-    server: LiveServer, operation: schemathesis.APIOperation, headers: dict[str, str] | None,
+    server: LiveServer,
+    operation: schemathesis.APIOperation,
+    headers: dict[str, str] | None,
     until: float,
 ) -> str | None:
     uploads = "multipart/form-data" in str(operation.definition.raw.get("requestBody", {}))
     excluded = [positive_data_acceptance] if uploads else []
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              phases=[Phase.explicit, Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy())
     def check(case: schemathesis.Case) -> None:
         if time.monotonic() > until:
             return
-        case.call_and_validate(base_url=server.base_url, headers=headers, timeout=60,
-                               excluded_checks=excluded)
+        case.call_and_validate(
+            base_url=server.base_url, headers=headers, timeout=60, excluded_checks=excluded
+        )
 
     try:
         check()

@@ -20,8 +20,16 @@ def keyed_server(tiny_bundle: Path) -> Iterator[LiveServer]:
         yield running
 
 
-@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"X-API-Key": ""},
-                                     {"X-API-Key": KEY + "x"}, {"Authorization": KEY}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-API-Key": "wrong"},
+        {"X-API-Key": ""},
+        {"X-API-Key": KEY + "x"},
+        {"Authorization": KEY},
+    ],
+)
 def test_predict_routes_refuse_without_the_right_key(
     keyed_server: LiveServer, headers: dict[str, str]
 ) -> None:
@@ -45,15 +53,23 @@ def test_predict_routes_accept_the_key(keyed_server: LiveServer) -> None:
         batch = client.post("/predict/batch", files={"files": ("a.jpeg", data)})
         assert batch.status_code == 200
         # Header names are case-insensitive.
-        lower = client.post("/predict", files={"file": ("a.jpeg", data)},
-                            headers={"x-api-key": KEY})
+        lower = client.post(
+            "/predict", files={"file": ("a.jpeg", data)}, headers={"x-api-key": KEY}
+        )
         assert lower.status_code == 200
 
 
 def test_operational_routes_stay_open(keyed_server: LiveServer) -> None:
     with httpx.Client(base_url=keyed_server.base_url, timeout=30) as client:
-        for path in ("/livez", "/health", "/model", "/metrics", "/docs", "/openapi.json",
-                     "/static/swagger-ui/swagger-ui-bundle.js"):
+        for path in (
+            "/livez",
+            "/health",
+            "/model",
+            "/metrics",
+            "/docs",
+            "/openapi.json",
+            "/static/swagger-ui/swagger-ui-bundle.js",
+        ):
             assert client.get(path).status_code == 200, path
         schema = client.get("/openapi.json").json()
     scheme = schema["components"]["securitySchemes"]["ApiKey"]
@@ -65,7 +81,9 @@ def test_operational_routes_stay_open(keyed_server: LiveServer) -> None:
 
 def test_no_key_configured_means_open(server: LiveServer) -> None:
     response = httpx.post(
-        f"{server.base_url}/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())},
-        headers={"X-API-Key": "anything"}, timeout=30,
+        f"{server.base_url}/predict",
+        files={"file": ("a.jpeg", SMALL[0].read_bytes())},
+        headers={"X-API-Key": "anything"},
+        timeout=30,
     )
     assert response.status_code == 200

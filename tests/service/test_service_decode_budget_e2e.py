@@ -51,8 +51,10 @@ def _post_one(server: LiveServer, name: str, data: bytes) -> httpx.Response:
 
 def _post_batch(server: LiveServer, files: list[tuple[str, bytes]]) -> httpx.Response:
     with httpx.Client(base_url=server.base_url, timeout=TIMEOUT) as http:
-        return http.post("/predict/batch", files=[
-            ("files", (name, data, "application/octet-stream")) for name, data in files])
+        return http.post(
+            "/predict/batch",
+            files=[("files", (name, data, "application/octet-stream")) for name, data in files],
+        )
 
 
 def _error(response: httpx.Response, status: int, code: str) -> str:
@@ -80,8 +82,11 @@ def _assert_peak_bounded(server: LiveServer) -> None:
 
 @pytest.mark.parametrize(
     ("rows_columns", "what"),
-    [(None, "declares 16384x16384 16-bit"), ((6000, 6000), "declares 6000x6000 16-bit"),
-     ((512, 512), "declares 512x512, carries 512 MiB")],
+    [
+        (None, "declares 16384x16384 16-bit"),
+        ((6000, 6000), "declares 6000x6000 16-bit"),
+        ((512, 512), "declares 512x512, carries 512 MiB"),
+    ],
     ids=["declares-16384px", "declares-6000px", "lies-about-its-size"],
 )
 def test_deflated_dicom_bombs_single_batched_and_concurrent(
@@ -91,7 +96,8 @@ def test_deflated_dicom_bombs_single_batched_and_concurrent(
     assert len(bomb) < 600_000, what
     _error(_post_one(attacked, "bomb.dcm", bomb), 413, "image_too_large")
     assert _batch_codes(_post_batch(attacked, [("bomb.dcm", bomb)] * 4)) == (
-        ["image_too_large"] * 4)
+        ["image_too_large"] * 4
+    )
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: _post_one(attacked, "bomb.dcm", bomb), range(8)))
     for response in answers:
@@ -105,7 +111,8 @@ def test_progressive_jpeg_with_500_scans_is_refused(attacked: LiveServer) -> Non
     message = _error(_post_one(attacked, "scans.jpeg", data), 422, "image_too_complex")
     assert "scans" in message
     assert _batch_codes(_post_batch(attacked, [("scans.jpeg", data)] * 4)) == (
-        ["image_too_complex"] * 4)
+        ["image_too_complex"] * 4
+    )
     _assert_healthy(attacked)
 
 
@@ -142,22 +149,33 @@ def test_twenty_byte_jpeg_error_text_is_our_own(attacked: LiveServer) -> None:
 
 def test_batch_filenames_are_cleaned(attacked: LiveServer) -> None:
     """Filenames go out as sent in the multipart body (UTF-8, no client-side escaping)."""
-    sent = ["chest\u202egpj.exe", "a\x1b[31mred\x07.jpeg", "x" * 300 + ".jpeg",
-            "\u2066\u200f"]
+    sent = ["chest\u202egpj.exe", "a\x1b[31mred\x07.jpeg", "x" * 300 + ".jpeg", "\u2066\u200f"]
     data = FULLRES[0].read_bytes()
     boundary = "pneumoscreen-test-boundary"
-    body = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"'
-        f"\r\nContent-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n"
-        for name in sent
-    ) + f"--{boundary}--\r\n".encode()
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"'
+            f"\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+            for name in sent
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
     with httpx.Client(base_url=attacked.base_url, timeout=TIMEOUT) as http:
-        response = http.post("/predict/batch", content=body, headers={
-            "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = http.post(
+            "/predict/batch",
+            content=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
     assert response.status_code == 200, response.text[:500]
     results = response.json()["results"]
     assert [r.get("filename") for r in results] == [
-        "chestgpj.exe", "a[31mred.jpeg", "x" * 255, None]
+        "chestgpj.exe",
+        "a[31mred.jpeg",
+        "x" * 255,
+        None,
+    ]
     assert all(r.get("label") for r in results)
 
 

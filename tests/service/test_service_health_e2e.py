@@ -103,8 +103,11 @@ def test_valid_bundle_is_ready_with_providers(server: LiveServer, tiny_bundle: P
         assert health.status_code == 200
         body = health.json()
         assert body["status"] == "ok"
-        assert body["model"] == {"name": meta.name, "version": meta.version,
-                                 "sha256": meta.onnx_sha256}
+        assert body["model"] == {
+            "name": meta.name,
+            "version": meta.version,
+            "sha256": meta.onnx_sha256,
+        }
         assert "CPUExecutionProvider" in body["providers"]
         assert "error" not in body
 

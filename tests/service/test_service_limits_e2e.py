@@ -91,8 +91,8 @@ def test_disallowed_type(limited: LiveServer) -> None:
 def _multipart(data: bytes, field: str = "file") -> tuple[bytes, str]:
     boundary = "pneumoscreen-test-boundary"
     head = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
-        f"filename=\"a.jpeg\"\r\nContent-Type: image/jpeg\r\n\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+        f'filename="a.jpeg"\r\nContent-Type: image/jpeg\r\n\r\n'
     ).encode()
     return head + data + f"\r\n--{boundary}--\r\n".encode(), boundary
 
@@ -113,7 +113,7 @@ def test_request_too_large_while_streaming(limited: LiveServer) -> None:
 
     def chunks() -> Iterator[bytes]:
         for start in range(0, len(body), 64 * 1024):
-            yield body[start:start + 64 * 1024]
+            yield body[start : start + 64 * 1024]
 
     response = httpx.post(
         f"{limited.base_url}/predict/batch",
@@ -136,7 +136,7 @@ def test_raw_chunked_upload_is_cut_off(limited: LiveServer) -> None:
         sock.sendall(head)
         try:
             for start in range(0, len(body), 64 * 1024):
-                chunk = body[start:start + 64 * 1024]
+                chunk = body[start : start + 64 * 1024]
                 sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
             sock.sendall(b"0\r\n\r\n")
         except OSError:

@@ -91,16 +91,26 @@ def test_openapi_documents_routes_and_disclaimer(server: LiveServer) -> None:
     description = schema["info"]["description"].lower()
     assert "screening aid" in description and "not a diagnosis" in description
     paths = schema["paths"]
-    for path, method in [("/predict", "post"), ("/predict/batch", "post"), ("/health", "get"),
-                         ("/livez", "get"), ("/model", "get"), ("/metrics", "get")]:
+    for path, method in [
+        ("/predict", "post"),
+        ("/predict/batch", "post"),
+        ("/health", "get"),
+        ("/livez", "get"),
+        ("/model", "get"),
+        ("/metrics", "get"),
+    ]:
         assert method in paths[path], path
     single = paths["/predict"]["post"]
     form = single["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert form["properties"]["file"] == {**form["properties"]["file"],
-                                           "type": "string", "format": "binary"}
+    assert form["properties"]["file"] == {
+        **form["properties"]["file"],
+        "type": "string",
+        "format": "binary",
+    }
     assert form["required"] == ["file"]
-    batch_form = paths["/predict/batch"]["post"]["requestBody"]["content"][
-        "multipart/form-data"]["schema"]
+    batch_form = paths["/predict/batch"]["post"]["requestBody"]["content"]["multipart/form-data"][
+        "schema"
+    ]
     assert batch_form["properties"]["files"]["items"]["format"] == "binary"
     for status in ("200", "400", "401", "413", "415", "422", "503"):
         assert status in single["responses"], status

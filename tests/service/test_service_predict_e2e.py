@@ -211,8 +211,9 @@ def test_three_label_bundle(three_label_server: tuple[LiveServer, Path]) -> None
             "/predict/batch", files=[("files", (p.name, p.read_bytes())) for p in SMALL[:3]]
         ).json()
         assert len(batch["results"]) == 3
-        assert all(set(r["probabilities"]) == {"NORMAL", "BACTERIAL", "VIRAL"}
-                   for r in batch["results"])
+        assert all(
+            set(r["probabilities"]) == {"NORMAL", "BACTERIAL", "VIRAL"} for r in batch["results"]
+        )
 
 
 def test_concurrent_requests_agree(server: LiveServer) -> None:

@@ -52,11 +52,11 @@ def _bright_dataset() -> pydicom.Dataset:
     return make_dataset(pixels)
 
 
-def _post(server: LiveServer, data: bytes, accept: str | None, route: str = "/predict"
-          ) -> httpx.Response:
+def _post(
+    server: LiveServer, data: bytes, accept: str | None, route: str = "/predict"
+) -> httpx.Response:
     headers = {"Accept": accept} if accept else {}
-    return httpx.post(server.url(route), files={"file": ("x", data)}, headers=headers,
-                      timeout=60)
+    return httpx.post(server.url(route), files={"file": ("x", data)}, headers=headers, timeout=60)
 
 
 def _image_group(sr_dataset: pydicom.Dataset) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -116,7 +116,8 @@ def test_dicom_in_sr_out(server: LiveServer, tiny_bundle: Path) -> None:
         for item in container.ContentSequence:  # the group's own items, not the measurement's
             if item.ValueType == "TEXT":
                 texts.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, []).append(
-                    item.TextValue)
+                    item.TextValue
+                )
         assert texts["Algorithm Name"] == [meta.name]
         assert texts["Algorithm Version"] == [meta.version]
         assert f"model.onnx sha256: {meta.onnx_sha256}" in texts["Algorithm Parameters"]
@@ -228,14 +229,16 @@ def test_fhir_bundle_for_a_dicom_names_patient_study_and_order(server: LiveServe
     assert observation.interpretation[0].coding[0].code == "POS"
 
 
-def test_batch_multipart_related_sr_in_request_order(server: LiveServer, tiny_bundle: Path
-                                                     ) -> None:
+def test_batch_multipart_related_sr_in_request_order(server: LiveServer, tiny_bundle: Path) -> None:
     sources = [_xray_dataset(), _bright_dataset()]
-    files = [("files", ("a.dcm", to_bytes(sources[0]))),
-             ("files", ("b.jpeg", FULLRES[2].read_bytes())),
-             ("files", ("c.dcm", to_bytes(sources[1])))]
-    response = httpx.post(server.url("/predict/batch"), files=files,
-                          headers={"Accept": MULTIPART_SR}, timeout=60)
+    files = [
+        ("files", ("a.dcm", to_bytes(sources[0]))),
+        ("files", ("b.jpeg", FULLRES[2].read_bytes())),
+        ("files", ("c.dcm", to_bytes(sources[1]))),
+    ]
+    response = httpx.post(
+        server.url("/predict/batch"), files=files, headers={"Accept": MULTIPART_SR}, timeout=60
+    )
     assert response.status_code == 200, response.text
     content_type = response.headers["content-type"]
     assert content_type.startswith('multipart/related; type="application/dicom"; boundary=')
@@ -244,7 +247,9 @@ def test_batch_multipart_related_sr_in_request_order(server: LiveServer, tiny_bu
     )
     parts = list(message.iter_parts())
     assert [part.get_content_type() for part in parts] == [
-        "application/dicom", "application/json", "application/dicom"
+        "application/dicom",
+        "application/json",
+        "application/dicom",
     ]
     error = json.loads(parts[1].get_payload(decode=True))
     assert error["error"]["code"] == "dicom_input_required" and error["filename"] == "b.jpeg"
@@ -258,36 +263,54 @@ def test_batch_multipart_related_sr_in_request_order(server: LiveServer, tiny_bu
 
 
 def test_batch_fhir_one_bundle_with_an_outcome_per_bad_file(server: LiveServer) -> None:
-    files = [("files", ("a.jpeg", FULLRES[0].read_bytes())),
-             ("files", ("b.txt", b"not an image")),
-             ("files", ("c.dcm", to_bytes(_xray_dataset())))]
-    response = httpx.post(server.url("/predict/batch"), files=files,
-                          headers={"Accept": FHIR}, timeout=60)
+    files = [
+        ("files", ("a.jpeg", FULLRES[0].read_bytes())),
+        ("files", ("b.txt", b"not an image")),
+        ("files", ("c.dcm", to_bytes(_xray_dataset()))),
+    ]
+    response = httpx.post(
+        server.url("/predict/batch"), files=files, headers={"Accept": FHIR}, timeout=60
+    )
     bundle = _fhir_bundle(response)
     kinds = [entry.resource.get_resource_type() for entry in bundle.entry]
-    assert kinds == ["DiagnosticReport", "Observation", "OperationOutcome",
-                     "DiagnosticReport", "Observation", "Device"]
+    assert kinds == [
+        "DiagnosticReport",
+        "Observation",
+        "OperationOutcome",
+        "DiagnosticReport",
+        "Observation",
+        "Device",
+    ]
     (outcome,) = _resources(bundle, "OperationOutcome")
     assert outcome.issue[0].details.text == "unsupported_media_type"
 
 
-@pytest.mark.parametrize(("route", "accept"), [
-    ("/predict", "text/html"),
-    ("/predict", "application/dicom;q=0, application/json;q=0"),
-    ("/predict", MULTIPART_SR),
-    ("/predict/batch", "application/dicom"),
-    ("/predict", "application/fhir+json; fhirVersion=5.0"),
-])
+@pytest.mark.parametrize(
+    ("route", "accept"),
+    [
+        ("/predict", "text/html"),
+        ("/predict", "application/dicom;q=0, application/json;q=0"),
+        ("/predict", MULTIPART_SR),
+        ("/predict/batch", "application/dicom"),
+        ("/predict", "application/fhir+json; fhirVersion=5.0"),
+    ],
+)
 def test_not_acceptable(server: LiveServer, route: str, accept: str) -> None:
     field = "file" if route == "/predict" else "files"
-    response = httpx.post(server.url(route), headers={"Accept": accept}, timeout=30,
-                          files={field: ("x.jpeg", FULLRES[0].read_bytes())})
+    response = httpx.post(
+        server.url(route),
+        headers={"Accept": accept},
+        timeout=30,
+        files={field: ("x.jpeg", FULLRES[0].read_bytes())},
+    )
     assert response.status_code == 406
     assert response.json()["error"]["code"] == "not_acceptable"
 
 
-@pytest.mark.parametrize("accept", [None, "*/*", "application/*", "application/json",
-                                    "text/html, application/json;q=0.5"])
+@pytest.mark.parametrize(
+    "accept",
+    [None, "*/*", "application/*", "application/json", "text/html, application/json;q=0.5"],
+)
 def test_json_stays_the_default(server: LiveServer, accept: str | None) -> None:
     response = _post(server, FULLRES[0].read_bytes(), accept)
     assert response.status_code == 200
@@ -302,7 +325,8 @@ def test_openapi_shows_the_accept_variants(server: LiveServer) -> None:
     assert set(single["200"]["content"]) == {"application/json", SR, FHIR}
     assert set(batch["200"]["content"]) == {"application/json", MULTIPART_SR, FHIR}
     assert single["200"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/Prediction"}
+        "$ref": "#/components/schemas/Prediction"
+    }
     assert "406" in single and "422" in single and "406" in batch
     assert "dicom_input_required" in single["422"]["description"]
 
@@ -310,8 +334,10 @@ def test_openapi_shows_the_accept_variants(server: LiveServer) -> None:
 DCIODVFY = shutil.which("dciodvfy")
 
 
-@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy absent (Debian: apt-get install "
-                    "dicom3tools; .ci/run installs it)")
+@pytest.mark.skipif(
+    DCIODVFY is None,
+    reason="dciodvfy absent (Debian: apt-get install dicom3tools; .ci/run installs it)",
+)
 def test_sr_passes_the_dicom_iod_validator(server: LiveServer, tmp_path: Path) -> None:
     anonymised = _xray_dataset()
     for name in ("PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber"):
@@ -322,14 +348,18 @@ def test_sr_passes_the_dicom_iod_validator(server: LiveServer, tmp_path: Path) -
         path = tmp_path / f"sr{index}.dcm"
         path.write_bytes(response.content)
         assert DCIODVFY is not None
-        result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True,
-                                timeout=60, check=False)
+        result = subprocess.run(
+            [DCIODVFY, str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
         report = (result.stdout + result.stderr).strip()
         # dciodvfy names the IOD it recognised, with a line per error or warning.
         assert "ComprehensiveSR" in report.splitlines(), report
         # The test images have no StudyTime or StudyID: the SR copies them as empty
         # (Type 2), which dciodvfy only notes as too little for a DICOMDIR.
-        problems = [line for line in report.splitlines()
-                    if line.startswith(("Error", "Warning"))
-                    and "needed to build DICOMDIR - Study " not in line]
+        problems = [
+            line
+            for line in report.splitlines()
+            if line.startswith(("Error", "Warning"))
+            and "needed to build DICOMDIR - Study " not in line
+        ]
         assert not problems, report

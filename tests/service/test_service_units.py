@@ -69,8 +69,11 @@ def test_every_image_error_code_has_its_documented_status() -> None:
     from service import preprocessing
     from service.errors import ERROR_CODES, IMAGE_ERROR_STATUS, image_error
 
-    classes = [obj for obj in vars(preprocessing).values()
-               if isinstance(obj, type) and issubclass(obj, preprocessing.ImageError)]
+    classes = [
+        obj
+        for obj in vars(preprocessing).values()
+        if isinstance(obj, type) and issubclass(obj, preprocessing.ImageError)
+    ]
     assert {cls.code for cls in classes} == set(IMAGE_ERROR_STATUS)
     for cls in classes:
         api = image_error(cls("x"))
@@ -115,8 +118,7 @@ def test_log_levels_accepted_are_the_documented_ones(monkeypatch: pytest.MonkeyP
     for doc in ("docs/api.md", "README.md"):
         row = re.search(r"^\| `LOG_LEVEL` \|.*$", (REPO / doc).read_text(), re.MULTILINE)
         assert row, doc
-        documented = set(re.findall(r"\b(critical|error|warning|info|debug|trace)\b",
-                                    row.group(0)))
+        documented = set(re.findall(r"\b(critical|error|warning|info|debug|trace)\b", row.group(0)))
         assert documented == set(LOG_LEVELS), doc
     for level in LOG_LEVELS:
         monkeypatch.setenv("LOG_LEVEL", level.upper())
@@ -131,8 +133,17 @@ def test_model_card_example_uses_the_bundle_metric_names() -> None:
 
     [example] = ModelInfo.model_fields["validation_metrics"].examples
     # export/onnx_export.py writes training.metrics.binary_metrics' names.
-    assert set(example) <= {"auc", "sensitivity", "specificity", "accuracy", "precision",
-                            "f1", "n", "n_positive", "confusion_matrix"}
+    assert set(example) <= {
+        "auc",
+        "sensitivity",
+        "specificity",
+        "accuracy",
+        "precision",
+        "f1",
+        "n",
+        "n_positive",
+        "confusion_matrix",
+    }
 
 
 def test_providers_choice() -> None:
@@ -152,13 +163,15 @@ def test_key_comparison() -> None:
 
 
 def test_openapi_rewrite_to_3_0() -> None:
-    rewritten = openapi_3_0({
-        "a": {"anyOf": [{"type": "string"}, {"type": "null"}], "title": "A"},
-        "b": {"anyOf": [{"$ref": "#/x"}, {"type": "null"}]},
-        "c": {"type": "string", "contentMediaType": "application/octet-stream"},
-        "d": {"type": "integer", "examples": [3, 4]},
-        "e": {"const": "ok"},
-    })
+    rewritten = openapi_3_0(
+        {
+            "a": {"anyOf": [{"type": "string"}, {"type": "null"}], "title": "A"},
+            "b": {"anyOf": [{"$ref": "#/x"}, {"type": "null"}]},
+            "c": {"type": "string", "contentMediaType": "application/octet-stream"},
+            "d": {"type": "integer", "examples": [3, 4]},
+            "e": {"const": "ok"},
+        }
+    )
     assert rewritten["a"] == {"type": "string", "nullable": True, "title": "A"}
     assert rewritten["b"] == {"allOf": [{"$ref": "#/x"}], "nullable": True}
     assert rewritten["c"] == {"type": "string", "format": "binary"}
@@ -215,10 +228,12 @@ def test_model_not_ready_raised_anywhere_is_a_503_not_a_500(tiny_bundle: Path) -
                 "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
             )
             assert response.status_code == 503, response.text
-            assert response.json() == {"error": {
-                "code": "model_not_ready",
-                "message": "the model is not ready: unloaded mid-request",
-            }}
+            assert response.json() == {
+                "error": {
+                    "code": "model_not_ready",
+                    "message": "the model is not ready: unloaded mid-request",
+                }
+            }
             assert response.headers["retry-after"] == "5"
 
     asyncio.run(run())
@@ -242,10 +257,12 @@ def test_unexpected_exception_is_a_json_500_without_traceback(tiny_bundle: Path)
                 "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
             )
             assert response.status_code == 500
-            assert response.json() == {"error": {
-                "code": "internal_error",
-                "message": "unexpected server error; see the server log",
-            }}
+            assert response.json() == {
+                "error": {
+                    "code": "internal_error",
+                    "message": "unexpected server error; see the server log",
+                }
+            }
             assert "secret internal detail" not in response.text
             metrics = (await client.get("/metrics")).text
             assert 'route="/predict",status="500"' in metrics
@@ -308,16 +325,23 @@ def test_every_error_code_is_in_the_docs_table_with_its_status() -> None:
     from service.errors import ERROR_CODES
 
     text = (REPO / "docs/api.md").read_text()
-    documented = {code: int(status) for status, code in
-                  re.findall(r"^\| (\d{3})\s+\| `([a-z_]+)`", text, re.MULTILINE)}
+    documented = {
+        code: int(status)
+        for status, code in re.findall(r"^\| (\d{3})\s+\| `([a-z_]+)`", text, re.MULTILINE)
+    }
     assert documented  # the table is there
     for code, (status, _) in ERROR_CODES.items():
         assert documented.get(code) == status, f"docs/api.md: {code} should be {status}"
 
 
 def test_scheduler_settings_reach_the_runner(tiny_bundle: Path) -> None:
-    settings = Settings(model_dir=tiny_bundle, max_queue=7, max_batch_size=3,
-                        max_batch_wait_ms=2.5, inference_threads=2)
+    settings = Settings(
+        model_dir=tiny_bundle,
+        max_queue=7,
+        max_batch_size=3,
+        max_batch_wait_ms=2.5,
+        inference_threads=2,
+    )
     runner = ModelRunner(settings)
     try:
         assert runner.admission.max_images == 7

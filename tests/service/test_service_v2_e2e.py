@@ -37,8 +37,9 @@ def _files() -> list[tuple[str, bytes]]:
 
 
 def _client(server: LiveServer) -> triton.InferenceServerClient:
-    return triton.InferenceServerClient(url=server.base_url.removeprefix("http://"),
-                                        network_timeout=60.0)
+    return triton.InferenceServerClient(
+        url=server.base_url.removeprefix("http://"), network_timeout=60.0
+    )
 
 
 def _image_input(files: list[bytes], binary: bool) -> triton.InferInput:
@@ -53,8 +54,11 @@ def _image_input(files: list[bytes], binary: bool) -> triton.InferInput:
 
 
 def _batch(server: LiveServer, files: list[tuple[str, bytes]]) -> list[dict]:
-    response = httpx.post(server.url("/predict/batch"), timeout=60,
-                          files=[("files", (name, data)) for name, data in files])
+    response = httpx.post(
+        server.url("/predict/batch"),
+        timeout=60,
+        files=[("files", (name, data)) for name, data in files],
+    )
     assert response.status_code == 200, response.text
     return response.json()["results"]
 
@@ -65,8 +69,9 @@ def test_infer_equals_predict_batch(server: LiveServer, tiny_bundle: Path, binar
     files = _files()
     expected = _batch(server, files)
     outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in OUTPUTS]
-    result = _client(server).infer(MODEL, [_image_input([d for _, d in files], binary)],
-                                   outputs=outputs, request_id="req-17")
+    result = _client(server).infer(
+        MODEL, [_image_input([d for _, d in files], binary)], outputs=outputs, request_id="req-17"
+    )
     response = result.get_response()
     assert response["id"] == "req-17"
     assert (response["model_name"], response["model_version"]) == (MODEL, VERSION)
@@ -81,7 +86,8 @@ def test_infer_equals_predict_batch(server: LiveServer, tiny_bundle: Path, binar
     got_labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
     assert got_labels == [item["label"] for item in expected]
     assert result.as_numpy("screen_positive").tolist() == [
-        item["screen_positive"] for item in expected]
+        item["screen_positive"] for item in expected
+    ]
 
 
 def test_infer_default_outputs_are_binary_and_versioned_route(server: LiveServer) -> None:
@@ -90,11 +96,15 @@ def test_infer_default_outputs_are_binary_and_versioned_route(server: LiveServer
     # No outputs named: tritonclient asks for all of them in binary (binary_data_output).
     plain = client.infer(MODEL, [_image_input(files, True)])
     versioned = client.infer(MODEL, [_image_input(files, True)], model_version=VERSION)
-    np.testing.assert_array_equal(plain.as_numpy("probabilities"),
-                                  versioned.as_numpy("probabilities"))
+    np.testing.assert_array_equal(
+        plain.as_numpy("probabilities"), versioned.as_numpy("probabilities")
+    )
     assert all("parameters" in o for o in plain.get_response()["outputs"])
-    only = client.infer(MODEL, [_image_input(files, False)],
-                        outputs=[triton.InferRequestedOutput("screen_positive", False)])
+    only = client.infer(
+        MODEL,
+        [_image_input(files, False)],
+        outputs=[triton.InferRequestedOutput("screen_positive", False)],
+    )
     assert [o["name"] for o in only.get_response()["outputs"]] == ["screen_positive"]
 
 
@@ -103,10 +113,12 @@ def test_infer_compressed_request(server: LiveServer) -> None:
     client = _client(server)
     plain = client.infer(MODEL, [_image_input(files, True)])
     for algorithm in ("gzip", "deflate"):
-        packed = client.infer(MODEL, [_image_input(files, True)],
-                              request_compression_algorithm=algorithm)
-        np.testing.assert_array_equal(plain.as_numpy("probabilities"),
-                                      packed.as_numpy("probabilities"))
+        packed = client.infer(
+            MODEL, [_image_input(files, True)], request_compression_algorithm=algorithm
+        )
+        np.testing.assert_array_equal(
+            plain.as_numpy("probabilities"), packed.as_numpy("probabilities")
+        )
 
 
 def test_health_and_metadata(server: LiveServer) -> None:
@@ -120,7 +132,8 @@ def test_health_and_metadata(server: LiveServer) -> None:
     assert model["name"] == MODEL and model["versions"] == [VERSION]
     assert model["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert {o["name"]: (o["datatype"], o["shape"]) for o in model["outputs"]} == {
-        "probabilities": ("FP32", [-1, 2]), "label": ("BYTES", [-1]),
+        "probabilities": ("FP32", [-1, 2]),
+        "label": ("BYTES", [-1]),
         "screen_positive": ("BOOL", [-1]),
     }
     assert client.get_model_metadata(MODEL, VERSION) == model
@@ -137,8 +150,7 @@ def test_errors_through_the_client(server: LiveServer) -> None:
     files = [data for _, data in _files()[:1]]
     unknown = _triton_error(lambda: client.infer("other-model", [_image_input(files, True)]))
     assert unknown.status() == "404" and "other-model" in unknown.message()
-    wrong_version = _triton_error(
-        lambda: client.get_model_metadata(MODEL, model_version="9"))
+    wrong_version = _triton_error(lambda: client.get_model_metadata(MODEL, model_version="9"))
     assert wrong_version.status() == "404"
     bad = [FULLRES[0].read_bytes(), b"GIF89a not an x-ray"]
     unsupported = _triton_error(lambda: client.infer(MODEL, [_image_input(bad, True)]))
@@ -157,27 +169,62 @@ def png_tiny() -> bytes:
 
 
 def _json_infer(server: LiveServer, body: object, **headers: str) -> httpx.Response:
-    return httpx.post(server.url(f"/v2/models/{MODEL}/infer"), timeout=30,
-                      content=json.dumps(body).encode(), headers=headers)
+    return httpx.post(
+        server.url(f"/v2/models/{MODEL}/infer"),
+        timeout=30,
+        content=json.dumps(body).encode(),
+        headers=headers,
+    )
 
 
-@pytest.mark.parametrize(("body", "status", "fragment"), [
-    ({"inputs": []}, 400, "exactly one input"),
-    ({"inputs": [{"name": "pixels", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}]},
-     400, "unknown input"),
-    ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1], "data": [1]}]},
-     400, "must be BYTES"),
-    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AA=="]}]},
-     400, "shape [2] but 1 data"),
-    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]},
-     400, "not base64"),
-    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [33],
-                  "data": ["AA=="] * 33}]}, 413, "at most 32"),
-    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [""]}]},
-     400, "empty_file"),
-    ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}],
-      "outputs": [{"name": "logits"}]}, 400, "unknown output"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"inputs": []}, 400, "exactly one input"),
+        (
+            {"inputs": [{"name": "pixels", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}]},
+            400,
+            "unknown input",
+        ),
+        (
+            {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1], "data": [1]}]},
+            400,
+            "must be BYTES",
+        ),
+        (
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AA=="]}]},
+            400,
+            "shape [2] but 1 data",
+        ),
+        (
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]},
+            400,
+            "not base64",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "image", "datatype": "BYTES", "shape": [33], "data": ["AA=="] * 33}
+                ]
+            },
+            413,
+            "at most 32",
+        ),
+        (
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [""]}]},
+            400,
+            "empty_file",
+        ),
+        (
+            {
+                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}],
+                "outputs": [{"name": "logits"}],
+            },
+            400,
+            "unknown output",
+        ),
+    ],
+)
 def test_protocol_errors_have_the_protocol_shape(
     server: LiveServer, body: object, status: int, fragment: str
 ) -> None:
@@ -189,11 +236,25 @@ def test_protocol_errors_have_the_protocol_shape(
 
 
 def test_binary_framing_errors(server: LiveServer) -> None:
-    head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                   "parameters": {"binary_data_size": 10}}]}).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": 10},
+                }
+            ]
+        }
+    ).encode()
     url = server.url(f"/v2/models/{MODEL}/infer")
-    short = httpx.post(url, content=head + b"\x05\x00\x00\x00abc", timeout=30,
-                       headers={"Inference-Header-Content-Length": str(len(head))})
+    short = httpx.post(
+        url,
+        content=head + b"\x05\x00\x00\x00abc",
+        timeout=30,
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
     assert short.status_code == 400 and "binary_data_size" in short.json()["error"]
     no_header = httpx.post(url, content=head + b"\x06\x00\x00\x00abcdef", timeout=30)
     assert no_header.status_code == 400 and "not valid JSON" in no_header.json()["error"]
@@ -201,15 +262,17 @@ def test_binary_framing_errors(server: LiveServer) -> None:
 
 def test_unknown_routes_and_methods(server: LiveServer) -> None:
     assert httpx.get(server.url("/v2/repository/index"), timeout=30).json() == {
-        "error": "no such route of the inference protocol"}
+        "error": "no such route of the inference protocol"
+    }
     wrong = httpx.delete(server.url(f"/v2/models/{MODEL}"), timeout=30)
     assert wrong.status_code == 405 and set(wrong.json()) == {"error"}
 
 
 def test_declared_body_over_the_limit_is_a_protocol_error(tiny_bundle: Path) -> None:
     with live_server(tiny_bundle, env={"MAX_REQUEST_BYTES": "1000"}) as server:
-        response = httpx.post(server.url(f"/v2/models/{MODEL}/infer"), content=b"x" * 2000,
-                              timeout=30)
+        response = httpx.post(
+            server.url(f"/v2/models/{MODEL}/infer"), content=b"x" * 2000, timeout=30
+        )
         assert response.status_code == 413
         assert "larger than the limit" in response.json()["error"]
 
@@ -236,9 +299,15 @@ def test_v2_requests_are_counted_and_in_openapi(server: LiveServer) -> None:
     metrics = httpx.get(server.url("/metrics"), timeout=30).text
     assert 'route="/v2/models/{name}/infer"' in metrics
     paths = httpx.get(server.url("/openapi.json"), timeout=30).json()["paths"]
-    for path in ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}",
-                 "/v2/models/{name}/ready", "/v2/models/{name}/infer",
-                 "/v2/models/{name}/versions/{version}/infer"):
+    for path in (
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/{name}",
+        "/v2/models/{name}/ready",
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+    ):
         assert path in paths, path
 
 
@@ -246,8 +315,12 @@ def test_gzip_bomb_is_refused(tiny_bundle: Path) -> None:
     with live_server(tiny_bundle, env={"MAX_REQUEST_BYTES": "100000"}) as server:
         bomb = gzip.compress(b"\0" * 5_000_000)
         assert len(bomb) < 100_000
-        response = httpx.post(server.url(f"/v2/models/{MODEL}/infer"), content=bomb,
-                              headers={"Content-Encoding": "gzip"}, timeout=30)
+        response = httpx.post(
+            server.url(f"/v2/models/{MODEL}/infer"),
+            content=bomb,
+            headers={"Content-Encoding": "gzip"},
+            timeout=30,
+        )
         assert response.status_code == 413
         assert "decompressed body" in response.json()["error"]
 

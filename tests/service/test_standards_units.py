@@ -26,25 +26,28 @@ REPO = Path(__file__).resolve().parents[2]
 SINGLE = (JSON, DICOM, FHIR)
 
 
-@pytest.mark.parametrize(("accept", "expected"), [
-    (None, JSON),
-    ("", JSON),
-    ("*/*", JSON),
-    ("application/dicom", DICOM),
-    ("application/dicom, application/json", DICOM),
-    ("application/json, application/dicom", JSON),
-    ("application/json;q=0.4, application/dicom;q=0.9", DICOM),
-    ("application/dicom, */*", DICOM),
-    ("*/*;q=0.1, application/fhir+json", FHIR),
-    ("application/fhir+json; fhirVersion=4.0", FHIR),
-    ("APPLICATION/DICOM", DICOM),
-    ("application/*", JSON),
-    ("text/html", None),
-    ("application/dicom;q=0", None),
-    ("*/*, application/json;q=0", DICOM),
-    ("application/fhir+json; fhirVersion=5.0", None),
-    ("nonsense", JSON),  # nothing parses: as if absent
-])
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (None, JSON),
+        ("", JSON),
+        ("*/*", JSON),
+        ("application/dicom", DICOM),
+        ("application/dicom, application/json", DICOM),
+        ("application/json, application/dicom", JSON),
+        ("application/json;q=0.4, application/dicom;q=0.9", DICOM),
+        ("application/dicom, */*", DICOM),
+        ("*/*;q=0.1, application/fhir+json", FHIR),
+        ("application/fhir+json; fhirVersion=4.0", FHIR),
+        ("APPLICATION/DICOM", DICOM),
+        ("application/*", JSON),
+        ("text/html", None),
+        ("application/dicom;q=0", None),
+        ("*/*, application/json;q=0", DICOM),
+        ("application/fhir+json; fhirVersion=5.0", None),
+        ("nonsense", JSON),  # nothing parses: as if absent
+    ],
+)
 def test_choose(accept: str | None, expected: MediaType | None) -> None:
     assert choose(accept, SINGLE) == expected
 
@@ -60,59 +63,87 @@ def test_choose_multipart_needs_the_type_parameter() -> None:
 def _binary_request(files: list[bytes], **extra: object) -> tuple[bytes, str]:
     # As tritonclient's InferInput does with binary_data=True.
     blob = serialize_byte_tensor(np.array(files, dtype=np.object_)).item()
-    head = json.dumps({
-        "id": "7",
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(files)],
-                    "parameters": {"binary_data_size": len(blob)}}],
-        **extra,
-    }).encode()
+    head = json.dumps(
+        {
+            "id": "7",
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [len(files)],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ],
+            **extra,
+        }
+    ).encode()
     return head + blob, str(len(head))
 
 
 def test_codec_reads_tritonclient_bytes_and_writes_what_it_reads() -> None:
     files = [b"\xff\xd8\xff first", b"", b"\x89PNG\r\n\x1a\n third"]
     body, length = _binary_request(
-        files, outputs=[{"name": "label", "parameters": {"binary_data": True}},
-                        {"name": "probabilities"}, {"name": "screen_positive",
-                                                    "parameters": {"binary_data": True}}])
+        files,
+        outputs=[
+            {"name": "label", "parameters": {"binary_data": True}},
+            {"name": "probabilities"},
+            {"name": "screen_positive", "parameters": {"binary_data": True}},
+        ],
+    )
     request = oip.parse_infer_request(body, length, max_items=8, max_item_bytes=1000)
     assert request.images == files and request.id == "7"
     assert [(o.name, o.binary) for o in request.outputs] == [
-        ("label", True), ("probabilities", False), ("screen_positive", True)]
+        ("label", True),
+        ("probabilities", False),
+        ("screen_positive", True),
+    ]
     tensors = oip.output_tensors(
         ["NORMAL", "PNEUMONIA"],
-        [{"NORMAL": 0.25, "PNEUMONIA": 0.75}, {"NORMAL": 0.9, "PNEUMONIA": 0.1},
-         {"NORMAL": 0.5, "PNEUMONIA": 0.5}],
-        ["PNEUMONIA", "NORMAL", "PNEUMONIA"], [True, False, True],
+        [
+            {"NORMAL": 0.25, "PNEUMONIA": 0.75},
+            {"NORMAL": 0.9, "PNEUMONIA": 0.1},
+            {"NORMAL": 0.5, "PNEUMONIA": 0.5},
+        ],
+        ["PNEUMONIA", "NORMAL", "PNEUMONIA"],
+        [True, False, True],
     )
     response, header_length = oip.encode_infer_response("m", "1", request, tensors)
     result = InferResult.from_response_body(response, header_length=header_length)
     np.testing.assert_array_equal(
         result.as_numpy("probabilities"),
-        np.array([[0.25, 0.75], [0.9, 0.1], [0.5, 0.5]], dtype=np.float32))
+        np.array([[0.25, 0.75], [0.9, 0.1], [0.5, 0.5]], dtype=np.float32),
+    )
     assert result.as_numpy("label").tolist() == [b"PNEUMONIA", b"NORMAL", b"PNEUMONIA"]
     assert result.as_numpy("screen_positive").tolist() == [True, False, True]
     assert result.get_response()["id"] == "7"
 
 
 def test_codec_json_only_answer_has_no_header_length() -> None:
-    body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1],
-                                   "data": [["AAEC"]]}]}).encode()
+    body = json.dumps(
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": [["AAEC"]]}]}
+    ).encode()
     request = oip.parse_infer_request(body, None, max_items=1, max_item_bytes=10)
     assert request.images == [b"\x00\x01\x02"]
     tensors = oip.output_tensors(["A", "B"], [{"A": 1.0, "B": 0.0}], ["A"], [False])
     response, header_length = oip.encode_infer_response("m", "1", request, tensors)
     assert header_length is None
     assert json.loads(response)["outputs"][2] == {
-        "name": "screen_positive", "datatype": "BOOL", "shape": [1], "data": [False]}
+        "name": "screen_positive",
+        "datatype": "BOOL",
+        "shape": [1],
+        "data": [False],
+    }
 
 
-@pytest.mark.parametrize(("mutate", "status"), [
-    (lambda body, n: (body[:-1], n), 400),          # truncated element
-    (lambda body, n: (body + b"x", n), 400),         # bytes past the declared size
-    (lambda body, n: (body, str(len(body) + 1)), 400),  # header length past the body
-    (lambda body, n: (body, "ten"), 400),
-])
+@pytest.mark.parametrize(
+    ("mutate", "status"),
+    [
+        (lambda body, n: (body[:-1], n), 400),  # truncated element
+        (lambda body, n: (body + b"x", n), 400),  # bytes past the declared size
+        (lambda body, n: (body, str(len(body) + 1)), 400),  # header length past the body
+        (lambda body, n: (body, "ten"), 400),
+    ],
+)
 def test_codec_rejects_bad_binary_framing(mutate, status: int) -> None:
     body, length = _binary_request([b"abc", b"defg"])
     bad_body, bad_length = mutate(body, length)

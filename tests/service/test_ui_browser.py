@@ -25,8 +25,9 @@ from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.browser
 
-FIXTURE_XRAY = (Path(__file__).resolve().parents[1] / "fixtures" / "fullres"
-                / "NORMAL_IM-0206-0001.jpeg")
+FIXTURE_XRAY = (
+    Path(__file__).resolve().parents[1] / "fixtures" / "fullres" / "NORMAL_IM-0206-0001.jpeg"
+)
 
 
 def _pick(cdp: CDP, path: Path) -> None:
@@ -43,9 +44,11 @@ def _screenshot(cdp: CDP) -> Image.Image:
 
 
 def _stage_box(cdp: CDP) -> tuple[int, int, int, int]:
-    box = cdp.evaluate("(() => { const r = document.getElementById('stage')"
-                       ".getBoundingClientRect(); const d = window.devicePixelRatio;"
-                       " return [r.left * d, r.top * d, r.right * d, r.bottom * d]; })()")
+    box = cdp.evaluate(
+        "(() => { const r = document.getElementById('stage')"
+        ".getBoundingClientRect(); const d = window.devicePixelRatio;"
+        " return [r.left * d, r.top * d, r.right * d, r.bottom * d]; })()"
+    )
     return tuple(round(v) for v in box)  # type: ignore[return-value]
 
 
@@ -60,15 +63,19 @@ def test_ui_scores_an_xray_with_its_heatmap_and_shows_refusals(
 ) -> None:
     page = tmp_path / "request-form.png"
     page.write_bytes(dict(generated_images())["text page 0"])
-    dicom = write_dicom(tmp_path / "chest.dcm",
-                        np.asarray(Image.open(FIXTURE_XRAY).convert("L")))
+    dicom = write_dicom(tmp_path / "chest.dcm", np.asarray(Image.open(FIXTURE_XRAY).convert("L")))
     started = time.monotonic()
     with headless_chromium() as cdp:
         cdp.send("Network.enable")
         cdp.send("Page.enable")
         cdp.send("Runtime.enable")
-        cdp.send("Emulation.setDeviceMetricsOverride", width=1280, height=1400,
-                 deviceScaleFactor=1, mobile=False)
+        cdp.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=1280,
+            height=1400,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         cdp.send("Page.navigate", url=gated_server.url("/ui"))
         cdp.wait_for("document.body && document.body.dataset.ready === '1'", what="/model read")
         assert "heatmaps available" in cdp.evaluate("document.getElementById('model').textContent")
@@ -79,19 +86,26 @@ def test_ui_scores_an_xray_with_its_heatmap_and_shows_refusals(
         label = cdp.evaluate("document.getElementById('label').textContent")
         assert label.split()[0] in {"NORMAL", "PNEUMONIA"}, label
         assert "Threshold" in cdp.evaluate("document.getElementById('threshold').textContent")
-        cdp.wait_for("document.getElementById('heatmap').complete && "
-                     "document.getElementById('heatmap').naturalWidth > 0 && "
-                     "document.getElementById('image').naturalWidth > 0", what="images loaded")
+        cdp.wait_for(
+            "document.getElementById('heatmap').complete && "
+            "document.getElementById('heatmap').naturalWidth > 0 && "
+            "document.getElementById('image').naturalWidth > 0",
+            what="images loaded",
+        )
         with Image.open(FIXTURE_XRAY) as image:  # .size alone leaves the file open
             original = image.size
         assert cdp.evaluate("document.getElementById('heatmap').naturalWidth") == original[0]
 
         box = _stage_box(cdp)
-        cdp.evaluate("(() => { const s = document.getElementById('opacity'); s.value = 0;"
-                     " s.dispatchEvent(new Event('input')); })()")
+        cdp.evaluate(
+            "(() => { const s = document.getElementById('opacity'); s.value = 0;"
+            " s.dispatchEvent(new Event('input')); })()"
+        )
         bare = _screenshot(cdp).crop(box)
-        cdp.evaluate("(() => { const s = document.getElementById('opacity'); s.value = 100;"
-                     " s.dispatchEvent(new Event('input')); })()")
+        cdp.evaluate(
+            "(() => { const s = document.getElementById('opacity'); s.value = 100;"
+            " s.dispatchEvent(new Event('input')); })()"
+        )
         time.sleep(0.2)
         shot = _screenshot(cdp)
         if target := os.environ.get("UI_SCREENSHOT"):
@@ -113,11 +127,11 @@ def test_ui_scores_an_xray_with_its_heatmap_and_shows_refusals(
         # Not an X-ray: the refusal and its reason.
         _pick(cdp, page)
         assert cdp.evaluate("document.body.dataset.outcome") == "refused"
-        assert cdp.evaluate("document.getElementById('refusal-code').textContent") == \
-            "not_chest_xray"
+        assert (
+            cdp.evaluate("document.getElementById('refusal-code').textContent") == "not_chest_xray"
+        )
         assert cdp.evaluate("document.getElementById('refusal-message').textContent")
-        assert cdp.evaluate("getComputedStyle(document.getElementById('result')).display") == \
-            "none"
+        assert cdp.evaluate("getComputedStyle(document.getElementById('result')).display") == "none"
 
         leaks = non_local_requests(cdp.events)
         assert not leaks, f"/ui made requests beyond localhost: {leaks}"

@@ -24,16 +24,20 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
-def png(width: int, height: int, idat: bytes, bit_depth: int = 8, colour_type: int = GREY
-        ) -> bytes:
+def png(width: int, height: int, idat: bytes, bit_depth: int = 8, colour_type: int = GREY) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
 
 
 @functools.cache
-def black_png(width: int, height: int, bit_depth: int = 8, colour_type: int = GREY,
-              rows_per_block: int = 100) -> bytes:
+def black_png(
+    width: int, height: int, bit_depth: int = 8, colour_type: int = GREY, rows_per_block: int = 100
+) -> bytes:
     """A valid, all-black `width` x `height` PNG, small whatever its size.
 
     One block of rows (filter byte 0 + zero samples each) is deflated once with a full

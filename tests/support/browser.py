@@ -22,16 +22,22 @@ import pytest
 
 from tests.support.live_server import stop_process
 
-FIXTURE_XRAY = (Path(__file__).resolve().parents[1] / "fixtures" / "fullres"
-                / "NORMAL_IM-0206-0001.jpeg")
+FIXTURE_XRAY = (
+    Path(__file__).resolve().parents[1] / "fixtures" / "fullres" / "NORMAL_IM-0206-0001.jpeg"
+)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
 # Schemes that never touch the network.
 LOCAL_SCHEMES = {"data", "blob", "about", "chrome", "devtools"}
 
 
 def _find_chromium() -> str | None:
-    candidates = [os.environ.get("CHROMIUM", ""), "chromium", "chromium-browser",
-                  "google-chrome", "google-chrome-stable"]
+    candidates = [
+        os.environ.get("CHROMIUM", ""),
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ]
     for name in candidates:
         if name and (path := shutil.which(name)):
             return path
@@ -56,9 +62,7 @@ class CDP:
         from websockets.sync.client import connect
 
         self._stack = contextlib.ExitStack()
-        self._ws = self._stack.enter_context(
-            connect(websocket_url, max_size=None, open_timeout=10)
-        )
+        self._ws = self._stack.enter_context(connect(websocket_url, max_size=None, open_timeout=10))
         self._ids = itertools.count(1)
         self.events: list[dict[str, Any]] = []
 
@@ -82,8 +86,9 @@ class CDP:
                 self.events.append(message)
 
     def evaluate(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True,
-                           awaitPromise=True)
+        result = self.send(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in result:
             raise CDPError(f"JS error: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -103,14 +108,27 @@ def headless_chromium() -> Iterator[CDP]:
     assert CHROMIUM is not None
     profile = Path(tempfile.mkdtemp(prefix="pneumoscreen-chromium-"))
     command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-extensions",
-        "--disable-default-apps", "--metrics-recording-only", "--mute-audio",
-        "--disable-dev-shm-usage", "--window-size=1280,1600",
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--disable-default-apps",
+        "--metrics-recording-only",
+        "--mute-audio",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1600",
         # Belt and braces: even if the page tried, no name but localhost resolves.
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
-        f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        "about:blank",
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cdp = None

@@ -33,9 +33,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 GRID = 8
 
 
-def make_tiny_onnx(
-    path: Path, size: int = 64, n_labels: int = 2, slow_matmuls: int = 0
-) -> None:
+def make_tiny_onnx(path: Path, size: int = 64, n_labels: int = 2, slow_matmuls: int = 0) -> None:
     """`slow_matmuls` > 0 adds a side chain of that many 512x512 matrix products, whose
     result enters the output multiplied by zero: each model call then costs real compute
     (about the same per call whatever the batch size) and the outputs do not change."""
@@ -66,8 +64,7 @@ def make_tiny_onnx(
             helper.make_node("Mul", ["mix", "batch_mean"], ["side_0"]),
         ]
         for step in range(slow_matmuls):
-            nodes.append(helper.make_node("MatMul", [f"side_{step}", "mix"],
-                                          [f"side_{step + 1}"]))
+            nodes.append(helper.make_node("MatMul", [f"side_{step}", "mix"], [f"side_{step + 1}"]))
         nodes += [
             helper.make_node("ReduceSum", [f"side_{slow_matmuls}"], ["side_sum"], keepdims=0),
             helper.make_node("Mul", ["side_sum", "zero"], ["side_zero"]),
@@ -141,14 +138,26 @@ def make_tiny_explain_onnx(path: Path, size: int = 64, n_labels: int = 2) -> Non
         helper.make_node("Div", ["as_float", "scale"], ["unit"]),
         helper.make_node("ReduceMean", ["unit", "channel_axis"], ["grey_nhwc"], keepdims=1),
         helper.make_node("Transpose", ["grey_nhwc"], ["grey"], perm=[0, 3, 1, 2]),
-        helper.make_node("AveragePool", ["grey"], ["brightness"], kernel_shape=[cell, cell],
-                         strides=[cell, cell]),
-        helper.make_node("AveragePool", ["grey"], ["local_mean"], kernel_shape=[3, 3],
-                         pads=[1, 1, 1, 1], count_include_pad=0),
+        helper.make_node(
+            "AveragePool", ["grey"], ["brightness"], kernel_shape=[cell, cell], strides=[cell, cell]
+        ),
+        helper.make_node(
+            "AveragePool",
+            ["grey"],
+            ["local_mean"],
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            count_include_pad=0,
+        ),
         helper.make_node("Sub", ["grey", "local_mean"], ["detail"]),
         helper.make_node("Abs", ["detail"], ["abs_detail"]),
-        helper.make_node("AveragePool", ["abs_detail"], ["texture_raw"],
-                         kernel_shape=[cell, cell], strides=[cell, cell]),
+        helper.make_node(
+            "AveragePool",
+            ["abs_detail"],
+            ["texture_raw"],
+            kernel_shape=[cell, cell],
+            strides=[cell, cell],
+        ),
         helper.make_node("Mul", ["texture_raw", "texture_gain"], ["texture"]),
         helper.make_node("Concat", ["brightness", "texture"], ["feature_map"], axis=1),
         helper.make_node("Flatten", ["feature_map"], [FEATURES_NAME], axis=1),
@@ -166,8 +175,9 @@ def make_tiny_explain_onnx(path: Path, size: int = 64, n_labels: int = 2) -> Non
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["batch", size, size, 3])],
         [
             helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", n_labels]),
-            helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT,
-                                          ["batch", 2 * GRID * GRID]),
+            helper.make_tensor_value_info(
+                FEATURES_NAME, TensorProto.FLOAT, ["batch", 2 * GRID * GRID]
+            ),
             helper.make_tensor_value_info(CAM_NAME, TensorProto.FLOAT, ["batch", GRID, GRID]),
         ],
         initializer=[
@@ -198,10 +208,14 @@ def fixture_inputs(size: int, folder: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def make_tiny_gated_bundle(directory: Path, size: int = 64, threshold: float = 0.5,
-                           target_acceptance: float = 0.995,
-                           name: str = "tiny-gated-test-model",
-                           version: str = "0.0.2") -> BundleMeta:
+def make_tiny_gated_bundle(
+    directory: Path,
+    size: int = 64,
+    threshold: float = 0.5,
+    target_acceptance: float = 0.995,
+    name: str = "tiny-gated-test-model",
+    version: str = "0.0.2",
+) -> BundleMeta:
     """A format 2 bundle whose gate was fitted on the fixture X-rays' tiny features:
     classes and rotations on fixtures/chest_xray/train, thresholds on .../val."""
     from export.gate_fit import fit_gate, onnx_features
@@ -218,8 +232,15 @@ def make_tiny_gated_bundle(directory: Path, size: int = 64, threshold: float = 0
     # renditions' wider upright classes would make these end-to-end checks a coin toss.
     # The renditions are tested in tests/export/test_gate_fit_units.py and measured on a
     # trained bundle with bench/gate_eval.py.
-    stats, info = fit_gate(onnx_features(session), train, train_labels,
-                           ["NORMAL", "PNEUMONIA"], val, target_acceptance, render=None)
+    stats, info = fit_gate(
+        onnx_features(session),
+        train,
+        train_labels,
+        ["NORMAL", "PNEUMONIA"],
+        val,
+        target_acceptance,
+        render=None,
+    )
     stats.save(directory / GATE_FILE)
     meta = BundleMeta(
         name=name,

@@ -37,25 +37,38 @@ AGREED_DRAIN_TIMEOUT_S = 20.0
 def kubectl() -> str:
     binary = shutil.which("kubectl")
     if binary is None:
-        pytest.skip("kubectl is not installed: these tests render deploy/k8s with "
-                    "`kubectl kustomize` (built into kubectl 1.14+; needs kustomize v4+ "
-                    "for components, i.e. kubectl 1.21 or later)")
+        pytest.skip(
+            "kubectl is not installed: these tests render deploy/k8s with "
+            "`kubectl kustomize` (built into kubectl 1.14+; needs kustomize v4+ "
+            "for components, i.e. kubectl 1.21 or later)"
+        )
     return binary
 
 
 def render(directory: Path) -> list[dict[str, Any]]:
     """`kubectl kustomize <directory>`: the objects an apply would send, parsed."""
-    result = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def render_with_components(tmp_path: Path, overlay: Path, *components: Path
-                           ) -> list[dict[str, Any]]:
+def render_with_components(
+    tmp_path: Path, overlay: Path, *components: Path
+) -> list[dict[str, Any]]:
     """An overlay plus components, as a site's own kustomization would combine them."""
-    lines = ["apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization",
-             "resources:", f"  - {os.path.relpath(overlay, tmp_path)}", "components:"]
+    lines = [
+        "apiVersion: kustomize.config.k8s.io/v1beta1",
+        "kind: Kustomization",
+        "resources:",
+        f"  - {os.path.relpath(overlay, tmp_path)}",
+        "components:",
+    ]
     lines += [f"  - {os.path.relpath(component, tmp_path)}" for component in components]
     (tmp_path / "kustomization.yaml").write_text("\n".join(lines) + "\n")
     return render(tmp_path)
@@ -96,8 +109,9 @@ class EnvValue:
 
 def container_env(ctr: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, EnvValue]:
     """Name -> value as the kubelet resolves it: envFrom first, then env (env wins)."""
-    config_maps = {cm["metadata"]["name"]: cm.get("data") or {}
-                   for cm in of_kind(objects, "ConfigMap")}
+    config_maps = {
+        cm["metadata"]["name"]: cm.get("data") or {} for cm in of_kind(objects, "ConfigMap")
+    }
     env: dict[str, EnvValue] = {}
     for source in ctr.get("envFrom", []):
         assert set(source) == {"configMapRef"}, f"envFrom other than a ConfigMap: {source}"
@@ -145,8 +159,14 @@ def app_serves_get(paths: set[str]) -> dict[str, bool]:
     app = create_app(Settings())
 
     def served(path: str) -> bool:
-        scope = {"type": "http", "method": "GET", "path": path, "root_path": "",
-                 "headers": [], "query_string": b""}
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": path,
+            "root_path": "",
+            "headers": [],
+            "query_string": b"",
+        }
         return any(route.matches(scope)[0] == Match.FULL for route in app.routes)
 
     return {path: served(path) for path in paths}
@@ -180,10 +200,12 @@ def drain_timeout(literals: dict[str, str]) -> tuple[float, str]:
         return float(literals["DRAIN_TIMEOUT_S"]), "DRAIN_TIMEOUT_S set in the manifest"
     field = Settings.model_fields.get("drain_timeout_s")
     if field is not None:
-        return float(field.get_default(call_default_factory=True)), \
-            "the default of Settings.drain_timeout_s"
-    return AGREED_DRAIN_TIMEOUT_S, ("the agreed DRAIN_TIMEOUT_S default (service/config.py "
-                                    "has no drain_timeout_s yet)")
+        return float(
+            field.get_default(call_default_factory=True)
+        ), "the default of Settings.drain_timeout_s"
+    return AGREED_DRAIN_TIMEOUT_S, (
+        "the agreed DRAIN_TIMEOUT_S default (service/config.py has no drain_timeout_s yet)"
+    )
 
 
 # ----------------------------------------------------------------------------- pods
@@ -204,9 +226,11 @@ def intra_op_threads_matches_cpu_limit(ctr: dict[str, Any], env: dict[str, EnvVa
         return "INTRA_OP_THREADS is not set (onnxruntime would size its pool from the node)"
     if item.source is not None:
         field = item.source.get("resourceFieldRef") or {}
-        if (field.get("containerName", ctr["name"]) == ctr["name"]
-                and field.get("resource") == "limits.cpu"
-                and str(field.get("divisor", "1")) == "1"):
+        if (
+            field.get("containerName", ctr["name"]) == ctr["name"]
+            and field.get("resource") == "limits.cpu"
+            and str(field.get("divisor", "1")) == "1"
+        ):
             return ""
         return f"INTRA_OP_THREADS comes from {item.source}, not this container's limits.cpu"
     if item.value is not None and int(item.value) == math.ceil(cpu_cores(limit)):
@@ -245,10 +269,15 @@ def mounts(ctr: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def checkov() -> str:
     """checkov lives in its own venv (.venv-scan, `make scan-venv`): see pyproject's scan
     extra. CHECKOV names another binary; PATH is the last resort."""
-    candidates = [os.environ.get("CHECKOV"), str(REPO / ".venv-scan" / "bin" / "checkov"),
-                  shutil.which("checkov")]
+    candidates = [
+        os.environ.get("CHECKOV"),
+        str(REPO / ".venv-scan" / "bin" / "checkov"),
+        shutil.which("checkov"),
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
-    pytest.skip("checkov is not installed: `make scan-venv` creates .venv-scan with it "
-                "(pinned by constraints-scan.txt); `make test` does so too")
+    pytest.skip(
+        "checkov is not installed: `make scan-venv` creates .venv-scan with it "
+        "(pinned by constraints-scan.txt); `make test` does so too"
+    )

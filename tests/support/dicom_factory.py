@@ -163,8 +163,12 @@ def deflated_dicom_bomb(
         rows_columns = (side, side)
         pixel_bytes = side * side * 2
     pixel_bytes -= pixel_bytes % block if pixel_bytes > block else 0
-    ds = make_dataset(None, rows_columns=rows_columns, bits_stored=16,
-                      transfer_syntax=DeflatedExplicitVRLittleEndian)
+    ds = make_dataset(
+        None,
+        rows_columns=rows_columns,
+        bits_stored=16,
+        transfer_syntax=DeflatedExplicitVRLittleEndian,
+    )
     head = DicomBytesIO()
     head.is_little_endian, head.is_implicit_VR = True, False
     write_dataset(head, ds)

@@ -32,18 +32,29 @@ def blocks(markdown: str) -> list[tuple[str, str]]:
     return [(match.group(1), match.group(2)) for match in _BLOCK.finditer(markdown)]
 
 
-def run_examples(doc: Path, workdir: Path, host: str = DOC_HOST, model: str = DOC_MODEL,
-                 timeout: float = 120.0) -> list[Ran]:
+def run_examples(
+    doc: Path, workdir: Path, host: str = DOC_HOST, model: str = DOC_MODEL, timeout: float = 120.0
+) -> list[Ran]:
     ran: list[Ran] = []
     env = dict(os.environ)
     # The examples' own imports (numpy, pydicom, tritonclient...) from this interpreter.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     for language, code in blocks(doc.read_text()):
         code = code.replace(DOC_HOST, host).replace(DOC_MODEL, model)
-        command = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [
-            sys.executable, "-c", code]
-        result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True,
-                                timeout=timeout, check=False)
+        command = (
+            ["bash", "-euo", "pipefail", "-c", code]
+            if language == "bash"
+            else [sys.executable, "-c", code]
+        )
+        result = subprocess.run(
+            command,
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         ran.append(Ran(language, code, result.returncode, result.stdout + result.stderr))
         if result.returncode != 0:
             break

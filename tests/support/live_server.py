@@ -106,33 +106,77 @@ def live_server(
     port = free_port()
     child_env = dict(os.environ)
     # Settings from the developer's shell must not leak into tests.
-    for name in ("API_KEY", "PROVIDERS", "MAX_FILE_BYTES", "MAX_REQUEST_BYTES",
-                 "MAX_BATCH_FILES", "MAX_PIXELS", "MIN_IMAGE_SIDE", "ALLOWED_TYPES",
-                 "MAX_QUEUE", "MAX_BATCH_SIZE", "MAX_BATCH_WAIT_MS", "REQUEST_TIMEOUT_S",
-                 "DRAIN_TIMEOUT_S", "MAX_HEADER_BYTES", "MAX_HEADERS", "HEADER_TIMEOUT_S",
-                 "BODY_TIMEOUT_S", "KEEP_ALIVE_TIMEOUT_S", "MAX_CONNECTIONS", "HOST", "PORT",
-                 "WORKERS", "INFERENCE_THREADS", "INTRA_OP_THREADS",
-                 "MAX_DECODED_BYTES", "MAX_JPEG_SCANS", "DECODE_MEMORY_BUDGET_BYTES",
-                 "DECODE_BUDGET_WAIT_S", "GATE_ENABLED"):
+    for name in (
+        "API_KEY",
+        "PROVIDERS",
+        "MAX_FILE_BYTES",
+        "MAX_REQUEST_BYTES",
+        "MAX_BATCH_FILES",
+        "MAX_PIXELS",
+        "MIN_IMAGE_SIDE",
+        "ALLOWED_TYPES",
+        "MAX_QUEUE",
+        "MAX_BATCH_SIZE",
+        "MAX_BATCH_WAIT_MS",
+        "REQUEST_TIMEOUT_S",
+        "DRAIN_TIMEOUT_S",
+        "MAX_HEADER_BYTES",
+        "MAX_HEADERS",
+        "HEADER_TIMEOUT_S",
+        "BODY_TIMEOUT_S",
+        "KEEP_ALIVE_TIMEOUT_S",
+        "MAX_CONNECTIONS",
+        "HOST",
+        "PORT",
+        "WORKERS",
+        "INFERENCE_THREADS",
+        "INTRA_OP_THREADS",
+        "MAX_DECODED_BYTES",
+        "MAX_JPEG_SCANS",
+        "DECODE_MEMORY_BUDGET_BYTES",
+        "DECODE_BUDGET_WAIT_S",
+        "GATE_ENABLED",
+    ):
         child_env.pop(name, None)
-    child_env.update({
-        "MODEL_DIR": str(model_dir),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
-        ),
-    })
+    child_env.update(
+        {
+            "MODEL_DIR": str(model_dir),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
+            ),
+        }
+    )
     child_env.update(env or {})
     log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in finally
         prefix=f"pneumoscreen-{port}-", suffix=".log", delete=False
     )
     if cli:
-        command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
-                   "--port", str(port), "--log-level", "info"]
+        command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "info",
+        ]
     else:
         command = [
-            sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "info",
             "--no-access-log",  # as `pneumoscreen serve`: the app logs each request itself
         ]
     process = subprocess.Popen(
@@ -152,8 +196,10 @@ def live_server(
             if wait_ready:
                 _wait(server, HEALTH_PATH, 200, deadline)
         except ServerStartError as exc:
-            print(f"--- pneumoscreen server log ({server.log_path}) ---\n{server.log()}",
-                  file=sys.stderr)
+            print(
+                f"--- pneumoscreen server log ({server.log_path}) ---\n{server.log()}",
+                file=sys.stderr,
+            )
             raise ServerStartError(f"{exc}; server log:\n{server.log()[-4000:]}") from None
         yield server
     finally:

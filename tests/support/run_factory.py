@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 FIXTURE_DATA = Path(__file__).parents[1] / "fixtures" / "chest_xray"
-SHARED_MOBILENET_WEIGHTS = (Path(__file__).parents[2].parent / "shared" / "weights"
-                            / "mobilenet_1_0_224_tf_no_top.h5")
+SHARED_MOBILENET_WEIGHTS = (
+    Path(__file__).parents[2].parent / "shared" / "weights" / "mobilenet_1_0_224_tf_no_top.h5"
+)
 
 
 def mobilenet_weights() -> str:
@@ -20,8 +21,14 @@ def mobilenet_weights() -> str:
     return str(SHARED_MOBILENET_WEIGHTS) if SHARED_MOBILENET_WEIGHTS.is_file() else "none"
 
 
-def make_untrained_run(run_dir: Path, data: Path, size: int, cache: Path | None,
-                       weights: str = "none", backbone: str = "mobilenet") -> Path:
+def make_untrained_run(
+    run_dir: Path,
+    data: Path,
+    size: int,
+    cache: Path | None,
+    weights: str = "none",
+    backbone: str = "mobilenet",
+) -> Path:
     import keras
 
     from training.config import TrainConfig
@@ -35,21 +42,53 @@ def make_untrained_run(run_dir: Path, data: Path, size: int, cache: Path | None,
     model = build_model(backbone, size, 2, weights=weights)
     model.save(run_dir / "model.keras")
     train, val = split_by_patient(list_split(data, "train"), 0.25, seed=1)
-    (run_dir / "split.json").write_text(json.dumps({
-        "seed": 1, "val_fraction": 0.25,
-        "train": [str(s.path.relative_to(data)) for s in train],
-        "validation": [str(s.path.relative_to(data)) for s in val]}))
-    config = TrainConfig(data=data, out=run_dir, backbone=backbone, weights=weights,
-                         input_size=size, epochs_frozen=0, epochs_finetune=0, val_fraction=0.25,
-                         seed=1, cache_dir=cache)
-    write_run(run_dir, RunRecord(
-        config=config, backbone=backbone, input_size=size, labels=["NORMAL", "PNEUMONIA"],
-        positive_label="PNEUMONIA", positive_labels=["PNEUMONIA"], negative_label="NORMAL",
-        threshold=0.5, target_sensitivity=0.95,
-        data=DataCounts(root=str(data), train_images=len(train), validation_images=len(val),
-                        train_patients=len({s.patient for s in train}),
-                        validation_patients=len({s.patient for s in val}),
-                        train_counts=label_counts(train), validation_counts=label_counts(val)),
-        epochs_run=0, wall_time_s=0.0, tool_versions=tool_versions()))
+    (run_dir / "split.json").write_text(
+        json.dumps(
+            {
+                "seed": 1,
+                "val_fraction": 0.25,
+                "train": [str(s.path.relative_to(data)) for s in train],
+                "validation": [str(s.path.relative_to(data)) for s in val],
+            }
+        )
+    )
+    config = TrainConfig(
+        data=data,
+        out=run_dir,
+        backbone=backbone,
+        weights=weights,
+        input_size=size,
+        epochs_frozen=0,
+        epochs_finetune=0,
+        val_fraction=0.25,
+        seed=1,
+        cache_dir=cache,
+    )
+    write_run(
+        run_dir,
+        RunRecord(
+            config=config,
+            backbone=backbone,
+            input_size=size,
+            labels=["NORMAL", "PNEUMONIA"],
+            positive_label="PNEUMONIA",
+            positive_labels=["PNEUMONIA"],
+            negative_label="NORMAL",
+            threshold=0.5,
+            target_sensitivity=0.95,
+            data=DataCounts(
+                root=str(data),
+                train_images=len(train),
+                validation_images=len(val),
+                train_patients=len({s.patient for s in train}),
+                validation_patients=len({s.patient for s in val}),
+                train_counts=label_counts(train),
+                validation_counts=label_counts(val),
+            ),
+            epochs_run=0,
+            wall_time_s=0.0,
+            tool_versions=tool_versions(),
+        ),
+    )
     evaluate_run(run_dir, data, batch_size=16, cache_dir=cache, model=model)
     return run_dir

@@ -24,8 +24,9 @@ from training.data import (
 )
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "chest_xray"
-SHARED_MANIFEST = (Path(__file__).parents[2].parent / "shared" / "data" / "chest_xray"
-                   / "manifest.csv")
+SHARED_MANIFEST = (
+    Path(__file__).parents[2].parent / "shared" / "data" / "chest_xray" / "manifest.csv"
+)
 
 
 @pytest.mark.parametrize(
@@ -82,6 +83,7 @@ def test_split_keeps_each_patient_on_one_side_and_is_stratified() -> None:
     assert len(train) + len(val) == len(samples)
     assert not {s.patient for s in train} & {s.patient for s in val}
     assert 0.10 < len(val) / len(samples) < 0.20
+
     def share(xs: list[Sample]) -> float:
         return sum(s.label == "PNEUMONIA" for s in xs) / len(xs)
 
@@ -102,8 +104,9 @@ def readme_id(filename: str) -> str:
     return re.sub(r"-\d+\.jpe?g$", "", filename)
 
 
-@pytest.mark.skipif(not SHARED_MANIFEST.is_file(),
-                    reason="../shared/data is not beside this checkout")
+@pytest.mark.skipif(
+    not SHARED_MANIFEST.is_file(), reason="../shared/data is not beside this checkout"
+)
 def test_split_of_the_real_training_set_has_no_shared_patient() -> None:
     with SHARED_MANIFEST.open() as manifest:
         rows = [r for r in csv.DictReader(manifest) if r["split"] == "train"]
@@ -126,8 +129,9 @@ def test_split_of_the_real_training_set_has_no_shared_patient() -> None:
 
 
 def test_class_weights_balance_the_classes() -> None:
-    samples = [Sample(Path(f"{i}.jpeg"), "PNEUMONIA" if i < 75 else "NORMAL", str(i))
-               for i in range(100)]
+    samples = [
+        Sample(Path(f"{i}.jpeg"), "PNEUMONIA" if i < 75 else "NORMAL", str(i)) for i in range(100)
+    ]
     weights = class_weights(samples, ("NORMAL", "PNEUMONIA"))
     assert weights[0] * 25 == pytest.approx(weights[1] * 75)
     assert weights[0] == pytest.approx(2.0)
@@ -184,9 +188,11 @@ def _series_samples() -> list[Sample]:
     """20 patients in each id series, some with two images."""
     samples = []
     for number in range(1, 21):
-        for patient, label in ((f"IM-{number:04d}", "NORMAL"),
-                               (f"NORMAL2-IM-{number:04d}", "NORMAL"),
-                               (f"person{number}", "PNEUMONIA")):
+        for patient, label in (
+            (f"IM-{number:04d}", "NORMAL"),
+            (f"NORMAL2-IM-{number:04d}", "NORMAL"),
+            (f"person{number}", "PNEUMONIA"),
+        ):
             for image in range(1 + number % 2):
                 samples.append(Sample(Path(f"{patient}-{image}.jpeg"), label, patient))
     return samples
@@ -204,8 +210,9 @@ def test_acquisition_split_holds_out_the_most_recent_ids_of_every_series() -> No
     train, val = split_by_acquisition(samples, 0.2)
     held = {s.patient for s in val}
     # 20% of 20 patients = the 4 highest numbers, in each of the three series.
-    assert held == {f"{prefix}{n}" for n in (17, 18, 19, 20)
-                    for prefix in ("IM-00", "NORMAL2-IM-00", "person")}
+    assert held == {
+        f"{prefix}{n}" for n in (17, 18, 19, 20) for prefix in ("IM-00", "NORMAL2-IM-00", "person")
+    }
     assert not held & {s.patient for s in train}
     assert len(train) + len(val) == len(samples)
 
@@ -225,7 +232,8 @@ def test_fold_split_is_by_patient_and_covers_every_patient_once() -> None:
 def test_split_for_validation_dispatches_and_rejects_unknown_schemes() -> None:
     samples = _series_samples()
     assert split_for_validation(samples, "acquisition", 0.2, 1) == split_by_acquisition(
-        samples, 0.2)
+        samples, 0.2
+    )
     assert split_for_validation(samples, "patient", 0.2, 1) == split_by_patient(samples, 0.2, 1)
     with pytest.raises(ValueError, match="unknown validation scheme"):
         split_for_validation(samples, "random-images", 0.2, 1)

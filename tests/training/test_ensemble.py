@@ -28,7 +28,8 @@ def _inputs() -> np.ndarray:
     from service.preprocessing import load_model_input
 
     paths = sorted((FIXTURE_DATA / "val").glob("*/*")) + sorted(
-        (FIXTURE_DATA.parent / "fullres").iterdir())
+        (FIXTURE_DATA.parent / "fullres").iterdir()
+    )
     return np.stack([load_model_input(p.read_bytes(), SIZE, SIZE) for p in paths])
 
 
@@ -40,8 +41,9 @@ def _perturbed_copy(run_dir: Path, out: Path) -> Path:
     model = load_trained(out / "model.keras")
     rng = np.random.default_rng(7)
     layer = next(lyr for lyr in reversed(backbone_of(model).layers) if lyr.weights)
-    layer.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype)
-                       for w in layer.get_weights()])
+    layer.set_weights(
+        [w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in layer.get_weights()]
+    )
     dense = model.get_layer("probabilities")
     kernel, bias = dense.get_weights()
     dense.set_weights([kernel + rng.normal(0, 0.3, kernel.shape).astype(np.float32), bias + 0.2])
@@ -66,8 +68,9 @@ def test_ensemble_logits_are_the_mean_of_the_members_logits(members: dict[str, P
     each = [_log_odds(m.predict(images, verbose=0)) for m in models]
     assert np.abs(each[0] - each[1]).max() > 0.1  # the members really differ
     ensemble = build_ensemble(models)
-    np.testing.assert_allclose(_log_odds(ensemble.predict(images, verbose=0)),
-                               (each[0] + each[1]) / 2, atol=1e-4)
+    np.testing.assert_allclose(
+        _log_odds(ensemble.predict(images, verbose=0)), (each[0] + each[1]) / 2, atol=1e-4
+    )
 
 
 def test_members_must_share_the_validation_split(members: dict[str, Path]) -> None:
@@ -103,26 +106,39 @@ def test_ensemble_run_exports_to_a_bundle_the_service_serves(members: dict[str, 
     from training.model import load_trained
 
     run_dir, bundle = members["base"] / "ensemble", members["base"] / "bundle"
-    ensemble_runs([members["m0"], members["m1"]], run_dir, FIXTURE_DATA,
-                  cache_dir=members["cache"], batch_size=8)
+    ensemble_runs(
+        [members["m0"], members["m1"]],
+        run_dir,
+        FIXTURE_DATA,
+        cache_dir=members["cache"],
+        batch_size=8,
+    )
     run = json.loads((run_dir / "run.json").read_text())
     assert run["ensemble"]["members"] == [str(members["m0"]), str(members["m1"])]
     assert "calibration" in run  # evaluate_run fitted its temperature
     assert (run_dir / "report" / "metrics.json").is_file()
 
-    export_run(run_dir, bundle, FIXTURE_DATA, version="0.0.1-test",
-               cache_dir=members["cache"], gate_rotation_images=64)
+    export_run(
+        run_dir,
+        bundle,
+        FIXTURE_DATA,
+        version="0.0.1-test",
+        cache_dir=members["cache"],
+        gate_rotation_images=64,
+    )
     meta = read_bundle(bundle)
     assert "An ensemble of 2 runs in one graph" in (bundle / "MODEL_CARD.md").read_text()
     assert meta.gate is not None and meta.gate.feature_dim == 2 * 1024  # both members' features
     session = make_session(bundle / "model.onnx")
     images = _inputs()
-    probabilities, features, cam = session.run(["probabilities", "features", "cam"],
-                                               {"image": images})
+    probabilities, features, cam = session.run(
+        ["probabilities", "features", "cam"], {"image": images}
+    )
     assert features.shape == (len(images), 2048)
     # The exact CAM survives: its mean is the ensemble's (calibrated) log-odds.
     np.testing.assert_allclose(cam.mean(axis=(1, 2)), _log_odds(probabilities), atol=1e-3)
     # Calibration folded in: the ONNX log-odds are the Keras ensemble's divided by T.
     keras_odds = _log_odds(load_trained(run_dir / "model.keras").predict(images, verbose=0))
-    np.testing.assert_allclose(_log_odds(probabilities) * run["calibration"]["temperature"],
-                               keras_odds, atol=1e-3)
+    np.testing.assert_allclose(
+        _log_odds(probabilities) * run["calibration"]["temperature"], keras_odds, atol=1e-3
+    )

@@ -80,8 +80,9 @@ def test_bootstrap_intervals_contain_the_estimate_and_narrow_with_more_patients(
         y = np.r_[np.ones(n, bool), np.zeros(n, bool)]
         scores = np.r_[rng.normal(1.0, 1.0, n), rng.normal(0.0, 1.0, n)]
         point = binary_metrics(y, scores, 0.5)
-        return point, bootstrap_intervals(y, scores, 0.5, [f"p{i}" for i in range(2 * n)],
-                                          resamples=400)
+        return point, bootstrap_intervals(
+            y, scores, 0.5, [f"p{i}" for i in range(2 * n)], resamples=400
+        )
 
     _, small = widths(40)
     large_point, large = widths(400)

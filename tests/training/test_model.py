@@ -58,5 +58,4 @@ def test_stretched_model_saves_loads_and_exports_with_parity(tmp_path: Path) -> 
     np.testing.assert_allclose(expected, model.predict(images, verbose=0), atol=1e-6)
 
     convert_to_onnx(reloaded, SIZE, tmp_path / "model.onnx")
-    np.testing.assert_allclose(onnx_predict(tmp_path / "model.onnx", images), expected,
-                               atol=1e-4)
+    np.testing.assert_allclose(onnx_predict(tmp_path / "model.onnx", images), expected, atol=1e-4)

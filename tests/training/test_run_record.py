@@ -19,35 +19,63 @@ from training.run_record import (
 )
 
 DATA_COUNTS = {
-    "root": "/data/chest_xray", "train_images": 30, "validation_images": 10,
-    "train_patients": 25, "validation_patients": 8,
+    "root": "/data/chest_xray",
+    "train_images": 30,
+    "validation_images": 10,
+    "train_patients": 25,
+    "validation_patients": 8,
     "train_counts": {"NORMAL": 10, "PNEUMONIA": 20},
     "validation_counts": {"NORMAL": 4, "PNEUMONIA": 6},
 }
 CALIBRATION = {
-    "method": "temperature scaling (NLL)", "temperature": 0.47, "fitted_on": "the validation",
-    "n": 10, "nll_before": 0.08, "nll_after": 0.05, "ece_before": 0.05, "ece_after": 0.02,
-    "threshold": 0.7, "reliability_before": [[0.1, 0.0, 4], [0.9, 1.0, 6]],
+    "method": "temperature scaling (NLL)",
+    "temperature": 0.47,
+    "fitted_on": "the validation",
+    "n": 10,
+    "nll_before": 0.08,
+    "nll_after": 0.05,
+    "ece_before": 0.05,
+    "ece_after": 0.02,
+    "threshold": 0.7,
+    "reliability_before": [[0.1, 0.0, 4], [0.9, 1.0, 6]],
     "reliability_after": [[0.05, 0.0, 4], [0.95, 1.0, 6]],
 }
 
 
 def _current_record(run_dir: Path) -> dict:
     """A run.json as `pneumoscreen train` + `evaluate` write it now."""
-    config = json.loads(json.dumps(TrainConfig(data=Path("/data/chest_xray"), out=run_dir,
-                                               validation="kfold", fold=1).__dict__,
-                                   default=str))
+    config = json.loads(
+        json.dumps(
+            TrainConfig(
+                data=Path("/data/chest_xray"), out=run_dir, validation="kfold", fold=1
+            ).__dict__,
+            default=str,
+        )
+    )
     return {
-        "config": config, "backbone": "mobilenet", "input_size": 224,
-        "labels": ["NORMAL", "PNEUMONIA"], "positive_label": "PNEUMONIA",
-        "positive_labels": ["PNEUMONIA"], "negative_label": "NORMAL", "threshold": 0.6,
-        "target_sensitivity": 0.95, "validation": "kfold", "data": DATA_COUNTS,
-        "distribute": {"strategy": "MirroredStrategy", "replicas": 1,
-                       "devices": ["/job:localhost/replica:0/task:0/device:CPU:0"],
-                       "model_strategy": "MirroredStrategy"},
-        "epochs_run": 2, "best_val_auc": 0.9,
+        "config": config,
+        "backbone": "mobilenet",
+        "input_size": 224,
+        "labels": ["NORMAL", "PNEUMONIA"],
+        "positive_label": "PNEUMONIA",
+        "positive_labels": ["PNEUMONIA"],
+        "negative_label": "NORMAL",
+        "threshold": 0.6,
+        "target_sensitivity": 0.95,
+        "validation": "kfold",
+        "data": DATA_COUNTS,
+        "distribute": {
+            "strategy": "MirroredStrategy",
+            "replicas": 1,
+            "devices": ["/job:localhost/replica:0/task:0/device:CPU:0"],
+            "model_strategy": "MirroredStrategy",
+        },
+        "epochs_run": 2,
+        "best_val_auc": 0.9,
         "history": [{"loss": 0.5, "val_auc": 0.8}, {"loss": 0.4, "val_auc": 0.9}],
-        "wall_time_s": 12.5, "tool_versions": {"python": "3.11.7"}, "calibration": CALIBRATION,
+        "wall_time_s": 12.5,
+        "tool_versions": {"python": "3.11.7"},
+        "calibration": CALIBRATION,
     }
 
 

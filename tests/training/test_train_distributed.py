@@ -24,12 +24,32 @@ def test_mirrored_strategy_trains_one_replica_on_cpu(tmp_path: Path) -> None:
     from training.run_record import read_run
 
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "train", "--data", str(DATA), "--out", str(run_dir), "--weights", "none",
-        "--input-size", str(SIZE), "--epochs-frozen", "1", "--epochs-finetune", "1",
-        "--batch-size", "8", "--val-fraction", "0.25", "--distribute", "mirrored",
-        "--cache-dir", str(tmp_path / "cache"),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(DATA),
+            "--out",
+            str(run_dir),
+            "--weights",
+            "none",
+            "--input-size",
+            str(SIZE),
+            "--epochs-frozen",
+            "1",
+            "--epochs-finetune",
+            "1",
+            "--batch-size",
+            "8",
+            "--val-fraction",
+            "0.25",
+            "--distribute",
+            "mirrored",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     run = read_run(run_dir)
     assert run.config.distribute == "mirrored"
@@ -66,9 +86,18 @@ def test_run_record_of_the_default_strategy() -> None:
 
 
 def test_unknown_distribute_strategy_is_refused_before_tensorflow_loads(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, [
-        "train", "--data", str(DATA), "--out", str(tmp_path / "run"), "--distribute", "tpu",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(DATA),
+            "--out",
+            str(tmp_path / "run"),
+            "--distribute",
+            "tpu",
+        ],
+    )
     assert result.exit_code == 2
     assert "--distribute" in result.output and "mirrored" in result.output
     assert not (tmp_path / "run").exists()
