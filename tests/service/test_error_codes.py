@@ -6,6 +6,7 @@ Read from the source (ast), so a code on a path no other test reaches is checked
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,36 @@ def test_the_status_comes_from_the_table() -> None:
         assert error_response(code, "why").status_code == status
     with pytest.raises(KeyError):
         ApiError("no_such_code", "a code outside the table is a bug")
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_image_error_code_has_its_documented_status() -> None:
+    from service import preprocessing
+    from service.errors import ERROR_CODES, IMAGE_ERROR_STATUS, image_error
+
+    classes = [
+        obj
+        for obj in vars(preprocessing).values()
+        if isinstance(obj, type) and issubclass(obj, preprocessing.ImageError)
+    ]
+    assert {cls.code for cls in classes} == set(IMAGE_ERROR_STATUS)
+    for cls in classes:
+        api = image_error(cls("x"))
+        assert (api.status_code, api.code) == (ERROR_CODES[cls.code][0], cls.code)
+    assert IMAGE_ERROR_STATUS["image_too_large"] == 413
+    assert IMAGE_ERROR_STATUS["unsupported_media_type"] == 415
+
+
+def test_every_error_code_is_in_the_docs_table_with_its_status() -> None:
+    from service.errors import ERROR_CODES
+
+    text = (REPO / "docs/api.md").read_text()
+    documented = {
+        code: int(status)
+        for status, code in re.findall(r"^\| (\d{3})\s+\| `([a-z_]+)`", text, re.MULTILINE)
+    }
+    assert documented  # the table is there
+    for code, (status, _) in ERROR_CODES.items():
+        assert documented.get(code) == status, f"docs/api.md: {code} should be {status}"

@@ -11,7 +11,14 @@ import pytest
 from service import inference
 from service.config import Settings
 from service.inference import ModelRunner
-from service.onnx_session import CPU, ONNXRUNTIME_DEFAULTS, SessionThreads, make_session
+from service.onnx_session import (
+    CPU,
+    CUDA,
+    ONNXRUNTIME_DEFAULTS,
+    SessionThreads,
+    choose_providers,
+    make_session,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SPINNING = "session.intra_op.allow_spinning"
@@ -106,3 +113,11 @@ def test_sessions_are_built_only_by_the_factory(path: str) -> None:
         assert calls, f"{path}: no make_session call"
     if calls:
         assert "make_session" in imports, path
+
+
+def test_providers_choice() -> None:
+    assert choose_providers("auto", [CPU]) == [CPU]
+    assert choose_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
+    assert choose_providers("cpu", [CUDA, CPU]) == [CPU]
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        choose_providers("cuda", [CPU])
