@@ -386,7 +386,7 @@ probabilities of {", ".join(meta.labels)} and a screening label at threshold
   greyscale repeated to 3 channels, uint8; global average pooling, dropout, linear softmax head.
 - Fine-tuned in two phases (frozen backbone, then top layers), class-weighted, with
   geometric and exposure augmentation (no flips). {run.epochs_run} epochs,
-  {run.wall_time_s / 60:.0f} min on the training machine.
+  {run.wall_time_s / 60:.0f} min on the training machine{_members_note(run)}.
 {_recipe_text(run)}- ONNX (opset {OPSET}). {conversion}
 
 ## Data
@@ -417,6 +417,10 @@ report/roc.png, report/confusion_matrix.png.
   figures elsewhere. Sensitivity was fixed on validation, not on the deployment population.
 - Not a diagnosis. Not cleared as a medical device. A clinician reads every image.
 """
+
+
+def _members_note(run: RunRecord) -> str:
+    return " (all members together)" if run.ensemble else ""
 
 
 def _recipe_text(run: RunRecord) -> str:

@@ -177,7 +177,10 @@ def ensemble_runs(
             "epochs_run": sum(r.epochs_run for r in runs),
             "best_val_auc": metrics["auc"],
             "history": [],
-            "wall_time_s": round(time.perf_counter() - started, 1),
+            # What this model took: every member's training, then this step.
+            "wall_time_s": round(
+                sum(r.wall_time_s for r in runs) + time.perf_counter() - started, 1
+            ),
         }
     )
     write_run(out, record)

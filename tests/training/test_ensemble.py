@@ -127,7 +127,8 @@ def test_ensemble_run_exports_to_a_bundle_the_service_serves(members: dict[str, 
         gate_rotation_images=64,
     )
     meta = read_bundle(bundle)
-    assert "An ensemble of 2 runs in one graph" in (bundle / "MODEL_CARD.md").read_text()
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "An ensemble of 2 runs in one graph" in card and "(all members together)" in card
     assert meta.gate is not None and meta.gate.feature_dim == 2 * 1024  # both members' features
     session = make_session(bundle / "model.onnx")
     images = _inputs()
