@@ -56,14 +56,19 @@ bench: $(VENV)/.all
 DATA ?= ../shared/data/chest_xray
 WEIGHTS ?= ../shared/weights/mobilenet_1_0_224_tf_no_top.h5
 RUN_DIR ?= runs/mobilenet-224
-MODEL_VERSION ?= 2.0.0
+MODEL_NAME ?= pneumonia-mobilenet-224-ensemble
+MODEL_VERSION ?= 3.0.0
+RECIPE := --data $(DATA) --backbone mobilenet --weights $(WEIGHTS) \
+	--validation acquisition --epochs-frozen 2 --epochs-finetune 6 --patience 3 \
+	--strong-augment --label-smoothing 0.05 --cosine-decay --fine-tune-layers 36
 
-## train / evaluate / export: the documented recipe of the shipped model
+## train / evaluate / export: the documented recipe of the shipped model: two members
+## (seeds 42 and 43) of one recipe, joined into one graph by `pneumoscreen ensemble`
 train: $(VENV)/.all
-	$(BIN)/pneumoscreen train --data $(DATA) --backbone mobilenet --weights $(WEIGHTS) \
-		--validation acquisition --epochs-frozen 2 --epochs-finetune 6 --patience 3 \
-		--strong-augment --label-smoothing 0.05 --cosine-decay --fine-tune-layers 36 \
-		--out $(RUN_DIR)
+	$(BIN)/pneumoscreen train $(RECIPE) --seed 42 --out $(RUN_DIR)-seed42
+	$(BIN)/pneumoscreen train $(RECIPE) --seed 43 --out $(RUN_DIR)-seed43
+	$(BIN)/pneumoscreen ensemble --run $(RUN_DIR)-seed42 --run $(RUN_DIR)-seed43 \
+		--data $(DATA) --out $(RUN_DIR)
 
 evaluate: $(VENV)/.all
 	$(BIN)/pneumoscreen evaluate --run $(RUN_DIR) --data $(DATA)
@@ -73,7 +78,7 @@ evaluate: $(VENV)/.all
 # replace an existing bundle.
 export: $(VENV)/.all
 	$(BIN)/pneumoscreen export --run $(RUN_DIR) --out $(MODEL_DIR) --data $(DATA) \
-		--version $(MODEL_VERSION) --force
+		--name $(MODEL_NAME) --version $(MODEL_VERSION) --force
 
 clean:
 	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache
