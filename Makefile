@@ -56,7 +56,7 @@ bench: $(VENV)/.all
 DATA ?= ../shared/data/chest_xray
 WEIGHTS ?= ../shared/weights/mobilenet_1_0_224_tf_no_top.h5
 RUN_DIR ?= runs/mobilenet-224
-MODEL_NAME ?= pneumonia-mobilenet-224-ensemble
+MODEL_NAME ?= pneumonia-mobilenet-224
 MODEL_VERSION ?= 3.0.0
 RECIPE := --data $(DATA) --backbone mobilenet --weights $(WEIGHTS) \
 	--validation acquisition --epochs-frozen 2 --epochs-finetune 6 --patience 3 \
