@@ -93,7 +93,9 @@ def build_ensemble(members: list) -> object:
     image = keras.Input(shape=shape, dtype="uint8", name="image")
     x = image
     for layer in _front_layers(members[0]):
-        x = type(layer).from_config(layer.get_config())(x)
+        copy = type(layer).from_config(layer.get_config())
+        x = copy(x)
+        copy.set_weights(layer.get_weights())  # none today (scaling, stretch), but keep any
     x = combined(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name=POOL)(x)
     n_labels = members[0].get_layer(DENSE).units
