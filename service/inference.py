@@ -31,6 +31,7 @@ import numpy as np
 from service.admission import Admission
 from service.bundle import (
     EXPLAIN_OUTPUTS,
+    FEATURES_NAME,
     INPUT_NAME,
     MODEL_FILE,
     OUTPUT_NAME,
@@ -38,7 +39,7 @@ from service.bundle import (
     read_bundle,
 )
 from service.config import Settings
-from service.gate import InputGate
+from service.gate import GATE_DISTANCES, InputGate
 from service.onnx_session import (
     CUDA,
     SessionThreads,
@@ -122,11 +123,18 @@ class LoadedModel:
     gate: InputGate | None = None  # this bundle's input gate (format 2), None for format 1
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """A uint8 (batch, H, W, 3) array -> every output of the graph, by name."""
+        """A uint8 (batch, H, W, 3) array -> every output of the graph, by name, and the
+        input gate's distances (GATE_DISTANCES) when the gate is on. The distances are one
+        matrix product for the whole batch here, on the model's thread, rather than one
+        per image wherever it is judged."""
         values = self.session.run(self.output_names, {INPUT_NAME: batch})
-        return {
+        outputs = {
             name: np.asarray(value) for name, value in zip(self.output_names, values, strict=True)
         }
+        gate = self.gate
+        if gate is not None and gate.enabled and FEATURES_NAME in outputs:
+            outputs[GATE_DISTANCES] = gate.stats.distances(outputs[FEATURES_NAME])
+        return outputs
 
     def release_memory(self) -> None:
         """Shrink onnxruntime's memory arena back to what one image needs: it otherwise
