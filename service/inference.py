@@ -47,7 +47,7 @@ from service.onnx_session import (
     choose_providers,
     make_session,
 )
-from service.scheduler import BatchScheduler, Outputs, run_sync
+from service.scheduler import BatchScheduler, JobResult, Outputs, run_sync
 from service.scoring import normalise, positive_probability
 
 if TYPE_CHECKING:
@@ -168,6 +168,21 @@ class ModelOutput:
         return score(self.meta, self.probabilities)
 
 
+def _model_outputs(model: LoadedModel, results: list[JobResult]) -> list[ModelOutput]:
+    return [
+        ModelOutput(
+            outputs=outputs,
+            meta=model.meta,
+            gate=model.gate,
+            run_id=result.run_id,
+            run_ms=result.run_seconds * 1000.0,
+            batch_size=result.batch_size,
+        )
+        for result in results
+        for outputs in result.outputs
+    ]
+
+
 @dataclass(frozen=True)
 class ReloadOutcome:
     """What the last load or reload did (shown by /health and /model)."""
@@ -276,18 +291,14 @@ class ModelRunner:
         finally:
             for future in futures:  # what has not run yet is dropped (no-op when done)
                 future.cancel()
-        return [
-            ModelOutput(
-                outputs=outputs,
-                meta=model.meta,
-                gate=model.gate,
-                run_id=result.run_id,
-                run_ms=result.run_seconds * 1000.0,
-                batch_size=result.batch_size,
-            )
-            for result in results
-            for outputs in result.outputs
-        ]
+        return _model_outputs(model, results)
+
+    def run_if_idle(self, images: list[np.ndarray], model: LoadedModel) -> list[ModelOutput] | None:
+        """Blocking (a decode worker, right after decoding): run `images` on this thread
+        now if the model is idle and nothing is queued, else None, and they go through
+        `predict` (service.scheduler.BatchScheduler.run_if_idle)."""
+        result = self.scheduler.run_if_idle(model, images)
+        return None if result is None else _model_outputs(model, [result])
 
     def predict_outputs(self, images: list[np.ndarray]) -> list[Outputs]:
         """Blocking, for offline tools (site calibration, bench), never the event loop:
