@@ -7,7 +7,8 @@ parameters of their own, so none appear in the OpenAPI document.
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
@@ -16,6 +17,8 @@ from service.inference import LoadedModel, ModelRunner
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.preprocessing import DecodeLimits
+
+T = TypeVar("T")
 
 
 def runner(request: Request) -> ModelRunner:
@@ -57,9 +60,22 @@ def ready_model(request: Request) -> LoadedModel:
     return model
 
 
-RunnerDep = Annotated[ModelRunner, Depends(runner)]
-SettingsDep = Annotated[Settings, Depends(settings)]
-MetricsDep = Annotated[Metrics, Depends(metrics)]
-LimitsDep = Annotated[DecodeLimits, Depends(limits)]
-LifecycleDep = Annotated[Lifecycle, Depends(lifecycle)]
-ReadyModelDep = Annotated[LoadedModel, Depends(ready_model)]
+def _on_the_loop(accessor: Callable[[Request], T]) -> Callable[[Request], Awaitable[T]]:
+    """`accessor` as an async dependency: FastAPI runs a plain `def` dependency in its
+    thread pool, a hop there and back per dependency per request for what is one
+    attribute read."""
+
+    async def dependency(request: Request) -> T:
+        return accessor(request)
+
+    dependency.__name__ = dependency.__qualname__ = accessor.__name__
+    dependency.__doc__ = accessor.__doc__
+    return dependency
+
+
+RunnerDep = Annotated[ModelRunner, Depends(_on_the_loop(runner))]
+SettingsDep = Annotated[Settings, Depends(_on_the_loop(settings))]
+MetricsDep = Annotated[Metrics, Depends(_on_the_loop(metrics))]
+LimitsDep = Annotated[DecodeLimits, Depends(_on_the_loop(limits))]
+LifecycleDep = Annotated[Lifecycle, Depends(_on_the_loop(lifecycle))]
+ReadyModelDep = Annotated[LoadedModel, Depends(_on_the_loop(ready_model))]

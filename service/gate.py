@@ -50,6 +50,10 @@ MIN_GREY_STD = 8.0
 
 ROTATED_PREFIX = "ROTATED_"
 
+# The gate's distances of each image to its classes, added to a served model's outputs
+# (service.inference.LoadedModel.run computes them for the whole batch).
+GATE_DISTANCES = "gate_distances"
+
 
 class GateRefusal(ValueError):
     """The gate refuses an image: `code` is one of GATE_CODES, `message` says why."""
@@ -244,12 +248,15 @@ class InputGate:
             check_dicom_tags(facts)
             check_pixels(facts, model_input)
 
-    def judge(self, features: np.ndarray) -> Verdict | None:
-        """The feature gate for one image's `features` row (None when switched off)."""
+    def judge(self, features: np.ndarray, distances: np.ndarray | None = None) -> Verdict | None:
+        """The feature gate for one image's `features` row (None when switched off);
+        `distances`: that row's `GateStats.distances`, when already computed."""
         if not self.enabled:
             return None
-        row = np.asarray(features, dtype=np.float64).reshape(1, -1)
-        return decide(self.stats, self.info, self.stats.distances(row)[0])
+        if distances is None:
+            row = np.asarray(features, dtype=np.float64).reshape(1, -1)
+            distances = self.stats.distances(row)[0]
+        return decide(self.stats, self.info, distances)
 
     def card(self) -> dict[str, Any]:
         """What /model says about the gate."""

@@ -31,6 +31,7 @@ import numpy as np
 from service.admission import Admission
 from service.bundle import (
     EXPLAIN_OUTPUTS,
+    FEATURES_NAME,
     INPUT_NAME,
     MODEL_FILE,
     OUTPUT_NAME,
@@ -38,7 +39,7 @@ from service.bundle import (
     read_bundle,
 )
 from service.config import Settings
-from service.gate import InputGate
+from service.gate import GATE_DISTANCES, InputGate
 from service.onnx_session import (
     CUDA,
     SessionThreads,
@@ -46,7 +47,7 @@ from service.onnx_session import (
     choose_providers,
     make_session,
 )
-from service.scheduler import BatchScheduler, Outputs, run_sync
+from service.scheduler import BatchScheduler, JobResult, Outputs, run_sync
 from service.scoring import normalise, positive_probability
 
 if TYPE_CHECKING:
@@ -122,11 +123,18 @@ class LoadedModel:
     gate: InputGate | None = None  # this bundle's input gate (format 2), None for format 1
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """A uint8 (batch, H, W, 3) array -> every output of the graph, by name."""
+        """A uint8 (batch, H, W, 3) array -> every output of the graph, by name, and the
+        input gate's distances (GATE_DISTANCES) when the gate is on. The distances are one
+        matrix product for the whole batch here, on the model's thread, rather than one
+        per image wherever it is judged."""
         values = self.session.run(self.output_names, {INPUT_NAME: batch})
-        return {
+        outputs = {
             name: np.asarray(value) for name, value in zip(self.output_names, values, strict=True)
         }
+        gate = self.gate
+        if gate is not None and gate.enabled and FEATURES_NAME in outputs:
+            outputs[GATE_DISTANCES] = gate.stats.distances(outputs[FEATURES_NAME])
+        return outputs
 
     def release_memory(self) -> None:
         """Shrink onnxruntime's memory arena back to what one image needs: it otherwise
@@ -158,6 +166,21 @@ class ModelOutput:
 
     def score(self) -> Scored:
         return score(self.meta, self.probabilities)
+
+
+def _model_outputs(model: LoadedModel, results: list[JobResult]) -> list[ModelOutput]:
+    return [
+        ModelOutput(
+            outputs=outputs,
+            meta=model.meta,
+            gate=model.gate,
+            run_id=result.run_id,
+            run_ms=result.run_seconds * 1000.0,
+            batch_size=result.batch_size,
+        )
+        for result in results
+        for outputs in result.outputs
+    ]
 
 
 @dataclass(frozen=True)
@@ -268,18 +291,14 @@ class ModelRunner:
         finally:
             for future in futures:  # what has not run yet is dropped (no-op when done)
                 future.cancel()
-        return [
-            ModelOutput(
-                outputs=outputs,
-                meta=model.meta,
-                gate=model.gate,
-                run_id=result.run_id,
-                run_ms=result.run_seconds * 1000.0,
-                batch_size=result.batch_size,
-            )
-            for result in results
-            for outputs in result.outputs
-        ]
+        return _model_outputs(model, results)
+
+    def run_if_idle(self, images: list[np.ndarray], model: LoadedModel) -> list[ModelOutput] | None:
+        """Blocking (a decode worker, right after decoding): run `images` on this thread
+        now if the model is idle and nothing is queued, else None, and they go through
+        `predict` (service.scheduler.BatchScheduler.run_if_idle)."""
+        result = self.scheduler.run_if_idle(model, images)
+        return None if result is None else _model_outputs(model, [result])
 
     def predict_outputs(self, images: list[np.ndarray]) -> list[Outputs]:
         """Blocking, for offline tools (site calibration, bench), never the event loop:

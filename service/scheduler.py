@@ -22,6 +22,7 @@ its arena at the size of the largest batch otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -109,6 +110,7 @@ class BatchScheduler:
         self._queued_images = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._running = False  # a model call is running (on this thread or a caller's)
         self._runs = 0
         self.idle_release_s = idle_release_s
         self._ran_since_release: BatchModel | None = None  # the model to release, if any
@@ -144,6 +146,25 @@ class BatchScheduler:
         """Images waiting for the model (not counting the batch being run)."""
         return self._queued_images
 
+    def run_if_idle(self, model: BatchModel, images: list[np.ndarray]) -> JobResult | None:
+        """Run `images` on the calling thread, now, if the model is idle and nothing is
+        queued; else None (then `submit` them). A lone request then costs no hop to the
+        scheduler thread and back, and its image is run where it was just decoded; under
+        load the model is busy and requests are merged into batches as before. Still one
+        model call at a time."""
+        if not images or len(images) > self.max_batch_size:
+            return None
+        with self._cond:
+            if self._running or self._queue or self._closed:
+                return None
+            self._running = True
+        try:
+            return self._execute(model, images)
+        finally:
+            with self._cond:
+                self._running = False
+                self._cond.notify_all()
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking jobs; fail the queued ones with SchedulerClosed; join the thread."""
         with self._cond:
@@ -164,19 +185,37 @@ class BatchScheduler:
         while True:
             release: BatchModel | None = None
             with self._cond:
-                while not self._queue and not self._closed:
-                    if self._ran_since_release is None or self.idle_release_s is None:
+                # Wait for work, and for a caller's run_if_idle to finish.
+                while (not self._queue or self._running) and not self._closed:
+                    if (
+                        self._running
+                        or self._ran_since_release is None
+                        or self.idle_release_s is None
+                    ):
                         self._cond.wait()
-                    elif not self._cond.wait(self.idle_release_s) and not self._queue:
+                    elif (
+                        not self._cond.wait(self.idle_release_s)
+                        and not self._queue
+                        and not self._running
+                    ):
                         release, self._ran_since_release = self._ran_since_release, None
+                        self._running = True  # the release is a model call too
                         break
                 if self._closed:
                     return
                 batch = self._take() if release is None else []
-            if release is not None:
-                self._release(release)
-            if batch:
-                self._run(batch)
+                if batch:
+                    self._running = True
+            try:
+                if release is not None:
+                    self._release(release)
+                if batch:
+                    self._run(batch)
+            finally:
+                if release is not None or batch:
+                    with self._cond:
+                        self._running = False
+                        self._cond.notify_all()
 
     def _release(self, model: BatchModel) -> None:
         release = getattr(model, "release_memory", None)
@@ -255,33 +294,34 @@ class BatchScheduler:
             return True
         return False
 
-    def _run(self, jobs: list[_Job]) -> None:
-        images = [image for job in jobs for image in job.images]
-        self._ran_since_release = jobs[0].model
+    def _execute(self, model: BatchModel, images: list[np.ndarray]) -> JobResult:
+        """One model call (`_running` is held by the caller)."""
+        self._ran_since_release = model
         self._runs += 1
         run_id = self._runs
         started = time.perf_counter()
+        batch = np.ascontiguousarray(np.stack(images).astype(np.uint8, copy=False))
+        per_image = _split(model.run(batch), len(images))
+        seconds = time.perf_counter() - started
+        self.hooks.model_run(len(images), seconds)
+        return JobResult(
+            outputs=per_image, run_id=run_id, run_seconds=seconds, batch_size=len(images)
+        )
+
+    def _run(self, jobs: list[_Job]) -> None:
+        images = [image for job in jobs for image in job.images]
         try:
-            batch = np.ascontiguousarray(np.stack(images).astype(np.uint8, copy=False))
-            outputs = jobs[0].model.run(batch)
-            per_image = _split(outputs, len(images))
+            result = self._execute(jobs[0].model, images)
         except Exception as exc:  # delivered to every waiting request
             log.exception("model run of %d image(s) failed", len(images))
             for job in jobs:
                 job.future.set_exception(exc)
             return
-        seconds = time.perf_counter() - started
-        self.hooks.model_run(len(images), seconds)
         offset = 0
         for job in jobs:
             count = len(job.images)
             job.future.set_result(
-                JobResult(
-                    outputs=per_image[offset : offset + count],
-                    run_id=run_id,
-                    run_seconds=seconds,
-                    batch_size=len(images),
-                )
+                dataclasses.replace(result, outputs=result.outputs[offset : offset + count])
             )
             offset += count
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from service.bundle import CAM_NAME, FEATURES_NAME, OUTPUT_NAME, BundleMeta
 from service.errors import ApiError
-from service.gate import GateRefusal, InputGate
+from service.gate import GATE_DISTANCES, GateRefusal, InputGate
 from service.heatmap import heatmap_payload, preview_payload
 from service.image_facts import ImageFacts, read_facts
 from service.inference import Scored, score
@@ -89,7 +89,7 @@ def judge(
     explain: bool,
 ) -> Judged:
     if gate is not None and FEATURES_NAME in outputs:
-        verdict = gate.judge(outputs[FEATURES_NAME])
+        verdict = gate.judge(outputs[FEATURES_NAME], outputs.get(GATE_DISTANCES))
         if verdict is not None and verdict.refusal is not None:
             return Judged(None, verdict.refusal)
     scored = score(meta, outputs[OUTPUT_NAME])

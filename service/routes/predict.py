@@ -129,15 +129,31 @@ async def _decode(
 ) -> Prepared:
     """The model input, the gate's image facts, and the DICOM header (no pixels; None for
     JPEG/PNG) for reports, for the model pinned by the request."""
+    prepared, _ = await _decode_then_run_if_idle(request, runner, data, explain, run=False)
+    return prepared
+
+
+async def _decode_then_run_if_idle(
+    request: Request, runner: ModelRunner, data: bytes, explain: bool, run: bool = True
+) -> tuple[Prepared, list[ModelOutput] | None]:
+    """`_decode`, and with `run` the model's outputs too when the model was idle
+    (ModelRunner.run_if_idle: on the same worker, no hop to the scheduler), else None."""
     model = deps.ready_model(request)
     meta = model.meta
     limits = deps.limits(request)
-    loop = asyncio.get_running_loop()
-    started = time.perf_counter()
+    metrics = deps.metrics(request)
+
+    def work() -> tuple[Prepared, list[ModelOutput] | None]:
+        started = time.perf_counter()
+        try:
+            prepared = prepare(data, meta, limits, model.gate, explain)
+        finally:
+            metrics.decode.observe(time.perf_counter() - started)
+        outputs = runner.run_if_idle([prepared.model_input], model) if run else None
+        return prepared, outputs
+
     try:
-        return await loop.run_in_executor(
-            runner.executor, prepare, data, meta, limits, model.gate, explain
-        )
+        return await asyncio.get_running_loop().run_in_executor(runner.executor, work)
     except (ImageError, GateRefusal) as exc:
         # Size, sniffed format and code only: never the bytes, the filename or DICOM tags.
         log.info(
@@ -149,8 +165,6 @@ async def _decode(
         if isinstance(exc, GateRefusal):
             raise refusal_error(exc) from None
         raise
-    finally:
-        deps.metrics(request).decode.observe(time.perf_counter() - started)
 
 
 def _judge_all(outputs: list[ModelOutput], prepared: list[Prepared], explain: bool) -> list[Judged]:
@@ -162,22 +176,33 @@ def _judge_all(outputs: list[ModelOutput], prepared: list[Prepared], explain: bo
 
 
 async def _infer(
-    request: Request, runner: ModelRunner, prepared: list[Prepared], explain: bool = False
+    request: Request,
+    runner: ModelRunner,
+    prepared: list[Prepared],
+    explain: bool = False,
+    outputs: list[ModelOutput] | None = None,
 ) -> tuple[list[Judged], float]:
     """The judged results of `prepared` (the gate, the score, heatmaps) and the model time
     spent on them in ms: the runs (batches) they were part of, each counted once, shared
-    with the other requests in those runs. The model runs through the scheduler; each
-    image is judged by the gate of the bundle that produced its outputs."""
+    with the other requests in those runs. The model runs through the scheduler, unless
+    `outputs` says it has run already; each image is judged by the gate of the bundle
+    that produced its outputs."""
     metrics = deps.metrics(request)
-    outputs = await runner.predict(
-        [item.model_input for item in prepared],
-        deadline=_deadline(request),
-        model=deps.ready_model(request),
-    )
-    # The gate and heatmaps (PNG encoding) cost CPU: off the event loop, like decoding.
-    judged = await asyncio.get_running_loop().run_in_executor(
-        runner.executor, _judge_all, outputs, prepared, explain
-    )
+    if outputs is None:
+        outputs = await runner.predict(
+            [item.model_input for item in prepared],
+            deadline=_deadline(request),
+            model=deps.ready_model(request),
+        )
+    if explain:
+        # Heatmaps (PNG encoding) cost CPU: off the event loop, like decoding.
+        judged = await asyncio.get_running_loop().run_in_executor(
+            runner.executor, _judge_all, outputs, prepared, explain
+        )
+    else:
+        # The gate's distances came with the model run (LoadedModel.run): what is left is
+        # a comparison and the score, tens of microseconds an image, cheaper than a hop.
+        judged = _judge_all(outputs, prepared, explain)
     for item in judged:
         if item.refusal is not None:
             log.info('{"event": "image_rejected", "code": "%s"}', item.refusal.code)
@@ -187,6 +212,24 @@ async def _infer(
         if item.scored.screen_positive:
             metrics.screen_positive.inc()
     return judged, sum({output.run_id: output.run_ms for output in outputs}.values())
+
+
+async def _screen_one(
+    request: Request, runner: ModelRunner, data: bytes, explain: bool
+) -> tuple[Prepared, Judged, float]:
+    """One upload decoded, run and judged: /predict's work, bounded as one (one deadline
+    and one disconnect watcher for the whole request)."""
+    metrics = deps.metrics(request)
+    try:
+        image, outputs = await _decode_then_run_if_idle(request, runner, data, explain)
+    except ImageError as exc:
+        metrics.image_errors.labels(exc.code).inc()
+        raise image_error(exc) from None
+    except ApiError as exc:
+        metrics.image_errors.labels(exc.code).inc()
+        raise
+    (result,), inference_ms = await _infer(request, runner, [image], explain, outputs)
+    return image, result, inference_ms
 
 
 def _error_of(item: Upload) -> ApiError:
@@ -233,16 +276,9 @@ async def predict(
     if reports.wants_dicom(answer) and (error := reports.dicom_input_required(upload.data)):
         raise error
     request.state.deadline = deadline_from_now(request)
-    try:
-        image = await bounded(request, _decode(request, runner, upload.data, explain))
-    except ImageError as exc:
-        metrics.image_errors.labels(exc.code).inc()
-        raise image_error(exc) from None
-    except ApiError as exc:
-        if exc.code not in ("deadline_exceeded", "client_disconnected"):
-            metrics.image_errors.labels(exc.code).inc()
-        raise
-    (result,), inference_ms = await bounded(request, _infer(request, runner, [image], explain))
+    image, result, inference_ms = await bounded(
+        request, _screen_one(request, runner, upload.data, explain)
+    )
     meta = deps.ready_model(request).meta
     if result.refusal is not None:
         metrics.image_errors.labels(result.refusal.code).inc()

@@ -59,21 +59,27 @@ def test_model_not_ready_raised_anywhere_is_a_503_not_a_500(tiny_bundle: Path) -
     async def unloaded(images: list[np.ndarray], **_: object) -> list:
         raise ModelNotReady("the model is not ready: unloaded mid-request")
 
+    def unloaded_on_a_worker(images: list[np.ndarray], model: object) -> list:
+        raise ModelNotReady("the model is not ready: unloaded mid-request")
+
     runner.predict = unloaded  # type: ignore[method-assign]
 
     async def run() -> None:
         async with _client(app) as client:
-            response = await client.post(
-                "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
-            )
-            assert response.status_code == 503, response.text
-            assert response.json() == {
-                "error": {
-                    "code": "model_not_ready",
-                    "message": "the model is not ready: unloaded mid-request",
+            for idle_path in (unloaded_on_a_worker, lambda images, model: None):
+                # Raised where a lone image runs at once, or in the scheduler's queue.
+                runner.run_if_idle = idle_path  # type: ignore[method-assign]
+                response = await client.post(
+                    "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
+                )
+                assert response.status_code == 503, response.text
+                assert response.json() == {
+                    "error": {
+                        "code": "model_not_ready",
+                        "message": "the model is not ready: unloaded mid-request",
+                    }
                 }
-            }
-            assert response.headers["retry-after"] == "5"
+                assert response.headers["retry-after"] == "5"
 
     asyncio.run(run())
     runner.close()
@@ -88,23 +94,29 @@ def test_unexpected_exception_is_a_json_500_without_traceback(tiny_bundle: Path)
     async def explode(images: list[np.ndarray], **_: object) -> list:
         raise RuntimeError("secret internal detail")
 
+    def explode_on_a_worker(images: list[np.ndarray], model: object) -> list:
+        raise RuntimeError("secret internal detail")
+
     runner.predict = explode  # type: ignore[method-assign]
 
     async def run() -> None:
         async with _client(app) as client:
-            response = await client.post(
-                "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
-            )
-            assert response.status_code == 500
-            assert response.json() == {
-                "error": {
-                    "code": "internal_error",
-                    "message": "unexpected server error; see the server log",
+            for idle_path in (explode_on_a_worker, lambda images, model: None):
+                # Raised where a lone image runs at once, or in the scheduler's queue.
+                runner.run_if_idle = idle_path  # type: ignore[method-assign]
+                response = await client.post(
+                    "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
+                )
+                assert response.status_code == 500
+                assert response.json() == {
+                    "error": {
+                        "code": "internal_error",
+                        "message": "unexpected server error; see the server log",
+                    }
                 }
-            }
-            assert "secret internal detail" not in response.text
+                assert "secret internal detail" not in response.text
             metrics = (await client.get("/metrics")).text
-            assert 'route="/predict",status="500"' in metrics
+            assert 'route="/predict",status="500"} 2.0' in metrics
 
     asyncio.run(run())
     runner.close()

@@ -43,3 +43,22 @@ def test_dependencies_add_no_parameters_to_the_openapi_document(tmp_path: Path) 
         "limits",
     }
     assert names & dependencies == set()
+
+
+def test_dependencies_run_on_the_event_loop() -> None:
+    """FastAPI runs a plain `def` dependency in its thread pool: a hop there and back per
+    dependency per request, for an attribute read. Every typed dependency is async."""
+    import inspect
+    import typing
+
+    from service import deps
+
+    annotated = {
+        name: value
+        for name, value in vars(deps).items()
+        if name.endswith("Dep") and typing.get_origin(value) is typing.Annotated
+    }
+    assert len(annotated) >= 6  # RunnerDep, SettingsDep, MetricsDep, ...
+    for name, alias in annotated.items():
+        (marker,) = alias.__metadata__
+        assert inspect.iscoroutinefunction(marker.dependency), name

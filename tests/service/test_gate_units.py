@@ -21,6 +21,7 @@ from service.gate import (
 from service.heatmap import LEVELS, heatmap_levels, heatmap_payload, normalise_cam
 from service.image_facts import DicomTags, ImageFacts, read_facts
 from tests.support.bundle_factory import (
+    fixture_inputs,
     make_tiny_bundle,
     make_tiny_explain_onnx,
     make_tiny_gated_bundle,
@@ -178,3 +179,50 @@ def test_format_1_bundles_still_load(tmp_path: Path) -> None:
     read = read_bundle(tmp_path)
     assert read.format_version == 1 and not read.has_explain_outputs and read.gate is None
     assert read == meta and not (tmp_path / GATE_FILE).exists()
+
+
+def test_the_served_model_brings_the_gate_distances_of_its_batch(tmp_path: Path) -> None:
+    """LoadedModel.run adds the gate's distances, one matrix product for the batch; the
+    verdicts from them are those computed from each image's features alone."""
+    from service.bundle import FEATURES_NAME
+    from service.config import Settings
+    from service.gate import GATE_DISTANCES
+    from service.inference import ModelRunner
+    from service.screening import Prepared, judge
+
+    make_tiny_gated_bundle(tmp_path)
+    for enabled in (True, False):
+        runner = ModelRunner(Settings(model_dir=tmp_path, providers="cpu", gate_enabled=enabled))
+        runner.load()
+        try:
+            model = runner.require_model()
+            assert model.gate is not None
+            size = model.meta.input.height
+            noise = np.random.default_rng(2).integers(0, 256, (3, size, size, 3), np.uint8)
+            xrays, _ = fixture_inputs(size, "val")
+            images = np.concatenate([xrays, noise])
+            outputs = model.run(images)
+            if not enabled:
+                assert GATE_DISTANCES not in outputs  # a gate switched off costs nothing
+                continue
+            features = outputs[FEATURES_NAME]
+            np.testing.assert_allclose(
+                outputs[GATE_DISTANCES], model.gate.stats.distances(features), rtol=1e-12
+            )
+            verdicts = []
+            for index in range(len(images)):
+                row = {name: value[index] for name, value in outputs.items()}
+                alone = {name: value for name, value in row.items() if name != GATE_DISTANCES}
+                pair = [
+                    judge(model.meta, model.gate, outputs_of_one, Prepared(images[index]), False)
+                    for outputs_of_one in (row, alone)
+                ]
+                verdicts.append(
+                    [(j.scored, j.refusal and (j.refusal.code, j.refusal.message)) for j in pair]
+                )
+            assert all(batched == one for batched, one in verdicts)
+            # The X-rays are scored, the noise refused: both ways of judging are covered.
+            scored = [batched[0] is not None for batched, _ in verdicts]
+            assert scored == [True] * len(xrays) + [False] * len(noise)
+        finally:
+            runner.close()

@@ -265,3 +265,83 @@ def test_release_memory_on_a_real_session(tiny_bundle: Path) -> None:
         assert np.array_equal(before["probabilities"], after["probabilities"])
     finally:
         runner.close()
+
+
+def test_run_if_idle_runs_on_the_calling_thread_only_when_idle() -> None:
+    model = GateModel()
+    scheduler = BatchScheduler(max_batch_size=4)
+    try:
+        model.release.set()
+        ran_on: list[str] = []
+        original = model.run
+
+        def recording(batch: np.ndarray) -> dict[str, np.ndarray]:
+            ran_on.append(threading.current_thread().name)
+            return original(batch)
+
+        model.run = recording  # type: ignore[method-assign]
+        result = scheduler.run_if_idle(model, [_image(7), _image(8)])
+        assert result is not None and result.batch_size == 2
+        assert [o["features"][0] for o in result.outputs] == [7, 8]
+        assert ran_on == [threading.current_thread().name]  # this thread, no hop
+        assert scheduler.run_if_idle(model, [_image(1)] * 5) is None  # over max_batch_size
+
+        model.release.clear()
+        model.started.clear()
+        _hold(scheduler, model)  # the scheduler thread is inside a run now
+        assert scheduler.run_if_idle(model, [_image(9)]) is None  # busy: submit instead
+        queued = scheduler.submit(model, [_image(10)])[0]
+        model.release.set()
+        assert queued.result(30).outputs[0]["features"][0] == 10
+    finally:
+        scheduler.close()
+    assert model.batches == [[7, 8], [0], [10]]
+
+
+def test_run_if_idle_and_the_scheduler_never_run_the_model_at_once() -> None:
+    """One model call at a time, whoever makes it: callers' run_if_idle and the
+    scheduler thread's batches, from several threads at once."""
+
+    class Counting:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.inside = 0
+            self.most_inside = 0
+            self.images = 0
+
+        def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+            with self.lock:
+                self.inside += 1
+                self.most_inside = max(self.most_inside, self.inside)
+            time.sleep(0.001)  # long enough for the others to try
+            with self.lock:
+                self.inside -= 1
+                self.images += len(batch)
+            return {"probabilities": batch[:, 0, 0, :2].astype(np.float32)}
+
+    model = Counting()
+    scheduler = BatchScheduler(max_batch_size=4)
+    answers: list[int] = []
+    paths: list[str] = []
+
+    def client(value: int) -> None:
+        for _ in range(20):
+            result = scheduler.run_if_idle(model, [_image(value)])
+            paths.append("idle" if result is not None else "queued")
+            if result is None:
+                result = scheduler.submit(model, [_image(value)])[0].result(30)
+            answers.append(int(result.outputs[0]["probabilities"][0]))
+
+    try:
+        threads = [threading.Thread(target=client, args=(v,)) for v in range(1, 7)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        scheduler.close()
+    assert model.most_inside == 1
+    assert {"idle", "queued"} <= set(paths)  # both ways in were taken
+    assert model.images == 120 and sorted(answers) == sorted(
+        v for v in range(1, 7) for _ in range(20)
+    )
