@@ -39,6 +39,7 @@ from service.screening import (
     refusal_error,
 )
 from service.security import require_api_key
+from service.timing import stage_times
 from service.uploads import Upload, files_in, parse_form, read_upload
 
 log = logging.getLogger("pneumoscreen.predict")
@@ -143,12 +144,15 @@ async def _decode_then_run_if_idle(
     limits = deps.limits(request)
     metrics = deps.metrics(request)
 
+    spent: list[float] = []  # the decode's seconds, read back on the loop
+
     def work() -> tuple[Prepared, list[ModelOutput] | None]:
         started = time.perf_counter()
         try:
             prepared = prepare(data, meta, limits, model.gate, explain)
         finally:
-            metrics.decode.observe(time.perf_counter() - started)
+            spent.append(time.perf_counter() - started)
+            metrics.decode.observe(spent[-1])
         outputs = runner.run_if_idle([prepared.model_input], model) if run else None
         return prepared, outputs
 
@@ -165,6 +169,8 @@ async def _decode_then_run_if_idle(
         if isinstance(exc, GateRefusal):
             raise refusal_error(exc) from None
         raise
+    finally:
+        stage_times(request.state).decode_ms += sum(spent) * 1000.0
 
 
 def _judge_all(outputs: list[ModelOutput], prepared: list[Prepared], explain: bool) -> list[Judged]:
@@ -203,6 +209,10 @@ async def _infer(
         # The gate's distances came with the model run (LoadedModel.run): what is left is
         # a comparison and the score, tens of microseconds an image, cheaper than a hop.
         judged = _judge_all(outputs, prepared, explain)
+    times = stage_times(request.state)
+    runs = {output.run_id: output.run_ms for output in outputs}
+    times.model_ms += sum(runs.values())
+    times.queue_ms = max([times.queue_ms, *(output.queue_ms for output in outputs)])
     for item in judged:
         if item.refusal is not None:
             log.info('{"event": "image_rejected", "code": "%s"}', item.refusal.code)
@@ -211,7 +221,7 @@ async def _infer(
         metrics.images.labels(item.scored.label).inc()
         if item.scored.screen_positive:
             metrics.screen_positive.inc()
-    return judged, sum({output.run_id: output.run_ms for output in outputs}.values())
+    return judged, sum(runs.values())
 
 
 async def _screen_one(
