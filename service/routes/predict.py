@@ -40,7 +40,7 @@ from service.screening import (
 )
 from service.security import require_api_key
 from service.timing import stage_times
-from service.uploads import Upload, files_in, parse_form, read_upload
+from service.uploads import Upload, parse_form
 
 log = logging.getLogger("pneumoscreen.predict")
 
@@ -268,17 +268,12 @@ async def predict(
     answer = reports.negotiate(request, reports.SINGLE_OFFERS)  # 406 before the body too
     if explain and not meta.has_explain_outputs:
         raise explain_unavailable(meta)
-    form = await parse_form(request, max_files=1)
-    try:
-        uploads = files_in(form, "file")
-        request.state.n_files = len(uploads)
-        if not uploads:
-            raise ApiError(
-                "missing_file", "send the image as multipart/form-data in the field 'file'"
-            )
-        upload = await read_upload(uploads[0], settings.max_file_bytes)
-    finally:
-        await form.close()
+    form = await parse_form(request, max_files=1, max_file_bytes=settings.max_file_bytes)
+    uploads = form.uploads("file")
+    request.state.n_files = len(uploads)
+    if not uploads:
+        raise ApiError("missing_file", "send the image as multipart/form-data in the field 'file'")
+    upload = uploads[0]
     if upload.error is not None:
         metrics.image_errors.labels(upload.error.code).inc()
         raise upload.error
@@ -315,19 +310,17 @@ async def predict_batch(
     answer = reports.negotiate(request, reports.BATCH_OFFERS)  # 406 before the body too
     if explain and not meta.has_explain_outputs:
         raise explain_unavailable(meta)
-    form = await parse_form(request, max_files=settings.max_batch_files)
-    try:
-        uploads = files_in(form, "files")
-        request.state.n_files = len(uploads)
-        if not uploads:
-            raise ApiError(
-                "missing_file",
-                "send the images as multipart/form-data, repeating the field 'files'",
-            )
-        request.state.ticket.grow(len(uploads))
-        read = [await read_upload(item, settings.max_file_bytes) for item in uploads]
-    finally:
-        await form.close()
+    form = await parse_form(
+        request, max_files=settings.max_batch_files, max_file_bytes=settings.max_file_bytes
+    )
+    read = form.uploads("files")
+    request.state.n_files = len(read)
+    if not read:
+        raise ApiError(
+            "missing_file",
+            "send the images as multipart/form-data, repeating the field 'files'",
+        )
+    request.state.ticket.grow(len(read))
     request.state.deadline = deadline_from_now(request)
 
     async def decode_one(data: bytes) -> Prepared | ApiError:
