@@ -369,16 +369,22 @@ def service_session(model_dir: Path) -> Any:
     return make_session(model_dir / MODEL_FILE, SessionThreads.of(Settings.model_construct()))
 
 
-def _blocking_response(stream: Any) -> int:
-    """Read one HTTP/1.1 response (with Content-Length) off a socket file; its status."""
+def _blocking_response(stream: Any) -> tuple[int, dict[str, float]]:
+    """Read one HTTP/1.1 response (with Content-Length) off a socket file: its status
+    and its Server-Timing stages in ms (service/timing.py)."""
     status = int(stream.readline().split(b" ", 2)[1])
-    length = 0
+    length, stages = 0, {}
     while (line := stream.readline()) not in (b"\r\n", b""):
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
+        name = name.strip().lower()
+        if name == b"content-length":
             length = int(value)
+        elif name == b"server-timing":
+            for entry in value.decode("latin-1").split(","):
+                stage, _, duration = entry.strip().partition(";dur=")
+                stages[stage] = float(duration)
     stream.read(length)
-    return status
+    return status, stages
 
 
 def bench_single_interleaved(
@@ -396,7 +402,8 @@ def bench_single_interleaved(
     host = base_url.removeprefix("http://")
     name, port = host.rsplit(":", 1)
     prepared = [_raw_predict(sample, host) for sample in samples]
-    raw_ms, http_ms, local_ms = [], [], []
+    raw_ms, http_ms, local_ms, local_decode_ms = [], [], [], []
+    stages: dict[str, list[float]] = {}
     with (
         httpx.Client(base_url=base_url, timeout=120) as http,
         socket.create_connection((name, int(port)), timeout=120) as connection,
@@ -406,7 +413,7 @@ def bench_single_interleaved(
             sample = samples[index % len(samples)]
             started = time.perf_counter()
             connection.sendall(prepared[index % len(samples)])
-            status = _blocking_response(stream)
+            status, timing = _blocking_response(stream)
             elapsed_raw = (time.perf_counter() - started) * 1000
             if status != 200:
                 raise RuntimeError(f"POST /predict answered {status}")
@@ -415,9 +422,17 @@ def bench_single_interleaved(
             elapsed_http = (time.perf_counter() - started) * 1000
             started = time.perf_counter()
             image = load_model_input(sample.data, meta.input.height, meta.input.width)
+            decoded = time.perf_counter()
             session.run(None, {INPUT_NAME: image[None]})
             elapsed_local = (time.perf_counter() - started) * 1000
+            local_decode_ms.append((decoded - started) * 1000)
             if index >= 5:  # the first few warm all up
+                timing["outside the app"] = elapsed_raw - timing.get("app", elapsed_raw)
+                timing["app, besides decode and model"] = timing.get("app", 0.0) - (
+                    timing.get("decode", 0.0) + timing.get("queue", 0.0) + timing.get("model", 0.0)
+                )
+                for stage, value in timing.items():
+                    stages.setdefault(stage, []).append(value)
                 raw_ms.append(elapsed_raw)
                 http_ms.append(elapsed_http)
                 local_ms.append(elapsed_local)
@@ -425,6 +440,9 @@ def bench_single_interleaved(
         "prepared_ms": percentiles(raw_ms),
         "http_ms": percentiles(http_ms),
         "decode_and_model_ms": percentiles(local_ms),
+        "in_process_decode_ms": percentiles(local_decode_ms[5:]),
+        # Medians of the prepared requests' Server-Timing stages, and what is left over.
+        "server_timing_ms": {stage: statistics.median(v) for stage, v in stages.items()},
     }
 
 
@@ -579,7 +597,18 @@ def report(results: dict) -> str:
         lines.append(
             f"  decode+model at batch 1 in process p50 "
             f"{single['decode_and_model_ms']['p50']:.1f} ms"
+            + (
+                f" (decode {single['in_process_decode_ms']['p50']:.1f})"
+                if "in_process_decode_ms" in single
+                else ""
+            )
         )
+        timing = single.get("server_timing_ms")
+        if timing:
+            lines.append(
+                "  where the prepared requests' time went (Server-Timing medians, ms): "
+                + ", ".join(f"{stage} {value:.2f}" for stage, value in timing.items())
+            )
         lines.append("")
     ip = results.get("in_process")
     if ip:

@@ -38,7 +38,7 @@ EXTRA_MODULES = {
             "fastapi",
             "starlette",
             "uvicorn",
-            "h11",
+            "httptools",
             "pydantic_settings",
             "multipart",
             "python_multipart",

@@ -159,6 +159,7 @@ class ModelOutput:
     run_id: int  # the model run (batch) it was part of
     run_ms: float  # how long that run took
     batch_size: int  # images in that run, from all requests
+    queue_ms: float = 0.0  # how long it waited for that run
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -177,6 +178,7 @@ def _model_outputs(model: LoadedModel, results: list[JobResult]) -> list[ModelOu
             run_id=result.run_id,
             run_ms=result.run_seconds * 1000.0,
             batch_size=result.batch_size,
+            queue_ms=result.queued_seconds * 1000.0,
         )
         for result in results
         for outputs in result.outputs

@@ -4,7 +4,8 @@
   body streams in (chunked uploads have no Content-Length);
 - counts requests and latency per route template for /metrics;
 - logs one JSON line per request: method, route, status, ms, n_files. Never file
-  contents, filenames or anything from a DICOM header.
+  contents, filenames or anything from a DICOM header;
+- adds the Server-Timing header of a request that recorded its stages (service.timing).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.docs import STATIC_PREFIX
 from service.errors import ApiError, error_body, error_status
 from service.metrics import Metrics
+from service.timing import HEADER, recorded
 
 access_log = logging.getLogger("pneumoscreen.access")
 
@@ -57,6 +59,11 @@ class RequestMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                times = recorded(state)
+                if times is not None:
+                    app_ms = (time.perf_counter() - started) * 1000.0
+                    headers = [*message.get("headers", ()), (HEADER, times.header(app_ms))]
+                    message = {**message, "headers": headers}
             await send(message)
 
         try:

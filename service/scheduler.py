@@ -62,6 +62,7 @@ class JobResult:
     run_id: int
     run_seconds: float
     batch_size: int
+    queued_seconds: float = 0.0  # how long the job waited in the queue for this run
 
 
 @dataclass
@@ -310,6 +311,7 @@ class BatchScheduler:
 
     def _run(self, jobs: list[_Job]) -> None:
         images = [image for job in jobs for image in job.images]
+        started = time.monotonic()
         try:
             result = self._execute(jobs[0].model, images)
         except Exception as exc:  # delivered to every waiting request
@@ -321,7 +323,11 @@ class BatchScheduler:
         for job in jobs:
             count = len(job.images)
             job.future.set_result(
-                dataclasses.replace(result, outputs=result.outputs[offset : offset + count])
+                dataclasses.replace(
+                    result,
+                    outputs=result.outputs[offset : offset + count],
+                    queued_seconds=started - job.enqueued,
+                )
             )
             offset += count
 

@@ -39,7 +39,6 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "access_log": False,  # the app logs each request itself, without file contents
         "timeout_keep_alive": settings.keep_alive_timeout_s,
         "timeout_graceful_shutdown": max(1, round(settings.drain_timeout_s)),
-        "h11_max_incomplete_event_size": settings.max_header_bytes,
     }
 
 
@@ -103,7 +102,7 @@ def serve(settings: Settings) -> None:
             "service.main:create_app",
             factory=True,
             workers=settings.workers,
-            http="service.http_protocol:HardenedH11Protocol",
+            http="service.http_protocol:HardenedHttpToolsProtocol",
             **options,
         )
         return

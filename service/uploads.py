@@ -1,26 +1,29 @@
-"""Reading multipart uploads under the configured limits.
+"""Reading multipart uploads under the configured limits, in memory.
 
 The form is parsed by hand (not by FastAPI parameters) so that authentication and model
 readiness are checked before any body is read, and so that every limit gets its own
-error code. The request body limit itself is enforced by service.middleware.
+error code. python-multipart's parser is fed the body as it streams in; each file's bytes
+go straight into memory, bounded: MAX_FILE_BYTES per file (beyond it the file only counts
+as too large), at most `max_files` files and 100 other fields of at most 64 KiB, and the
+request itself under MAX_REQUEST_BYTES (service.middleware). Nothing is written to disk:
+Starlette's own form parser spools files over 1 MB to a temporary file, which would put
+patients' images on the server's disk, and costs a thread hop per write.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
-from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from service.errors import ApiError
 from service.safe_text import clean_filename
 
-# The multipart parser's own cap on file parts (Starlette's default). Our limit is counted
-# on the parsed form below, so it never depends on the wording of the parser's error; the
-# request size itself is bounded by MAX_REQUEST_BYTES (service.middleware).
-_PARSER_MAX_FILES = 1000
+MAX_FIELDS = 100
+MAX_FIELD_BYTES = 64 * 1024
 
 
 @dataclass
@@ -30,7 +33,118 @@ class Upload:
     error: ApiError | None = None
 
 
-async def parse_form(request: Request, max_files: int) -> FormData:
+@dataclass
+class _Part:
+    name: str | None = None
+    filename: bytes | None = None  # None: a text field
+    data: bytearray = field(default_factory=bytearray)
+    too_large: bool = False
+
+
+class UploadForm:
+    """The files of one multipart body, by field, in the order they came."""
+
+    def __init__(self, parts: list[_Part], max_file_bytes: int) -> None:
+        self._parts = parts
+        self._max_file_bytes = max_file_bytes
+
+    def uploads(self, field_name: str) -> list[Upload]:
+        """The files sent in `field_name`: their bytes, or a file_too_large error (the
+        bytes were not kept). Filenames as service.safe_text.clean_filename leaves them."""
+        return [
+            self._upload(part)
+            for part in self._parts
+            if part.filename is not None and part.name == field_name
+        ]
+
+    def _upload(self, part: _Part) -> Upload:
+        assert part.filename is not None
+        filename = clean_filename(part.filename.decode("utf-8", "replace"))
+        if part.too_large:
+            limit = self._max_file_bytes
+            message = f"the file is larger than the limit of {limit:,} bytes"
+            return Upload(filename, None, ApiError("file_too_large", message))
+        return Upload(filename, bytes(part.data))
+
+
+class _FormReader:
+    """python-multipart's callbacks, collecting parts under the limits."""
+
+    def __init__(self, boundary: bytes, max_files: int, max_file_bytes: int) -> None:
+        self.max_files = max_files
+        self.max_file_bytes = max_file_bytes
+        self.parts: list[_Part] = []
+        self.files = 0
+        self._part = _Part()
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition: bytes | None = None
+        self.parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._on_part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+            },
+        )
+
+    def _on_part_begin(self) -> None:
+        self._part = _Part()
+        self._disposition = None
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition or b"")
+        name = options.get(b"name")
+        if name is None:
+            raise ApiError(
+                "invalid_multipart",
+                'malformed multipart body: a part has no Content-Disposition "name"',
+            )
+        self._part.name = name.decode("utf-8", "replace")
+        self._part.filename = options.get(b"filename")
+        if self._part.filename is not None:
+            self.files += 1
+            if self.files > self.max_files:
+                raise ApiError("too_many_files", f"at most {self.max_files} file(s) per request")
+        elif len(self.parts) - self.files + 1 > MAX_FIELDS:
+            raise ApiError("invalid_multipart", f"more than {MAX_FIELDS} form fields")
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        if part.too_large:
+            return
+        limit = self.max_file_bytes if part.filename is not None else MAX_FIELD_BYTES
+        if len(part.data) + (end - start) > limit:
+            if part.filename is None:
+                raise ApiError(
+                    "invalid_multipart", f"a form field is larger than {MAX_FIELD_BYTES:,} bytes"
+                )
+            part.too_large = True
+            part.data = bytearray()  # its bytes are not kept
+            return
+        part.data += data[start:end]
+
+    def _on_part_end(self) -> None:
+        self.parts.append(self._part)
+
+
+async def parse_form(request: Request, max_files: int, max_file_bytes: int) -> UploadForm:
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(
@@ -38,37 +152,19 @@ async def parse_form(request: Request, max_files: int) -> FormData:
             "send the image as multipart/form-data (field 'file' for /predict, "
             "repeated field 'files' for /predict/batch)",
         )
-    too_many = ApiError("too_many_files", f"at most {max_files} file(s) per request")
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(
+            "invalid_multipart", "malformed multipart body: the Content-Type has no boundary"
+        )
+    reader = _FormReader(boundary, max_files, max_file_bytes)
     try:
-        form = await request.form(max_files=max(max_files, _PARSER_MAX_FILES), max_fields=100)
+        async for chunk in request.stream():
+            reader.parser.write(chunk)
+        reader.parser.finalize()
     except ClientDisconnect:
         raise ApiError("invalid_multipart", "the client disconnected mid-upload") from None
-    except StarletteHTTPException as exc:
-        detail = str(exc.detail)
-        if detail.startswith("Too many files"):  # only past the parser's cap of 1000
-            raise too_many from None
-        raise ApiError("invalid_multipart", f"malformed multipart body: {detail}") from None
-    files = sum(isinstance(value, UploadFile) for _, value in form.multi_items())
-    if files > max_files:
-        await form.close()
-        raise too_many
-    return form
-
-
-def files_in(form: FormData, field: str) -> list[UploadFile]:
-    return [item for item in form.getlist(field) if isinstance(item, UploadFile)]
-
-
-async def read_upload(upload: UploadFile, max_file_bytes: int) -> Upload:
-    """The bytes of one uploaded file, or a file_too_large error (read nothing then).
-    The filename is kept only as service.safe_text.clean_filename leaves it."""
-    filename = clean_filename(upload.filename)
-    too_large = ApiError(
-        "file_too_large", f"the file is larger than the limit of {max_file_bytes:,} bytes"
-    )
-    if upload.size is not None and upload.size > max_file_bytes:
-        return Upload(filename, None, too_large)
-    data = await upload.read(max_file_bytes + 1)
-    if len(data) > max_file_bytes:
-        return Upload(filename, None, too_large)
-    return Upload(filename, data)
+    except FormParserError:
+        raise ApiError("invalid_multipart", "malformed multipart body") from None
+    return UploadForm(reader.parts, max_file_bytes)

@@ -39,7 +39,8 @@ from service.screening import (
     refusal_error,
 )
 from service.security import require_api_key
-from service.uploads import Upload, files_in, parse_form, read_upload
+from service.timing import stage_times
+from service.uploads import Upload, parse_form
 
 log = logging.getLogger("pneumoscreen.predict")
 
@@ -143,12 +144,15 @@ async def _decode_then_run_if_idle(
     limits = deps.limits(request)
     metrics = deps.metrics(request)
 
+    spent: list[float] = []  # the decode's seconds, read back on the loop
+
     def work() -> tuple[Prepared, list[ModelOutput] | None]:
         started = time.perf_counter()
         try:
             prepared = prepare(data, meta, limits, model.gate, explain)
         finally:
-            metrics.decode.observe(time.perf_counter() - started)
+            spent.append(time.perf_counter() - started)
+            metrics.decode.observe(spent[-1])
         outputs = runner.run_if_idle([prepared.model_input], model) if run else None
         return prepared, outputs
 
@@ -165,6 +169,8 @@ async def _decode_then_run_if_idle(
         if isinstance(exc, GateRefusal):
             raise refusal_error(exc) from None
         raise
+    finally:
+        stage_times(request.state).decode_ms += sum(spent) * 1000.0
 
 
 def _judge_all(outputs: list[ModelOutput], prepared: list[Prepared], explain: bool) -> list[Judged]:
@@ -203,6 +209,10 @@ async def _infer(
         # The gate's distances came with the model run (LoadedModel.run): what is left is
         # a comparison and the score, tens of microseconds an image, cheaper than a hop.
         judged = _judge_all(outputs, prepared, explain)
+    times = stage_times(request.state)
+    runs = {output.run_id: output.run_ms for output in outputs}
+    times.model_ms += sum(runs.values())
+    times.queue_ms = max([times.queue_ms, *(output.queue_ms for output in outputs)])
     for item in judged:
         if item.refusal is not None:
             log.info('{"event": "image_rejected", "code": "%s"}', item.refusal.code)
@@ -211,7 +221,7 @@ async def _infer(
         metrics.images.labels(item.scored.label).inc()
         if item.scored.screen_positive:
             metrics.screen_positive.inc()
-    return judged, sum({output.run_id: output.run_ms for output in outputs}.values())
+    return judged, sum(runs.values())
 
 
 async def _screen_one(
@@ -258,17 +268,12 @@ async def predict(
     answer = reports.negotiate(request, reports.SINGLE_OFFERS)  # 406 before the body too
     if explain and not meta.has_explain_outputs:
         raise explain_unavailable(meta)
-    form = await parse_form(request, max_files=1)
-    try:
-        uploads = files_in(form, "file")
-        request.state.n_files = len(uploads)
-        if not uploads:
-            raise ApiError(
-                "missing_file", "send the image as multipart/form-data in the field 'file'"
-            )
-        upload = await read_upload(uploads[0], settings.max_file_bytes)
-    finally:
-        await form.close()
+    form = await parse_form(request, max_files=1, max_file_bytes=settings.max_file_bytes)
+    uploads = form.uploads("file")
+    request.state.n_files = len(uploads)
+    if not uploads:
+        raise ApiError("missing_file", "send the image as multipart/form-data in the field 'file'")
+    upload = uploads[0]
     if upload.error is not None:
         metrics.image_errors.labels(upload.error.code).inc()
         raise upload.error
@@ -305,19 +310,17 @@ async def predict_batch(
     answer = reports.negotiate(request, reports.BATCH_OFFERS)  # 406 before the body too
     if explain and not meta.has_explain_outputs:
         raise explain_unavailable(meta)
-    form = await parse_form(request, max_files=settings.max_batch_files)
-    try:
-        uploads = files_in(form, "files")
-        request.state.n_files = len(uploads)
-        if not uploads:
-            raise ApiError(
-                "missing_file",
-                "send the images as multipart/form-data, repeating the field 'files'",
-            )
-        request.state.ticket.grow(len(uploads))
-        read = [await read_upload(item, settings.max_file_bytes) for item in uploads]
-    finally:
-        await form.close()
+    form = await parse_form(
+        request, max_files=settings.max_batch_files, max_file_bytes=settings.max_file_bytes
+    )
+    read = form.uploads("files")
+    request.state.n_files = len(read)
+    if not read:
+        raise ApiError(
+            "missing_file",
+            "send the images as multipart/form-data, repeating the field 'files'",
+        )
+    request.state.ticket.grow(len(read))
     request.state.deadline = deadline_from_now(request)
 
     async def decode_one(data: bytes) -> Prepared | ApiError:

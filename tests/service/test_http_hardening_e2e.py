@@ -3,14 +3,16 @@
 Each test plays an attacker: a 100 MB header, too many header fields, headers or a body sent
 one byte at a time, connections left open doing nothing, more connections than allowed.
 The server must refuse or close them itself, answer with the API's JSON error shape where
-it answers at all, and keep serving everyone else. Timeouts are set short in the server's
-environment; the tests only bound how long they wait for the server to act (generously,
-for a loaded machine), they assert no speed.
+it answers at all, and keep serving everyone else. Honest clients (pipelined requests,
+heads in small packets, an h2c upgrade offer) must be served. Timeouts are set short in the
+server's environment; the tests only bound how long they wait for the server to act
+(generously, for a loaded machine), they assert no speed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -207,3 +209,174 @@ def test_connections_beyond_the_cap_are_refused(tiny_bundle: Path) -> None:
                 pass
             assert time.monotonic() < deadline, "the server never took connections again"
             time.sleep(0.1)
+
+
+# --- the stream itself: pipelining, split heads, the cap on one read, trailers -------------
+
+
+def parse_responses(data: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each whole Content-Length response in `data`, in order."""
+    responses = []
+    while True:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end < 0:
+            return responses
+        head = data[:head_end]
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        assert length, head
+        end = head_end + 4 + int(length.group(1))
+        if len(data) < end:
+            return responses
+        responses.append((int(head.split(b" ", 2)[1]), data[head_end + 4 : end]))
+        data = data[end:]
+
+
+def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    data = b""
+    while len(responses := parse_responses(data)) < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed after {len(responses)} of {count} responses: {data!r}"
+        data += chunk
+    return responses
+
+
+def padded_head(size: int, extra: bytes = b"") -> bytes:
+    """A whole `GET /livez` head of exactly `size` bytes (padded with one X-Pad field)."""
+    start = b"GET /livez HTTP/1.1\r\nHost: x\r\n" + extra + b"X-Pad: "
+    head = start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+    assert len(head) == size
+    return head
+
+
+def test_pipelined_requests_are_answered_in_order(hardened: LiveServer) -> None:
+    with connect(hardened) as sock:
+        sock.sendall(
+            b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /livez HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        responses = read_responses(sock, 4)
+        assert [status for status, _ in responses] == [200, 405, 200, 200]
+        assert responses[0][1] == responses[3][1] == b'{"status":"alive"}'
+        assert json.loads(responses[2][1])["status"] == "ok"
+        # The connection is still in step for the next request.
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_responses(sock, 1) == [(200, b'{"status":"alive"}')]
+
+
+def test_a_head_under_the_cap_in_many_small_packets_is_served(hardened: LiveServer) -> None:
+    head = padded_head(8000)  # MAX_HEADER_BYTES is 8192, counted over all the packets
+    with connect(hardened) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(head), 200):  # 40 packets, well within HEADER_TIMEOUT_S
+            sock.sendall(head[start : start + 200])
+            time.sleep(0.002)
+        assert read_responses(sock, 1) == [(200, b'{"status":"alive"}')]
+
+
+def test_a_head_over_the_cap_is_431_however_it_arrives(hardened: LiveServer) -> None:
+    head = padded_head(8193)
+    for packet in (len(head), 500):  # all in one send; in small packets
+        with connect(hardened) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start in range(0, len(head), packet):
+                sock.sendall(head[start : start + packet])
+            assert error_of(read_until_closed(sock)) == (431, "headers_too_large")
+
+
+def test_a_head_near_the_cap_with_a_large_body_in_one_send(hardened: LiveServer) -> None:
+    body = b"b" * 200_000
+    head = padded_head(8100, extra=b"Content-Length: %d\r\n" % len(body))
+    with connect(hardened) as sock:
+        sock.sendall(head + body + b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_responses(sock, 2) == [(200, b'{"status":"alive"}')] * 2
+
+
+def test_a_slow_head_on_a_kept_alive_connection_is_408(hardened: LiveServer) -> None:
+    with connect(hardened) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_responses(sock, 1) == [(200, b'{"status":"alive"}')]
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        answer = read_until_closed(sock)
+    assert error_of(answer) == (408, "request_timeout")
+
+
+def test_malformed_request_pipelined_after_a_good_one_is_answered_after_it(
+    hardened: LiveServer,
+) -> None:
+    with connect(hardened) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE \x00\x01 nonsense\r\n\r\n")
+        responses = parse_responses(read_until_closed(sock))
+    assert responses[0] == (200, b'{"status":"alive"}')
+    assert [(status, json.loads(body)["error"]["code"]) for status, body in responses[1:]] == [
+        (400, "invalid_http")
+    ]
+
+
+def test_100_mb_of_trailer_fields_are_refused(hardened: LiveServer) -> None:
+    sent = 0
+    closed = False
+    with connect(hardened) as sock:
+        try:
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n5\r\n--b\r\n\r\n0\r\nX-Big: "
+            )
+            chunk = b"a" * (1 << 20)
+            for _ in range(100):  # 100 MB of one trailer field, never finished
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # the server closed on us: what we want
+            closed = True
+        try:
+            answer = read_until_closed(sock)
+        except OSError:
+            answer = b""
+    assert closed, "the server read all 100 MB of a trailer field"
+    assert sent < 100 * (1 << 20)
+    if answer:  # the 431 may be lost to the reset
+        assert error_of(answer) == (431, "headers_too_large")
+    assert httpx.get(hardened.url("/health"), timeout=PATIENCE_S).status_code == 200
+
+
+XRAY = Path(__file__).resolve().parents[1] / "fixtures/chest_xray/train/NORMAL/IM-0115-0001.jpeg"
+H2C_OFFER = (
+    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_ignored_h2c_upgrade_offer_is_served_as_http_1_1(
+    hardened: LiveServer, framing: str
+) -> None:
+    # What `curl --http2` and Java's RestClient send over http://: the server ignores the
+    # offer (RFC 9110 7.8) and must still read the body, and what is pipelined behind it.
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + XRAY.read_bytes() + b"\r\n--b--\r\n"
+    )
+    if framing == "chunked":
+        pieces = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+        wire = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+        length_field = b"Transfer-Encoding: chunked\r\n"
+    else:
+        wire, length_field = body, b"Content-Length: %d\r\n" % len(body)
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\n" + H2C_OFFER + length_field + b"Content-Type: "
+        b"multipart/form-data; boundary=b\r\n\r\n"
+    )
+    with connect(hardened) as sock:
+        sock.sendall(head + wire + b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        (status, answer), livez = read_responses(sock, 2)
+        assert status == 200, answer
+        assert json.loads(answer)["label"] in {"NORMAL", "PNEUMONIA"}
+        assert livez == (200, b'{"status":"alive"}')
+        # The body in its own packets after the head, as Ktor writes it.
+        sock.sendall(head)
+        time.sleep(0.05)
+        sock.sendall(wire)
+        ((status, answer),) = read_responses(sock, 1)
+        assert status == 200, answer

@@ -13,7 +13,13 @@ from PIL import Image
 from tests.support.bundle_factory import make_tiny_bundle
 from tests.support.dicom_factory import FAKE_PATIENT_ID, dicom_bytes
 from tests.support.live_server import LiveServer, live_server
-from tests.support.xray_samples import FULLRES, SMALL, png_bytes, reference_probabilities
+from tests.support.xray_samples import (
+    FULLRES,
+    SMALL,
+    png_bytes,
+    reference_probabilities,
+    tiny_png,
+)
 
 
 def _assert_prediction(body: dict, expected: dict[str, float], threshold: float) -> None:
@@ -232,3 +238,37 @@ def test_concurrent_requests_agree(server: LiveServer) -> None:
         answers = list(pool.map(call, range(16)))
     assert all(answer == answers[0] for answer in answers)
     assert httpx.get(f"{server.base_url}/livez").status_code == 200
+
+
+def _server_timing(response: httpx.Response) -> dict[str, float]:
+    stages = {}
+    for entry in response.headers["server-timing"].split(","):
+        name, _, duration = entry.strip().partition(";dur=")
+        stages[name] = float(duration)
+    return stages
+
+
+def test_answers_say_where_their_time_went(server: LiveServer) -> None:
+    """Server-Timing: decode, queue, model and app for every predict answer (also an
+    error found after decoding); the stages fit inside the app's time."""
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        single = client.post("/predict", files={"file": ("a.jpeg", FULLRES[0].read_bytes())})
+        batch = client.post(
+            "/predict/batch",
+            files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in FULLRES[:3]],
+        )
+        tiny = client.post("/predict", files={"file": ("t.png", tiny_png(8))})
+        livez = client.get("/livez")
+    assert single.status_code == batch.status_code == 200
+    for response in (single, batch):
+        stages = _server_timing(response)
+        assert list(stages) == ["decode", "queue", "model", "app"]
+        assert stages["decode"] > 0 and stages["model"] > 0 and stages["queue"] >= 0
+        assert stages["model"] <= stages["app"] <= response.elapsed.total_seconds() * 1000
+    # One image's stages follow one another; a batch's images decode side by side.
+    stages = _server_timing(single)
+    assert stages["decode"] + stages["model"] <= stages["app"] + 0.05
+    assert single.json()["inference_ms"] == pytest.approx(_server_timing(single)["model"], abs=0.01)
+    assert tiny.status_code == 422  # image_too_small, found by the decoder: nothing ran
+    assert _server_timing(tiny)["model"] == 0
+    assert "server-timing" not in livez.headers  # only requests that have stages
