@@ -363,10 +363,18 @@ def _time_per_item(function: Callable[[Sample], object], samples: list[Sample]) 
     return timings
 
 
-def service_session(model_dir: Path) -> Any:
+def service_session(model_dir: Path, lone: bool = False) -> Any:
     """An onnxruntime session built as the runner builds it (service.onnx_session), with
-    the settings' defaults (not this shell's environment) on the CPU."""
-    return make_session(model_dir / MODEL_FILE, SessionThreads.of(Settings.model_construct()))
+    the settings' defaults (not this shell's environment) on the CPU: with `lone`, the one
+    a lone image runs on (LONE_REQUEST_SPINNING), so that the in-process reference of a
+    single image is what the service itself runs."""
+    settings = Settings.model_construct()
+    threads = (
+        SessionThreads.lone_of(settings)
+        if lone and settings.lone_request_spinning
+        else SessionThreads.of(settings)
+    )
+    return make_session(model_dir / MODEL_FILE, threads)
 
 
 def _blocking_response(stream: Any) -> tuple[int, dict[str, float]]:
@@ -398,7 +406,7 @@ def bench_single_interleaved(
     import httpx
 
     meta = read_bundle(model_dir)
-    session = service_session(model_dir)
+    session = service_session(model_dir, lone=True)
     host = base_url.removeprefix("http://")
     name, port = host.rsplit(":", 1)
     prepared = [_raw_predict(sample, host) for sample in samples]
@@ -464,19 +472,20 @@ def bench_in_process(model_dir: Path, samples: list[Sample], inference_runs: int
         draft_ms += _time_per_item(draft, [sample])
     pixels = [int(np.prod(decode_grey(s.data).shape)) for s in samples]
 
-    session = service_session(model_dir)
+    lone, session = service_session(model_dir, lone=True), service_session(model_dir)
     inputs = [draft(s) for s in samples[:32]]
     while len(inputs) < 32:
         inputs += inputs[: 32 - len(inputs)]
     one = inputs[0][None]
     many = np.stack(inputs)
     for _ in range(5):
-        session.run(None, {INPUT_NAME: one})
+        lone.run(None, {INPUT_NAME: one})
     batch1 = []
-    for index in range(inference_runs):
+    for index in range(inference_runs):  # a lone image: on the session the service uses
         started = time.perf_counter()
-        session.run(None, {INPUT_NAME: inputs[index % len(inputs)][None]})
+        lone.run(None, {INPUT_NAME: inputs[index % len(inputs)][None]})
         batch1.append((time.perf_counter() - started) * 1000)
+    del lone
     session.run(None, {INPUT_NAME: many})
     batch32 = []
     for _ in range(max(3, inference_runs // 10)):

@@ -17,6 +17,7 @@ keeps serving and `last_reload` says why.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ from service.bundle import (
 from service.config import Settings
 from service.gate import GATE_DISTANCES, InputGate
 from service.onnx_session import (
+    CPU,
     CUDA,
     SessionThreads,
     available_providers,
@@ -121,13 +123,25 @@ class LoadedModel:
     output_names: list[str]
     loaded_at: datetime
     gate: InputGate | None = None  # this bundle's input gate (format 2), None for format 1
+    # The same graph in a session whose intra-op threads spin between operators, for a lone
+    # image on an idle model (LONE_REQUEST_SPINNING); None on CUDA or when switched off.
+    lone_session: Any = None
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """A uint8 (batch, H, W, 3) array -> every output of the graph, by name, and the
         input gate's distances (GATE_DISTANCES) when the gate is on. The distances are one
         matrix product for the whole batch here, on the model's thread, rather than one
         per image wherever it is judged."""
-        values = self.session.run(self.output_names, {INPUT_NAME: batch})
+        return self._run(self.session, batch)
+
+    def run_lone(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """`run` for a lone image on an idle model (service.scheduler.run_if_idle): on the
+        spinning session when there is one. Spinning threads would take the cores that
+        decoding needs under load, and nothing else is running now."""
+        return self._run(self.lone_session or self.session, batch)
+
+    def _run(self, session: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
+        values = session.run(self.output_names, {INPUT_NAME: batch})
         outputs = {
             name: np.asarray(value) for name, value in zip(self.output_names, values, strict=True)
         }
@@ -147,6 +161,17 @@ class LoadedModel:
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", devices)
         one = np.zeros((1, self.meta.input.height, self.meta.input.width, 3), dtype=np.uint8)
         self.session.run(self.output_names, {INPUT_NAME: one}, options)
+
+
+@dataclass(frozen=True)
+class _LoneWarmUp:
+    """A model's lone-request session as a BatchModel, to warm it up through the
+    scheduler (one model call at a time, also during a reload)."""
+
+    model: LoadedModel
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return self.model.run_lone(batch)
 
 
 @dataclass(frozen=True)
@@ -427,11 +452,21 @@ class ModelRunner:
             loaded_at=datetime.now(UTC),
             gate=gate,
         )
+        if self.settings.lone_request_spinning and CUDA not in providers:
+            try:
+                lone = make_session(
+                    directory / MODEL_FILE, SessionThreads.lone_of(self.settings), providers=[CPU]
+                )
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+                raise RuntimeError(f"onnxruntime could not load a second session: {exc}") from None
+            model = dataclasses.replace(model, lone_session=lone)
         # Warm-up: the first run allocates and optimises; do it before serving. It goes
         # through the scheduler, so it never runs beside another model call.
         warm = np.zeros((meta.input.height, meta.input.width, 3), dtype=np.uint8)
         try:
             (outputs,) = run_sync(self.scheduler, model, [warm], timeout=WARM_UP_TIMEOUT_S)
+            if model.lone_session is not None:
+                run_sync(self.scheduler, _LoneWarmUp(model), [warm], timeout=WARM_UP_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - reported as the reason the load failed
             raise RuntimeError(f"the warm-up inference failed: {exc}") from None
         probabilities = outputs[OUTPUT_NAME]

@@ -24,6 +24,7 @@ class ThreadSettings(Protocol):
     intra_op_threads: int
     inter_op_threads: int
     intra_op_spinning: bool
+    lone_request_spinning: bool
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class SessionThreads:
     def of(cls, settings: ThreadSettings) -> SessionThreads:
         """The service's options: INTRA_OP_THREADS, INTER_OP_THREADS, INTRA_OP_SPINNING."""
         return cls(settings.intra_op_threads, settings.inter_op_threads, settings.intra_op_spinning)
+
+    @classmethod
+    def lone_of(cls, settings: ThreadSettings) -> SessionThreads:
+        """The options of the service's lone-request session (LONE_REQUEST_SPINNING)."""
+        return cls(settings.intra_op_threads, settings.inter_op_threads, spinning=True)
 
 
 ONNXRUNTIME_DEFAULTS = SessionThreads()

@@ -41,7 +41,8 @@ Outputs = dict[str, np.ndarray]
 
 class BatchModel(Protocol):
     """What the scheduler runs: a whole batch in, every output (batch axis first) out.
-    It may also have `release_memory()`, called when the scheduler has been idle."""
+    It may also have `release_memory()`, called when the scheduler has been idle, and
+    `run_lone(batch)`, used instead of `run` by `run_if_idle`."""
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
@@ -160,7 +161,7 @@ class BatchScheduler:
                 return None
             self._running = True
         try:
-            return self._execute(model, images)
+            return self._execute(model, images, lone=True)
         finally:
             with self._cond:
                 self._running = False
@@ -295,14 +296,17 @@ class BatchScheduler:
             return True
         return False
 
-    def _execute(self, model: BatchModel, images: list[np.ndarray]) -> JobResult:
+    def _execute(
+        self, model: BatchModel, images: list[np.ndarray], lone: bool = False
+    ) -> JobResult:
         """One model call (`_running` is held by the caller)."""
         self._ran_since_release = model
         self._runs += 1
         run_id = self._runs
         started = time.perf_counter()
         batch = np.ascontiguousarray(np.stack(images).astype(np.uint8, copy=False))
-        per_image = _split(model.run(batch), len(images))
+        run = getattr(model, "run_lone", model.run) if lone else model.run
+        per_image = _split(run(batch), len(images))
         seconds = time.perf_counter() - started
         self.hooks.model_run(len(images), seconds)
         return JobResult(

@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from service import inference
@@ -38,6 +39,9 @@ def test_service_threads_come_from_the_settings(tiny_bundle: Path) -> None:
         model_dir=tiny_bundle, intra_op_threads=2, inter_op_threads=3, intra_op_spinning=True
     )
     assert SessionThreads.of(settings) == SessionThreads(2, 3, True)
+    assert SessionThreads.lone_of(settings) == SessionThreads(2, 3, True)
+    settings.intra_op_spinning = False
+    assert SessionThreads.lone_of(settings) == SessionThreads(2, 3, True)  # always spins
     options = make_session(
         tiny_bundle / "model.onnx", SessionThreads(2, 3, False)
     ).get_session_options()
@@ -71,9 +75,37 @@ def test_runner_builds_its_session_through_the_factory(
         assert runner.state == "ready", runner.error
     finally:
         runner.close()
-    assert calls == [(tiny_bundle / "model.onnx", SessionThreads(1, 1, False), [CPU])]
-    options = runner.model.session.get_session_options() if runner.model else None
-    assert options is not None and options.get_session_config_entry(SPINNING) == "0"
+    # The serving session, then the lone-request one (LONE_REQUEST_SPINNING, on the CPU).
+    assert calls == [
+        (tiny_bundle / "model.onnx", SessionThreads(1, 1, False), [CPU]),
+        (tiny_bundle / "model.onnx", SessionThreads(1, 1, True), [CPU]),
+    ]
+    model = runner.model
+    assert model is not None and model.lone_session is not None
+    assert model.session.get_session_options().get_session_config_entry(SPINNING) == "0"
+    assert model.lone_session.get_session_options().get_session_config_entry(SPINNING) == "1"
+
+
+def test_the_lone_session_is_the_same_model(tiny_bundle: Path) -> None:
+    """A lone image's answer does not depend on the session it ran on; switched off, there
+    is no second session."""
+    images = np.random.default_rng(4).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    for spinning in (True, False):
+        runner = ModelRunner(
+            Settings(model_dir=tiny_bundle, providers="cpu", lone_request_spinning=spinning)
+        )
+        runner.load()
+        try:
+            model = runner.require_model()
+            assert (model.lone_session is not None) is spinning
+            lone, batch = model.run_lone(images), model.run(images)
+            assert lone.keys() == batch.keys()
+            for name in lone:
+                np.testing.assert_allclose(lone[name], batch[name], rtol=1e-6, atol=1e-7)
+            (outputs,) = runner.run_if_idle(list(images), model) or []
+            np.testing.assert_allclose(outputs.probabilities, batch["probabilities"][0], rtol=1e-6)
+        finally:
+            runner.close()
 
 
 CALLERS = [

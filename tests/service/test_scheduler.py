@@ -298,6 +298,29 @@ def test_run_if_idle_runs_on_the_calling_thread_only_when_idle() -> None:
     assert model.batches == [[7, 8], [0], [10]]
 
 
+def test_run_if_idle_uses_the_models_lone_run_and_batches_do_not() -> None:
+    class TwoWays:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+            self.calls.append("run")
+            return {"probabilities": batch[:, 0, 0, :2].astype(np.float32)}
+
+        def run_lone(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+            self.calls.append("run_lone")
+            return self.run(batch)
+
+    model = TwoWays()
+    scheduler = BatchScheduler(max_batch_size=4)
+    try:
+        assert scheduler.run_if_idle(model, [_image(1)]) is not None
+        run_sync(scheduler, model, [_image(2)], timeout=30)
+    finally:
+        scheduler.close()
+    assert model.calls == ["run_lone", "run", "run"]
+
+
 def test_run_if_idle_and_the_scheduler_never_run_the_model_at_once() -> None:
     """One model call at a time, whoever makes it: callers' run_if_idle and the
     scheduler thread's batches, from several threads at once."""

@@ -136,6 +136,8 @@ def live_server(
         "DECODE_MEMORY_BUDGET_BYTES",
         "DECODE_BUDGET_WAIT_S",
         "GATE_ENABLED",
+        "INTRA_OP_SPINNING",
+        "LONE_REQUEST_SPINNING",
     ):
         child_env.pop(name, None)
     child_env.update(
