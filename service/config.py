@@ -165,9 +165,9 @@ class Settings(BaseSettings):
     lone_request_spinning: bool = Field(
         True,
         description="On the CPU, run a lone image (the model idle, nothing queued) on a second "
-        "session of the model whose intra-op threads spin between operators: faster at batch "
-        "1 on idle cores (bench/README.md), for about 45 MB more memory; batches under load "
-        "keep INTRA_OP_SPINNING.",
+        "session of the model whose intra-op threads spin between operators during the run "
+        "and stop when it returns: faster at batch 1 on idle cores (bench/README.md), for "
+        "about 45 MB more memory; batches under load keep INTRA_OP_SPINNING.",
     )
     max_decoded_bytes: int = Field(
         64 * MB,

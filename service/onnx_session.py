@@ -34,6 +34,9 @@ class SessionThreads:
     intra_op: int = 0  # 0: onnxruntime's default
     inter_op: int = 0
     spinning: bool | None = None  # None: onnxruntime's default (spinning allowed)
+    # Stop the spinning when a run returns: otherwise the threads go on spinning for tens
+    # of ms after it, taking a core from whatever comes next.
+    stop_spinning_after_run: bool = False
 
     @classmethod
     def of(cls, settings: ThreadSettings) -> SessionThreads:
@@ -42,8 +45,14 @@ class SessionThreads:
 
     @classmethod
     def lone_of(cls, settings: ThreadSettings) -> SessionThreads:
-        """The options of the service's lone-request session (LONE_REQUEST_SPINNING)."""
-        return cls(settings.intra_op_threads, settings.inter_op_threads, spinning=True)
+        """The options of the service's lone-request session (LONE_REQUEST_SPINNING): its
+        threads spin between operators during a run, and stop when it returns."""
+        return cls(
+            settings.intra_op_threads,
+            settings.inter_op_threads,
+            spinning=True,
+            stop_spinning_after_run=True,
+        )
 
 
 ONNXRUNTIME_DEFAULTS = SessionThreads()
@@ -87,4 +96,6 @@ def make_session(
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if threads.spinning else "0"
         )
+    if threads.stop_spinning_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))

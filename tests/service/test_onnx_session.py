@@ -39,9 +39,9 @@ def test_service_threads_come_from_the_settings(tiny_bundle: Path) -> None:
         model_dir=tiny_bundle, intra_op_threads=2, inter_op_threads=3, intra_op_spinning=True
     )
     assert SessionThreads.of(settings) == SessionThreads(2, 3, True)
-    assert SessionThreads.lone_of(settings) == SessionThreads(2, 3, True)
+    assert SessionThreads.lone_of(settings) == SessionThreads(2, 3, True, True)
     settings.intra_op_spinning = False
-    assert SessionThreads.lone_of(settings) == SessionThreads(2, 3, True)  # always spins
+    assert SessionThreads.lone_of(settings) == SessionThreads(2, 3, True, True)  # always spins
     options = make_session(
         tiny_bundle / "model.onnx", SessionThreads(2, 3, False)
     ).get_session_options()
@@ -78,12 +78,14 @@ def test_runner_builds_its_session_through_the_factory(
     # The serving session, then the lone-request one (LONE_REQUEST_SPINNING, on the CPU).
     assert calls == [
         (tiny_bundle / "model.onnx", SessionThreads(1, 1, False), [CPU]),
-        (tiny_bundle / "model.onnx", SessionThreads(1, 1, True), [CPU]),
+        (tiny_bundle / "model.onnx", SessionThreads(1, 1, True, True), [CPU]),
     ]
     model = runner.model
     assert model is not None and model.lone_session is not None
     assert model.session.get_session_options().get_session_config_entry(SPINNING) == "0"
-    assert model.lone_session.get_session_options().get_session_config_entry(SPINNING) == "1"
+    lone = model.lone_session.get_session_options()
+    assert lone.get_session_config_entry(SPINNING) == "1"
+    assert lone.get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 def test_the_lone_session_is_the_same_model(tiny_bundle: Path) -> None:
