@@ -50,7 +50,8 @@ class UploadForm:
 
     def uploads(self, field_name: str) -> list[Upload]:
         """The files sent in `field_name`: their bytes, or a file_too_large error (the
-        bytes were not kept). Filenames as service.safe_text.clean_filename leaves them."""
+        bytes were not kept). Filenames as service.safe_text.clean_filename leaves them.
+        The bytes move out of the form: call it once per field."""
         return [
             self._upload(part)
             for part in self._parts
@@ -64,7 +65,9 @@ class UploadForm:
             limit = self._max_file_bytes
             message = f"the file is larger than the limit of {limit:,} bytes"
             return Upload(filename, None, ApiError("file_too_large", message))
-        return Upload(filename, bytes(part.data))
+        data = bytes(part.data)
+        part.data = bytearray()  # the form holds no second copy while the image is served
+        return Upload(filename, data)
 
 
 class _FormReader:
