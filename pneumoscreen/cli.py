@@ -47,6 +47,7 @@ EXTRA_MODULES = {
             "swagger_ui_bundle",
             "highdicom",
             "fhir",
+            "threadpoolctl",
         }
     ),
 }

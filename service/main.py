@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import allocator
+from service import allocator, blas
 from service.config import Settings
 from service.docs import install_openapi, install_swagger_ui
 from service.errors import install_error_handlers
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     _configure_logging(settings.log_level)
     allocator.tune()  # large decodes give their memory back (service/allocator.py)
+    blas.use_one_thread()  # BLAS threads would spin on the model's cores (service/blas.py)
     metrics = Metrics()
     runner = ModelRunner(settings, metrics)
     lifecycle = Lifecycle()

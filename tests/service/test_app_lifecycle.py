@@ -170,3 +170,13 @@ def test_runner_serves_the_bundle_it_verified(tiny_bundle: Path) -> None:
         assert runner.providers == [CPU]
     finally:
         runner.close()
+
+
+def test_the_served_process_runs_blas_on_one_thread(tiny_bundle: Path) -> None:
+    """service/blas.py: BLAS threads would spin on the cores the model and decoders use."""
+    from threadpoolctl import threadpool_info
+
+    create_app(Settings(model_dir=tiny_bundle))
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert blas, "numpy's BLAS was not found"
+    assert {pool["num_threads"] for pool in blas} == {1}
