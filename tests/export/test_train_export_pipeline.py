@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from pneumoscreen.cli import app
 from service.bundle import read_bundle
 from service.preprocessing import load_model_input
-from tests.support.run_factory import FIXTURE_DATA, mobilenet_weights
+from tests.support.run_factory import FIXTURE_DATA, mobilenet_weights, tiny_train_args
 from training.calibration import scale_probabilities
 from training.run_record import read_run
 
@@ -37,29 +37,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     runner = CliRunner()
     result = runner.invoke(
         app,
-        [
-            "train",
-            "--data",
-            str(DATA),
-            "--out",
-            str(run_dir),
-            "--backbone",
-            "mobilenet",
-            "--weights",
-            weights,
-            "--input-size",
-            str(SIZE),
-            "--epochs-frozen",
-            "1",
-            "--epochs-finetune",
-            "1",
-            "--batch-size",
-            "8",
-            "--val-fraction",
-            "0.25",
-            "--cache-dir",
-            str(base / "cache"),
-        ],
+        tiny_train_args(
+            DATA,
+            run_dir,
+            base / "cache",
+            backbone="mobilenet",
+            weights=weights,
+            input_size=SIZE,
+            val_fraction=0.25,
+        ),
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     # train evaluates too, and its last write of run.json keeps evaluate's calibration.

@@ -21,6 +21,24 @@ def mobilenet_weights() -> str:
     return str(SHARED_MOBILENET_WEIGHTS) if SHARED_MOBILENET_WEIGHTS.is_file() else "none"
 
 
+def tiny_train_args(data: Path, out: Path, cache: Path, **options: object) -> list[str]:
+    """`pneumoscreen train` arguments for a run small enough for a test: random weights,
+    32 px, one epoch frozen and one fine-tuning, batches of 8. `options` override those or
+    add flags (`epochs_finetune=0` -> `--epochs-finetune 0`)."""
+    flags: dict[str, object] = {
+        "weights": "none",
+        "input_size": 32,
+        "epochs_frozen": 1,
+        "epochs_finetune": 1,
+        "batch_size": 8,
+        **options,
+    }
+    args = ["train", "--data", str(data), "--out", str(out), "--cache-dir", str(cache)]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
 def make_untrained_run(
     run_dir: Path,
     data: Path,

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pneumoscreen.cli import app
+from tests.support.run_factory import tiny_train_args
 from training.data import list_split
 
 pytestmark = pytest.mark.slow
@@ -20,31 +21,9 @@ DATA = Path(__file__).parents[1] / "fixtures" / "chest_xray"
 def _train_fold(runner: CliRunner, out: Path, fold: int, cache: Path) -> None:
     result = runner.invoke(
         app,
-        [
-            "train",
-            "--data",
-            str(DATA),
-            "--out",
-            str(out),
-            "--weights",
-            "none",
-            "--input-size",
-            "32",
-            "--epochs-frozen",
-            "1",
-            "--epochs-finetune",
-            "0",
-            "--batch-size",
-            "8",
-            "--validation",
-            "kfold",
-            "--folds",
-            "2",
-            "--fold",
-            str(fold),
-            "--cache-dir",
-            str(cache),
-        ],
+        tiny_train_args(
+            DATA, out, cache, epochs_finetune=0, validation="kfold", folds=2, fold=fold
+        ),
     )
     assert result.exit_code == 0, result.output
 

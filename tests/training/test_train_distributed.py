@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pneumoscreen.cli import app
+from tests.support.run_factory import tiny_train_args
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 DATA = FIXTURES / "chest_xray"
@@ -26,29 +27,14 @@ def test_mirrored_strategy_trains_one_replica_on_cpu(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(
         app,
-        [
-            "train",
-            "--data",
-            str(DATA),
-            "--out",
-            str(run_dir),
-            "--weights",
-            "none",
-            "--input-size",
-            str(SIZE),
-            "--epochs-frozen",
-            "1",
-            "--epochs-finetune",
-            "1",
-            "--batch-size",
-            "8",
-            "--val-fraction",
-            "0.25",
-            "--distribute",
-            "mirrored",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
+        tiny_train_args(
+            DATA,
+            run_dir,
+            tmp_path / "cache",
+            input_size=SIZE,
+            val_fraction=0.25,
+            distribute="mirrored",
+        ),
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     run = read_run(run_dir)
