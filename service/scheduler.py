@@ -6,7 +6,9 @@ one call, like Triton's dynamic batcher: when the model is free it runs what is 
 once (`max_wait_s` 0, the default), or waits up to `max_wait_s` after the oldest image for
 the batch to fill. One model call at a time means onnxruntime's intra-op threads are the
 only threads computing the model, so concurrent requests never oversubscribe the cores,
-and a GPU gets real batches.
+and a GPU gets real batches. A caller with a lone image may run it itself when the model
+is idle and nothing is queued (`run_if_idle`): the same one call at a time, without the
+hop to the scheduler thread and back.
 
 Work that nobody waits for is never run: a job whose future was cancelled (its client
 disconnected or gave up) or whose deadline has passed when it reaches the head of the
