@@ -114,7 +114,8 @@ def score(meta: BundleMeta, row: np.ndarray) -> Scored:
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """One bundle, verified and loaded into an onnxruntime session."""
+    """One bundle, verified and loaded into an onnxruntime session (and, on the CPU, a
+    second one for lone images: `lone_session`)."""
 
     meta: BundleMeta
     directory: Path

@@ -24,7 +24,6 @@ class ThreadSettings(Protocol):
     intra_op_threads: int
     inter_op_threads: int
     intra_op_spinning: bool
-    lone_request_spinning: bool
 
 
 @dataclass(frozen=True)
