@@ -49,77 +49,71 @@ def test_while_loading_liveness_answers_and_predict_is_503(tiny_bundle: Path) ->
     asyncio.run(run())
 
 
-def test_model_not_ready_raised_anywhere_is_a_503_not_a_500(tiny_bundle: Path) -> None:
-    """runner.require_ready() is the one readiness check; its ModelNotReady has a handler."""
+def _predict_while_the_model_raises(
+    tiny_bundle: Path, error: Exception
+) -> tuple[list[httpx.Response], str]:
+    """POST /predict twice, the model raising `error` first where a lone image runs at
+    once (its decode worker, run_if_idle), then in the scheduler's queue (predict); the
+    two answers and /metrics after them."""
     app = create_app(Settings(model_dir=tiny_bundle))
     runner: ModelRunner = app.state.runner
     runner.load()
     assert runner.ready
 
-    async def unloaded(images: list[np.ndarray], **_: object) -> list:
-        raise ModelNotReady("the model is not ready: unloaded mid-request")
+    async def in_the_queue(images: list[np.ndarray], **_: object) -> list:
+        raise error
 
-    def unloaded_on_a_worker(images: list[np.ndarray], model: object) -> list:
-        raise ModelNotReady("the model is not ready: unloaded mid-request")
+    def on_a_worker(images: list[np.ndarray], model: object) -> list:
+        raise error
 
-    runner.predict = unloaded  # type: ignore[method-assign]
+    runner.predict = in_the_queue  # type: ignore[method-assign]
 
-    async def run() -> None:
+    async def run() -> tuple[list[httpx.Response], str]:
+        answers = []
         async with _client(app) as client:
-            for idle_path in (unloaded_on_a_worker, lambda images, model: None):
-                # Raised where a lone image runs at once, or in the scheduler's queue.
+            for idle_path in (on_a_worker, lambda images, model: None):
                 runner.run_if_idle = idle_path  # type: ignore[method-assign]
-                response = await client.post(
-                    "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
+                answers.append(
+                    await client.post("/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())})
                 )
-                assert response.status_code == 503, response.text
-                assert response.json() == {
-                    "error": {
-                        "code": "model_not_ready",
-                        "message": "the model is not ready: unloaded mid-request",
-                    }
-                }
-                assert response.headers["retry-after"] == "5"
+            return answers, (await client.get("/metrics")).text
 
-    asyncio.run(run())
-    runner.close()
+    try:
+        return asyncio.run(run())
+    finally:
+        runner.close()
+
+
+def test_model_not_ready_raised_anywhere_is_a_503_not_a_500(tiny_bundle: Path) -> None:
+    """runner.require_ready() is the one readiness check; its ModelNotReady has a handler."""
+    answers, _ = _predict_while_the_model_raises(
+        tiny_bundle, ModelNotReady("the model is not ready: unloaded mid-request")
+    )
+    for response in answers:
+        assert response.status_code == 503, response.text
+        assert response.json() == {
+            "error": {
+                "code": "model_not_ready",
+                "message": "the model is not ready: unloaded mid-request",
+            }
+        }
+        assert response.headers["retry-after"] == "5"
 
 
 def test_unexpected_exception_is_a_json_500_without_traceback(tiny_bundle: Path) -> None:
-    app = create_app(Settings(model_dir=tiny_bundle))
-    runner: ModelRunner = app.state.runner
-    runner.load()
-    assert runner.ready
-
-    async def explode(images: list[np.ndarray], **_: object) -> list:
-        raise RuntimeError("secret internal detail")
-
-    def explode_on_a_worker(images: list[np.ndarray], model: object) -> list:
-        raise RuntimeError("secret internal detail")
-
-    runner.predict = explode  # type: ignore[method-assign]
-
-    async def run() -> None:
-        async with _client(app) as client:
-            for idle_path in (explode_on_a_worker, lambda images, model: None):
-                # Raised where a lone image runs at once, or in the scheduler's queue.
-                runner.run_if_idle = idle_path  # type: ignore[method-assign]
-                response = await client.post(
-                    "/predict", files={"file": ("a.jpeg", SMALL[0].read_bytes())}
-                )
-                assert response.status_code == 500
-                assert response.json() == {
-                    "error": {
-                        "code": "internal_error",
-                        "message": "unexpected server error; see the server log",
-                    }
-                }
-                assert "secret internal detail" not in response.text
-            metrics = (await client.get("/metrics")).text
-            assert 'route="/predict",status="500"} 2.0' in metrics
-
-    asyncio.run(run())
-    runner.close()
+    answers, metrics = _predict_while_the_model_raises(
+        tiny_bundle, RuntimeError("secret internal detail")
+    )
+    for response in answers:
+        assert response.status_code == 500
+        assert response.json() == {
+            "error": {
+                "code": "internal_error",
+                "message": "unexpected server error; see the server log",
+            }
+        }
+        assert "secret internal detail" not in response.text
+    assert 'route="/predict",status="500"} 2.0' in metrics
 
 
 def test_many_apps_in_one_process(tiny_bundle: Path) -> None:
