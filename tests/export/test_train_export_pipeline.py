@@ -142,29 +142,15 @@ def test_three_label_mode_trains_and_exports(tmp_path: Path) -> None:
     run_dir, bundle_dir = tmp_path / "run3", tmp_path / "bundle3"
     result = runner.invoke(
         app,
-        [
-            "train",
-            "--data",
-            str(DATA),
-            "--out",
-            str(run_dir),
-            "--weights",
-            "none",
-            "--input-size",
-            "64",
-            "--labels",
-            "3",
-            "--epochs-frozen",
-            "1",
-            "--epochs-finetune",
-            "0",
-            "--batch-size",
-            "8",
-            "--val-fraction",
-            "0.25",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
+        tiny_train_args(
+            DATA,
+            run_dir,
+            tmp_path / "cache",
+            input_size=64,
+            labels=3,
+            epochs_finetune=0,
+            val_fraction=0.25,
+        ),
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     result = runner.invoke(

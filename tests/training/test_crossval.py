@@ -76,28 +76,7 @@ def test_pooled_report_scores_every_training_image_once(tmp_path: Path) -> None:
 def test_a_run_that_is_not_a_fold_is_refused(tmp_path: Path) -> None:
     runner = CliRunner()
     run = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--data",
-            str(DATA),
-            "--out",
-            str(run),
-            "--weights",
-            "none",
-            "--input-size",
-            "32",
-            "--epochs-frozen",
-            "1",
-            "--epochs-finetune",
-            "0",
-            "--batch-size",
-            "8",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
-    )
+    result = runner.invoke(app, tiny_train_args(DATA, run, tmp_path / "cache", epochs_finetune=0))
     assert result.exit_code == 0, result.output
     result = runner.invoke(
         app, ["crossval", "--data", str(DATA), "--run", str(run), "--out", str(tmp_path / "out")]
