@@ -11,9 +11,11 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from starlette.requests import Request
 
 from service.config import Settings
 from service.main import create_app
+from service.uploads import Upload, parse_form
 
 
 def _big_png(side: int = 1400) -> bytes:
@@ -82,3 +84,46 @@ def test_a_file_over_the_limit_is_refused_without_keeping_it(tiny_bundle: Path) 
     big, ok = response.json()["results"]
     assert big["error"]["code"] == "file_too_large" and big["filename"] == "big.png"
     assert "error" not in ok
+
+
+def _form_in_chunks(body: bytes, content_type: str, chunk_sizes: list[int]) -> list[Upload]:
+    """parse_form over a body that arrives in chunks of the given sizes (the rest last)."""
+    chunks, offset = [], 0
+    for size in chunk_sizes:
+        chunks.append(body[offset : offset + size])
+        offset += size
+    chunks.append(body[offset:])
+    messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    messages[-1]["more_body"] = False
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/predict",
+        "headers": [(b"content-type", content_type.encode())],
+    }
+    form = asyncio.run(parse_form(Request(scope, receive), max_files=2, max_file_bytes=10**6))
+    return form.uploads("file")
+
+
+def test_a_file_split_anywhere_across_body_chunks_comes_back_byte_for_byte() -> None:
+    """Parts are kept as views into the body's chunks and copied once at the end: every
+    split, including one inside the closing boundary (python-multipart then hands back
+    its own look-behind bytes), must give the exact bytes back, and two files their own."""
+    first = bytes(range(256)) * 3 + b"\r\n--not-the-boundary\r\n"
+    second = b"\r\n" * 5 + bytes(reversed(range(256)))
+    request = httpx.Request(
+        "POST",
+        "http://x/predict",
+        files=[("file", ("a.png", first, "image/png")), ("file", ("b.png", second, "image/png"))],
+    )
+    body, content_type = request.read(), request.headers["content-type"]
+    for split in range(1, len(body)):
+        uploads = _form_in_chunks(body, content_type, [split])
+        assert [u.data for u in uploads] == [first, second], split
+    # Many small chunks too (a slow client).
+    uploads = _form_in_chunks(body, content_type, [7] * (len(body) // 7))
+    assert [u.data for u in uploads] == [first, second]
