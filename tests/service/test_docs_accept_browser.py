@@ -13,15 +13,19 @@ import pytest
 
 from tests.support.browser import (
     FIXTURE_XRAY,
-    PREDICT_OPBLOCK,
+    PREDICT,
+    attach_file,
+    execute_predict,
     headless_chromium,
     needs_chromium,
+    open_predict,
+    try_it_out,
 )
 from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.browser
 
-MEDIA_SELECT = "[data-test=predict] .responses-wrapper select"
+MEDIA_SELECT = f"{PREDICT} .responses-wrapper select"
 
 
 @needs_chromium
@@ -40,12 +44,7 @@ def test_docs_offer_and_send_the_accept_variants(server: LiveServer, tmp_path: P
         )
         assert "/v2/models/{name}/infer" in operations, operations
 
-        cdp.evaluate(f"{PREDICT_OPBLOCK}.setAttribute('data-test', 'predict')")
-        cdp.evaluate(
-            "(() => { const b = document.querySelector('[data-test=predict]');"
-            " (b.querySelector('.opblock-summary-control') || "
-            "b.querySelector('.opblock-summary')).click(); })()"
-        )
+        open_predict(cdp)
         cdp.wait_for(
             f"document.querySelector('{MEDIA_SELECT}') !== null",
             what="the response media type list",
@@ -58,38 +57,16 @@ def test_docs_offer_and_send_the_accept_variants(server: LiveServer, tmp_path: P
         )
 
         # Try it out with the FHIR media type picked: the answer is a FHIR Bundle.
-        if (
-            cdp.evaluate(
-                "document.querySelector('[data-test=predict] .try-out__btn').textContent.trim()"
-            )
-            == "Try it out"
-        ):
-            cdp.evaluate("document.querySelector('[data-test=predict] .try-out__btn').click()")
-        cdp.wait_for(
-            "document.querySelector('[data-test=predict] input[type=file]') !== null",
-            what="the file input",
-        )
+        try_it_out(cdp)
         cdp.evaluate(
             "(() => { const s = document.querySelector('" + MEDIA_SELECT + "');"
             " const set = Object.getOwnPropertyDescriptor(HTMLSelectElement.prototype,"
             " 'value').set; set.call(s, 'application/fhir+json');"
             " s.dispatchEvent(new Event('change', {bubbles: true})); })()"
         )
-        document = cdp.send("DOM.getDocument", depth=-1)
-        node = cdp.send(
-            "DOM.querySelector",
-            nodeId=document["root"]["nodeId"],
-            selector="[data-test=predict] input[type=file]",
-        )
-        cdp.send("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(FIXTURE_XRAY)])
-        cdp.evaluate("document.querySelector('[data-test=predict] .btn.execute').click()")
-        body_js = (
-            "(() => { const el = document.querySelector("
-            "'[data-test=predict] .live-responses-table .response-col_description pre');"
-            " return el ? el.textContent : null; })()"
-        )
-        text = cdp.wait_for(body_js, what="the response body shown in the page")
-        curl = cdp.evaluate("document.querySelector('[data-test=predict] .curl').textContent")
+        attach_file(cdp, FIXTURE_XRAY)
+        text = execute_predict(cdp)
+        curl = cdp.evaluate(f"document.querySelector('{PREDICT} .curl').textContent")
         assert "accept: application/fhir+json" in curl.lower(), curl
         assert json.loads(text)["resourceType"] == "Bundle", text[:300]
 

@@ -19,10 +19,14 @@ import pytest
 
 from tests.support.browser import (
     FIXTURE_XRAY,
-    PREDICT_OPBLOCK,
+    PREDICT,
+    attach_file,
+    execute_predict,
     headless_chromium,
     needs_chromium,
     non_local_requests,
+    open_predict,
+    try_it_out,
 )
 from tests.support.live_server import LiveServer
 
@@ -56,62 +60,18 @@ def test_docs_render_offline_and_upload_an_xray(server: LiveServer, tmp_path: Pa
         assert title, "the API title is shown"
 
         # Expand POST /predict, switch on "Try it out" (unless already on), attach a file.
-        cdp.evaluate(f"{PREDICT_OPBLOCK}.setAttribute('data-test', 'predict')")
-        cdp.evaluate(
-            "(() => { const b = document.querySelector('[data-test=predict]');"
-            " (b.querySelector('.opblock-summary-control') || b.querySelector('.opblock-summary'))"
-            ".click(); })()"
-        )
-        cdp.wait_for(
-            "document.querySelector('[data-test=predict] .opblock-body') !== null",
-            what="the expanded POST /predict",
-        )
-        cdp.wait_for(
-            "document.querySelector('[data-test=predict] .try-out__btn') !== null",
-            what="the Try it out button",
-        )
-        if (
-            cdp.evaluate(
-                "document.querySelector('[data-test=predict] .try-out__btn').textContent.trim()"
-            )
-            == "Try it out"
-        ):
-            cdp.evaluate("document.querySelector('[data-test=predict] .try-out__btn').click()")
-        cdp.wait_for(
-            "document.querySelector('[data-test=predict] input[type=file]') !== null",
-            what="the file input",
-        )
-
-        document = cdp.send("DOM.getDocument", depth=-1)
-        node = cdp.send(
-            "DOM.querySelector",
-            nodeId=document["root"]["nodeId"],
-            selector="[data-test=predict] input[type=file]",
-        )
-        assert node["nodeId"], "file input found through the DOM domain"
-        cdp.send("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(FIXTURE_XRAY)])
+        open_predict(cdp)
+        try_it_out(cdp)
+        attach_file(cdp, FIXTURE_XRAY)
         assert (
-            cdp.evaluate(
-                "document.querySelector('[data-test=predict] input[type=file]').files[0].name"
-            )
+            cdp.evaluate(f"document.querySelector('{PREDICT} input[type=file]').files[0].name")
             == FIXTURE_XRAY.name
         )
 
-        cdp.wait_for(
-            "document.querySelector('[data-test=predict] .btn.execute') !== null",
-            what="the Execute button",
-        )
-        cdp.evaluate("document.querySelector('[data-test=predict] .btn.execute').click()")
-
         # The live response appears in the page: status 200 and a JSON body with a label.
-        body_js = (
-            "(() => { const el = document.querySelector("
-            "'[data-test=predict] .live-responses-table .response-col_description pre');"
-            " return el ? el.textContent : null; })()"
-        )
-        text = cdp.wait_for(body_js, what="the response body shown in the page")
+        text = execute_predict(cdp)
         status = cdp.evaluate(
-            "document.querySelector('[data-test=predict] .live-responses-table "
+            f"document.querySelector('{PREDICT} .live-responses-table "
             ".response .response-col_status').textContent.trim()"
         )
         assert status.startswith("200"), (status, text)

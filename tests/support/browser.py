@@ -185,3 +185,56 @@ PREDICT_OPBLOCK = """(() => {
     return path && (path.getAttribute('data-path') || path.textContent).trim() === '/predict';
   }) || null;
 })()"""
+
+PREDICT = "[data-test=predict]"  # the POST /predict block, once `open_predict` marked it
+
+
+def open_predict(cdp: CDP) -> None:
+    """Mark Swagger UI's POST /predict block as PREDICT and expand it."""
+    cdp.evaluate(f"{PREDICT_OPBLOCK}.setAttribute('data-test', 'predict')")
+    cdp.evaluate(
+        f"(() => {{ const b = document.querySelector('{PREDICT}');"
+        " (b.querySelector('.opblock-summary-control') || b.querySelector('.opblock-summary'))"
+        ".click(); })()"
+    )
+    cdp.wait_for(
+        f"document.querySelector('{PREDICT} .opblock-body') !== null",
+        what="the expanded POST /predict",
+    )
+
+
+def try_it_out(cdp: CDP) -> None:
+    """Switch POST /predict to "Try it out" (unless it is on) and wait for its file input."""
+    button = f"document.querySelector('{PREDICT} .try-out__btn')"
+    cdp.wait_for(f"{button} !== null", what="the Try it out button")
+    if cdp.evaluate(f"{button}.textContent.trim()") == "Try it out":
+        cdp.evaluate(f"{button}.click()")
+    cdp.wait_for(
+        f"document.querySelector('{PREDICT} input[type=file]') !== null", what="the file input"
+    )
+
+
+def attach_file(cdp: CDP, path: Path) -> None:
+    """Put `path` in POST /predict's file input, as a user picking it would (DOM domain)."""
+    document = cdp.send("DOM.getDocument", depth=-1)
+    node = cdp.send(
+        "DOM.querySelector",
+        nodeId=document["root"]["nodeId"],
+        selector=f"{PREDICT} input[type=file]",
+    )
+    assert node["nodeId"], "file input found through the DOM domain"
+    cdp.send("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(path)])
+
+
+def execute_predict(cdp: CDP) -> str:
+    """Click Execute on POST /predict; the response body as the page shows it."""
+    execute = f"document.querySelector('{PREDICT} .btn.execute')"
+    cdp.wait_for(f"{execute} !== null", what="the Execute button")
+    cdp.evaluate(f"{execute}.click()")
+    body: str = cdp.wait_for(
+        "(() => { const el = document.querySelector("
+        f"'{PREDICT} .live-responses-table .response-col_description pre');"
+        " return el ? el.textContent : null; })()",
+        what="the response body shown in the page",
+    )
+    return body
