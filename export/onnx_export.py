@@ -35,6 +35,7 @@ from service.bundle import (
     INPUT_NAME,
     INTENDED_USE,
     OUTPUT_NAME,
+    VALIDATION_METRIC_NAMES,
     BundleMeta,
     InputSpec,
     read_bundle,
@@ -257,20 +258,7 @@ def export_run(
                 "validation": _validation_text(run),
             },
             validation_metrics={
-                **{
-                    k: validation[k]
-                    for k in (
-                        "auc",
-                        "sensitivity",
-                        "specificity",
-                        "accuracy",
-                        "precision",
-                        "f1",
-                        "n",
-                        "n_positive",
-                        "confusion_matrix",
-                    )
-                },
+                **{name: validation[name] for name in VALIDATION_METRIC_NAMES},
                 "threshold_rule": report["threshold_rule"],
                 "intervals_95": validation.get("intervals_95"),
                 "other_splits": {k: v for k, v in report["splits"].items() if k != "validation"},

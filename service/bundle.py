@@ -29,6 +29,20 @@ META_FILE = "model.json"
 GATE_FILE: Final = "gate.npz"
 INPUT_NAME: Final = "image"
 OUTPUT_NAME: Final = "probabilities"
+# The validation split's binary metrics (training.metrics.binary_metrics' names) that
+# export copies into model.json's `validation_metrics`, beside the threshold rule and the
+# 95 % intervals; GET /model shows them.
+VALIDATION_METRIC_NAMES = (
+    "auc",
+    "sensitivity",
+    "specificity",
+    "accuracy",
+    "precision",
+    "f1",
+    "n",
+    "n_positive",
+    "confusion_matrix",
+)
 FEATURES_NAME = "features"
 CAM_NAME = "cam"
 EXPLAIN_OUTPUTS = (FEATURES_NAME, CAM_NAME)

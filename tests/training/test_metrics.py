@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.bundle import VALIDATION_METRIC_NAMES
 from training.calibration import (
     calibrate,
     expected_calibration_error,
@@ -61,6 +62,8 @@ def test_binary_metrics_on_a_known_confusion_matrix() -> None:
     assert m["accuracy"] == pytest.approx(0.8)
     # 24 positive-negative pairs; 0.2 vs 0.2 ties count half; 0.2 < 0.6 and 0.3 lose.
     assert m["auc"] == pytest.approx((24 - 2 - 0.5) / 24)
+    # Every name export copies into a bundle's validation_metrics is there.
+    assert set(VALIDATION_METRIC_NAMES) <= set(m)
 
 
 def test_report_figures_are_written(tmp_path: Path) -> None:
