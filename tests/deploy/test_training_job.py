@@ -118,8 +118,9 @@ def test_gpu_image_installs_the_pinned_tensorflow_release() -> None:
     assert '"tensorflow[and-cuda]==${TENSORFLOW_VERSION}"' in DOCKERFILE_TRAIN.read_text()
 
 
-def test_entrypoint_passes_distribute_to_train(tmp_path: Path) -> None:
-    """The real entry script, with a stand-in `pneumoscreen` on PATH recording its calls."""
+def _entrypoint_env(tmp_path: Path, bundle: Path) -> tuple[dict[str, str], Path]:
+    """The entry script's environment, with a stand-in `pneumoscreen` first on PATH that
+    records its calls (one line each) in the returned file."""
     (tmp_path / "data" / "train").mkdir(parents=True)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -132,10 +133,16 @@ def test_entrypoint_passes_distribute_to_train(tmp_path: Path) -> None:
         "DATA_DIR": str(tmp_path / "data"),
         "WEIGHTS": "none",
         "RUN_DIR": str(tmp_path / "run"),
-        "BUNDLE_DIR": str(tmp_path / "b"),
+        "BUNDLE_DIR": str(bundle),
         "CACHE_DIR": str(tmp_path / "cache"),
-        "DISTRIBUTE": "mirrored",
     }
+    return env, calls
+
+
+def test_entrypoint_passes_distribute_to_train(tmp_path: Path) -> None:
+    """The real entry script, with a stand-in `pneumoscreen` on PATH recording its calls."""
+    env, calls = _entrypoint_env(tmp_path, tmp_path / "b")
+    env["DISTRIBUTE"] = "mirrored"
     result = subprocess.run(
         ["bash", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30, check=False
     )
@@ -152,24 +159,10 @@ def test_entrypoint_passes_distribute_to_train(tmp_path: Path) -> None:
 
 def test_entrypoint_refuses_an_existing_bundle_before_training(tmp_path: Path) -> None:
     """export would refuse it after the training; the entry point says so before it."""
-    (tmp_path / "data" / "train").mkdir(parents=True)
     bundle = tmp_path / "b"
     bundle.mkdir()
     (bundle / "model.json").write_text("{}")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "calls.txt"
-    fake = bin_dir / "pneumoscreen"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
-    fake.chmod(0o755)
-    env = {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "DATA_DIR": str(tmp_path / "data"),
-        "WEIGHTS": "none",
-        "RUN_DIR": str(tmp_path / "run"),
-        "BUNDLE_DIR": str(bundle),
-        "CACHE_DIR": str(tmp_path / "cache"),
-    }
+    env, calls = _entrypoint_env(tmp_path, bundle)
     refused = subprocess.run(
         ["bash", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30, check=False
     )

@@ -18,6 +18,7 @@ from tests.support.browser import (
     execute_predict,
     headless_chromium,
     needs_chromium,
+    open_docs,
     open_predict,
     try_it_out,
 )
@@ -31,18 +32,8 @@ MEDIA_SELECT = f"{PREDICT} .responses-wrapper select"
 @needs_chromium
 def test_docs_offer_and_send_the_accept_variants(server: LiveServer, tmp_path: Path) -> None:
     with headless_chromium() as cdp:
-        cdp.send("Page.enable")
-        cdp.send("Runtime.enable")
-        cdp.send("Page.navigate", url=server.url("/docs"))
-        cdp.wait_for(
-            "document.querySelectorAll('.swagger-ui .opblock').length > 0",
-            what="swagger-ui operations",
-        )
-        operations = cdp.evaluate(
-            "[...document.querySelectorAll('.opblock-summary-path')].map(p => "
-            "(p.getAttribute('data-path') || p.textContent).trim())"
-        )
-        assert "/v2/models/{name}/infer" in operations, operations
+        operations = open_docs(cdp, server.url("/docs"))
+        assert "POST /v2/models/{name}/infer" in operations, operations
 
         open_predict(cdp)
         cdp.wait_for(

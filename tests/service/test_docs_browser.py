@@ -25,6 +25,7 @@ from tests.support.browser import (
     headless_chromium,
     needs_chromium,
     non_local_requests,
+    open_docs,
     open_predict,
     try_it_out,
 )
@@ -37,22 +38,9 @@ pytestmark = pytest.mark.browser
 def test_docs_render_offline_and_upload_an_xray(server: LiveServer, tmp_path: Path) -> None:
     started = time.monotonic()
     with headless_chromium() as cdp:
-        cdp.send("Network.enable")
-        cdp.send("Page.enable")
-        cdp.send("Runtime.enable")
-        cdp.send("Page.navigate", url=server.url("/docs"))
-
+        cdp.send("Network.enable")  # every request the page makes, for the offline check
         # Swagger UI rendered the operations from the service's own OpenAPI document.
-        cdp.wait_for(
-            "document.querySelectorAll('.swagger-ui .opblock').length > 0",
-            what="swagger-ui operations",
-        )
-        operations = cdp.evaluate(
-            "[...document.querySelectorAll('.opblock')].map(b => "
-            "b.querySelector('.opblock-summary-method').textContent.trim() + ' ' + "
-            "(b.querySelector('.opblock-summary-path').getAttribute('data-path') || "
-            "b.querySelector('.opblock-summary-path').textContent).trim())"
-        )
+        operations = open_docs(cdp, server.url("/docs"))
         assert "POST /predict" in operations, operations
         assert "POST /predict/batch" in operations, operations
         assert "GET /health" in operations, operations

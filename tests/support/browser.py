@@ -189,6 +189,25 @@ PREDICT_OPBLOCK = """(() => {
 PREDICT = "[data-test=predict]"  # the POST /predict block, once `open_predict` marked it
 
 
+def open_docs(cdp: CDP, url: str) -> list[str]:
+    """Load Swagger UI at `url` and wait for it to render the operations of the service's
+    OpenAPI document; they are returned as "METHOD /path"."""
+    cdp.send("Page.enable")
+    cdp.send("Runtime.enable")
+    cdp.send("Page.navigate", url=url)
+    cdp.wait_for(
+        "document.querySelectorAll('.swagger-ui .opblock').length > 0",
+        what="swagger-ui operations",
+    )
+    operations: list[str] = cdp.evaluate(
+        "[...document.querySelectorAll('.opblock')].map(b => "
+        "b.querySelector('.opblock-summary-method').textContent.trim() + ' ' + "
+        "(b.querySelector('.opblock-summary-path').getAttribute('data-path') || "
+        "b.querySelector('.opblock-summary-path').textContent).trim())"
+    )
+    return operations
+
+
 def open_predict(cdp: CDP) -> None:
     """Mark Swagger UI's POST /predict block as PREDICT and expand it."""
     cdp.evaluate(f"{PREDICT_OPBLOCK}.setAttribute('data-test', 'predict')")
