@@ -5,14 +5,13 @@ the Dense layer's kernel and bias by T: export folds T into the weights, the ONN
 the same shape and `/predict` returns calibrated probabilities. T is fitted on the validation
 split's probabilities (the run's harder split), by the negative log-likelihood.
 
-Pure numpy/scipy, so it is cheap to test.
+Pure numpy/scipy (and pydantic for the record), so it is cheap to test.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 ECE_BINS = 10
 _EPS = 1e-7
@@ -77,9 +76,11 @@ def expected_calibration_error(
     return float(sum(count / total * abs(observed - mean) for mean, observed, count in curve))
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """What run.json records under "calibration"; export folds `temperature` into the head."""
+class Calibration(BaseModel):
+    """What run.json records under "calibration" (training.run_record.RunCalibration adds
+    the threshold and the reliability curves); export folds `temperature` into the head."""
+
+    model_config = ConfigDict(frozen=True)
 
     method: str
     temperature: float
@@ -89,9 +90,6 @@ class Calibration:
     nll_after: float
     ece_before: float
     ece_after: float
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def calibrate(

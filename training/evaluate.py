@@ -135,7 +135,7 @@ def calibrate_run(record: RunRecord, validation: SplitResult) -> RunCalibration:
     calibrated = scores_of(scale_probabilities(validation.probabilities, fit.temperature))
     threshold = choose_threshold(validation.y_positive, calibrated, record.target_sensitivity)
     return RunCalibration(
-        **fit.to_json(),
+        **fit.model_dump(),
         threshold=threshold,
         reliability_before=reliability_curve(validation.y_positive, validation.scores),
         reliability_after=reliability_curve(validation.y_positive, calibrated),

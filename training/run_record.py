@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from training.calibration import Calibration
 from training.config import TrainConfig
 
 RUN_FILE = "run.json"
@@ -64,18 +65,10 @@ class DistributeInfo(_Record):
     model_strategy: str
 
 
-class RunCalibration(_Record):
+class RunCalibration(Calibration):
     """training.calibration.Calibration of the validation split, and the threshold on the
     calibrated scale that makes the same decisions as the run's threshold."""
 
-    method: str
-    temperature: float
-    fitted_on: str
-    n: int
-    nll_before: float
-    nll_after: float
-    ece_before: float
-    ece_after: float
     threshold: float
     # (mean score, observed positive rate, count) per bin: training.calibration
     reliability_before: list[tuple[float, float, int]]
