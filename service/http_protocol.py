@@ -304,6 +304,14 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         if self._after_chunk_header:  # a data chunk, not the trailers
             self._after_chunk_header = False
             self._section_bytes = 0
+        cycle = self.cycle
+        if isinstance(cycle.body, bytearray) and not cycle.body:
+            # uvicorn appends each chunk to a bytearray and receive() copies that into
+            # bytes: two copies of every upload on the event loop. Held as bytes instead,
+            # the first chunk since the app last took the body goes through both as it is
+            # (b"" + chunk and bytes(chunk) are the chunk itself); a second one before the
+            # app takes them is joined as before.
+            cycle.body = b""  # type: ignore[assignment]
         super().on_body(body)
 
     def on_chunk_complete(self) -> None:
