@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -249,14 +250,16 @@ async def _soak(base_url: str, samples: list[Sample], clients: int, seconds: flo
     errors: dict[str, int] = {}
     connection_errors = 0
     until = time.monotonic() + seconds
+    # One round-robin over the images for all clients together, as the batches go through
+    # them: each client walking the list from its own start would hand the soak a mix of
+    # images of its own (the first in the list, more often), not the batches' mix.
+    turns = itertools.count()
 
     async def client(index: int) -> None:
         nonlocal connection_errors
-        turn = index
         reader = writer = None
         while time.monotonic() < until:
-            request = requests[turn % len(requests)]
-            turn += 1
+            request = requests[next(turns) % len(requests)]
             started = time.perf_counter()
             try:
                 if writer is None:

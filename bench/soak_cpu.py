@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -160,14 +161,13 @@ async def soak(port: int, requests: list[bytes], clients: int, seconds: float) -
     """Answered requests; a client refused with 503 waits its Retry-After."""
     stop = time.monotonic() + seconds
     answered = 0
+    turns = itertools.count()  # one round-robin over the images for all clients (as batches)
 
-    async def client(offset: int) -> None:
+    async def client() -> None:
         nonlocal answered
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        index = offset
         while time.monotonic() < stop:
-            writer.write(requests[index % len(requests)])
-            index += 1
+            writer.write(requests[next(turns) % len(requests)])
             await writer.drain()
             status, headers, _ = await _read_response(reader)
             if status == 503:
@@ -176,7 +176,7 @@ async def soak(port: int, requests: list[bytes], clients: int, seconds: float) -
                 answered += 1
         writer.close()
 
-    await asyncio.gather(*(client(i) for i in range(clients)))
+    await asyncio.gather(*(client() for _ in range(clients)))
     return answered
 
 
@@ -209,10 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         busy, idle = (a - b for a, b in zip(machine_cpu(), (busy_before, idle_before), strict=True))
         idle_share = idle / (busy + idle) if busy + idle else 0.0
         soak_cpu = per_image(before, thread_cpu(pid), names, answered)
-        files = _multipart("files", [samples[i % len(samples)] for i in range(32)])
+        # Four batches of 32 going on round the images: the soak's mix, not the first 32.
+        batches = [
+            _multipart("files", [samples[i % len(samples)] for i in range(start, start + 32)])
+            for start in range(0, 128, 32)
+        ]
         with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=120) as http:
             before, best = thread_cpu(pid), 0.0
-            for _ in range(4):
+            for files in batches:
                 begun = time.perf_counter()
                 http.post("/predict/batch", files=files).raise_for_status()
                 best = max(best, 32 / (time.perf_counter() - begun))
