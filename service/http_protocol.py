@@ -305,13 +305,17 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
             self._after_chunk_header = False
             self._section_bytes = 0
         cycle = self.cycle
-        if isinstance(cycle.body, bytearray) and not cycle.body:
-            # uvicorn appends each chunk to a bytearray and receive() copies that into
-            # bytes: two copies of every upload on the event loop. Held as bytes instead,
-            # the first chunk since the app last took the body goes through both as it is
-            # (b"" + chunk and bytes(chunk) are the chunk itself); a second one before the
-            # app takes them is joined as before.
-            cycle.body = b""  # type: ignore[assignment]
+        # uvicorn appends each chunk to a bytearray and receive() copies that into bytes:
+        # two copies of every upload on the event loop. Held as bytes instead, the first
+        # chunk since the app last took the body goes through both as it is (b"" + chunk
+        # and bytes(chunk) are the chunk itself); should a second come before the app
+        # takes them, they go back into a bytearray (appending to bytes would copy all of
+        # it at every chunk).
+        if isinstance(cycle.body, bytearray):
+            if not cycle.body:
+                cycle.body = b""  # type: ignore[assignment]
+        elif cycle.body:
+            cycle.body = bytearray(cycle.body)
         super().on_body(body)
 
     def on_chunk_complete(self) -> None:

@@ -24,6 +24,8 @@ import pytest
 
 from tests.support.live_server import LiveServer, live_server
 
+FULLRES = Path(__file__).resolve().parents[1] / "fixtures" / "fullres"
+
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0
 # How long a test waits for the server to close a connection (timeout + a loaded machine).
@@ -263,6 +265,42 @@ def test_pipelined_requests_are_answered_in_order(hardened: LiveServer) -> None:
         # The connection is still in step for the next request.
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_responses(sock, 1) == [(200, b'{"status":"alive"}')]
+
+
+def test_pipelined_uploads_each_get_their_own_body(hardened: LiveServer) -> None:
+    """Three 540 KB uploads in one send: the second and third bodies arrive, in several
+    reads each, while the first is served (service.http_protocol keeps a body chunk as the
+    bytes it came in, and joins later chunks): each answer is that of the image sent
+    alone."""
+    xray = FULLRES / "NORMAL_NORMAL2-IM-0967-0001.jpeg"
+    small = FULLRES / "PNEUMONIA_person466_bacteria_1984.jpeg"
+
+    def predict(path: Path) -> bytes:
+        request = httpx.Request(
+            "POST", "http://x/predict", files={"file": (path.name, path.read_bytes())}
+        )
+        body = request.read()
+        return (
+            f"POST /predict HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: {request.headers['content-type']}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    def scores(body: bytes) -> dict:
+        return json.loads(body)["probabilities"]
+
+    alone = {}
+    for path in (xray, small):
+        with connect(hardened) as sock:
+            sock.sendall(predict(path))
+            [(status, body)] = read_responses(sock, 1)
+            assert status == 200, body
+            alone[path] = scores(body)
+    with connect(hardened) as sock:
+        sock.sendall(predict(xray) + predict(small) + predict(xray))
+        responses = read_responses(sock, 3)
+    assert [status for status, _ in responses] == [200, 200, 200], responses
+    assert [scores(body) for _, body in responses] == [alone[xray], alone[small], alone[xray]]
 
 
 def test_a_head_under_the_cap_in_many_small_packets_is_served(hardened: LiveServer) -> None:
