@@ -255,7 +255,7 @@ async def _soak(base_url: str, samples: list[Sample], clients: int, seconds: flo
     # images of its own (the first in the list, more often), not the batches' mix.
     turns = itertools.count()
 
-    async def client(index: int) -> None:
+    async def client() -> None:
         nonlocal connection_errors
         reader = writer = None
         while time.monotonic() < until:
@@ -293,7 +293,7 @@ async def _soak(base_url: str, samples: list[Sample], clients: int, seconds: flo
             writer.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(clients)))
+    await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - started
     result: dict[str, Any] = {
         "clients": clients,

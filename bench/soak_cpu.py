@@ -104,6 +104,7 @@ class StateSampler:
         self.names = names
         self.interval = interval
         self.samples = 0
+        self.cpu_seconds = 0.0  # the sampler's own, which this process's CPU includes
         self.short: collections.Counter[tuple[str, ...]] = collections.Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -132,6 +133,7 @@ class StateSampler:
             self.samples += 1
             if len(running) < cores:
                 self.short[tuple(sorted(running))] += 1
+        self.cpu_seconds = time.thread_time()
 
     def report(self) -> list[str]:
         if not self.samples:
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         with StateSampler(pid, names) if args.states else contextlib.nullcontext() as sampler:
             answered = asyncio.run(soak(server.port, requests, args.clients, args.seconds))
         elapsed = time.monotonic() - started
-        client_ms = 1000 * (own_cpu() - client_before) / max(answered, 1)
+        sampler_cpu = sampler.cpu_seconds if sampler is not None else 0.0
+        client_ms = 1000 * (own_cpu() - client_before - sampler_cpu) / max(answered, 1)
         busy, idle = (a - b for a, b in zip(machine_cpu(), (busy_before, idle_before), strict=True))
         idle_share = idle / (busy + idle) if busy + idle else 0.0
         soak_cpu = per_image(before, thread_cpu(pid), names, answered)
