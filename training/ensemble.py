@@ -128,7 +128,7 @@ def ensemble_runs(
 ) -> dict:
     """Write `out` as a run folder (model.keras, split.json, run.json, report/) that
     `pneumoscreen export` turns into a bundle like any other run."""
-    from training.evaluate import evaluate_run
+    from training.evaluate import KnownProbabilities, evaluate_run
     from training.model import load_trained
 
     started = time.perf_counter()
@@ -152,7 +152,8 @@ def ensemble_runs(
     samples = split_samples(out, data_root, "validation", len(labels))
     x_val, y_val = load_arrays(samples, labels, first.image_size, cache_dir)
     positive = first.positive_indices()
-    scores = positive_scores(model.predict(x_val, batch_size=batch_size, verbose=0), positive)
+    probabilities = model.predict(x_val, batch_size=batch_size, verbose=0)
+    scores = positive_scores(probabilities, positive)
     y_positive = np.isin(y_val, positive)
     threshold = choose_threshold(y_positive, scores, first.target_sensitivity)
     metrics = binary_metrics(y_positive, scores, threshold)
@@ -186,4 +187,8 @@ def ensemble_runs(
         }
     )
     write_run(out, record)
-    return evaluate_run(out, data_root, batch_size=batch_size, cache_dir=cache_dir, model=model)
+    # The validation split was just predicted by the same model: not a second time.
+    known = {"validation": KnownProbabilities([s.path for s in samples], probabilities)}
+    return evaluate_run(
+        out, data_root, batch_size=batch_size, cache_dir=cache_dir, model=model, known=known
+    )

@@ -35,6 +35,17 @@ from training.run_record import RunCalibration, RunRecord, read_run, write_run
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True)
+class KnownProbabilities:
+    """The model's outputs for one split that the caller has already computed (train and
+    ensemble predict the validation split to choose the threshold), with the images they
+    are for: evaluation uses them instead of predicting the split again, but only for the
+    same images in the same order."""
+
+    paths: list[Path]
+    probabilities: np.ndarray
+
+
 def run_splits(run_dir: Path, data_root: Path, n_labels: int) -> dict[str, list[Sample]]:
     """The splits to report, in order: validation (by patient), official_val, test."""
     splits = {"validation": split_samples(run_dir, data_root, "validation", n_labels)}
@@ -59,6 +70,7 @@ def evaluate_predictions(
     predict: Predict,
     record: RunRecord,
     cache_dir: Path | None,
+    known: dict[str, KnownProbabilities] | None = None,
 ) -> dict[str, SplitResult]:
     """Metrics per split at the run's threshold, with the labels and scores behind them."""
     labels = tuple(record.labels)
@@ -66,7 +78,11 @@ def evaluate_predictions(
     results = {}
     for name, samples in splits.items():
         x, y = load_arrays(samples, labels, record.image_size, cache_dir)
-        probabilities = predict(x)
+        given = (known or {}).get(name)
+        if given is not None and given.paths == [s.path for s in samples]:
+            probabilities = given.probabilities
+        else:
+            probabilities = predict(x)
         scores = positive_scores(probabilities, positive_indices)
         y_positive = np.isin(y, positive_indices)
         metrics = binary_metrics(y_positive, scores, record.threshold)
@@ -85,6 +101,7 @@ def evaluate_run(
     batch_size: int = 32,
     cache_dir: Path | None = None,
     model=None,
+    known: dict[str, KnownProbabilities] | None = None,
 ) -> dict:
     """`pneumoscreen evaluate`: evaluate_model on the run's record and best Keras model,
     then record the calibration in run.json (for export)."""
@@ -93,7 +110,7 @@ def evaluate_run(
     record = read_run(run_dir)
     if model is None:
         model = load_trained(run_dir / "model.keras")
-    record, report = evaluate_model(run_dir, record, data_root, model, batch_size, cache_dir)
+    record, report = evaluate_model(run_dir, record, data_root, model, batch_size, cache_dir, known)
     write_run(run_dir, record)
     return report
 
@@ -105,15 +122,16 @@ def evaluate_model(
     model,
     batch_size: int = 32,
     cache_dir: Path | None = None,
+    known: dict[str, KnownProbabilities] | None = None,
 ) -> tuple[RunRecord, dict]:
-    """Predict every split, fit the temperature on the validation split and write report/;
-    returns the record with its calibration, and the report."""
+    """Predict every split (but those in `known`), fit the temperature on the validation
+    split and write report/; returns the record with its calibration, and the report."""
     splits = run_splits(run_dir, data_root, len(record.labels))
 
     def predict(x: np.ndarray) -> np.ndarray:
         return model.predict(x, batch_size=batch_size, verbose=0)
 
-    results = evaluate_predictions(splits, predict, record, cache_dir)
+    results = evaluate_predictions(splits, predict, record, cache_dir, known)
     record = record.model_copy(update={"calibration": calibrate_run(record, results["validation"])})
     return record, write_report(run_dir / "report", record, results)
 

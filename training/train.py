@@ -45,7 +45,7 @@ from training.data import (
     split_for_validation,
 )
 from training.distribute import describe, make_strategy
-from training.evaluate import evaluate_model
+from training.evaluate import KnownProbabilities, evaluate_model
 from training.metrics import binary_metrics, choose_threshold, positive_scores
 from training.model import backbone_spec, build_model, load_trained, unfreeze_top
 from training.run_record import DataCounts, RunRecord, tool_versions, write_run
@@ -75,7 +75,7 @@ def train(config: TrainConfig) -> dict:
     )
     history = fit_phase_1(fitting, config)
     history += fit_phase_2(fitting, config, initial_epoch=len(history))
-    best, threshold = choose_operating_point(config, data, positive)
+    best, threshold, val_probabilities = choose_operating_point(config, data, positive)
 
     record = run_record(
         config,
@@ -99,6 +99,8 @@ def train(config: TrainConfig) -> dict:
         best,
         batch_size=config.batch_size,
         cache_dir=config.cache_dir,
+        # The validation split was just predicted by the same model: not a second time.
+        known={"validation": KnownProbabilities([s.path for s in val_samples], val_probabilities)},
     )
     record = record.model_copy(update={"wall_time_s": round(time.perf_counter() - started, 1)})
     write_run(config.out, record)
@@ -275,8 +277,9 @@ def fit_phase(
 # 5. The operating point, on the validation split.
 def choose_operating_point(
     config: TrainConfig, data: TrainingData, positive: list[int]
-) -> tuple[keras.Model, float]:
-    """The best checkpoint, and the highest threshold reaching the target sensitivity."""
+) -> tuple[keras.Model, float, np.ndarray]:
+    """The best checkpoint, the highest threshold reaching the target sensitivity, and the
+    checkpoint's outputs for the validation split it was chosen on."""
     best = load_trained(config.out / MODEL_FILE)
     val_probabilities = best.predict(data.x_val, batch_size=config.batch_size, verbose=0)
     val_scores = positive_scores(val_probabilities, positive)
@@ -288,7 +291,7 @@ def choose_operating_point(
         f"validation AUC {val_metrics['auc']:.4f}, sensitivity "
         f"{val_metrics['sensitivity']:.3f}, specificity {val_metrics['specificity']:.3f}"
     )
-    return best, threshold
+    return best, threshold, val_probabilities
 
 
 # 6. What the run found, for evaluate, export and the model card.
