@@ -216,16 +216,9 @@ def rss_mb(pid: int) -> float:
 def _raw_predict(sample: Sample, host: str) -> bytes:
     """One whole POST /predict request (keep-alive), built once: the soak's clients send
     prepared bytes, so the client side costs little CPU next to the server's."""
-    import httpx
+    from tests.support.live_server import raw_multipart_request
 
-    request = httpx.Request("POST", f"http://{host}/predict", files=_multipart("file", [sample]))
-    body = request.read()
-    head = (
-        f"POST /predict HTTP/1.1\r\nhost: {host}\r\n"
-        f"content-type: {request.headers['content-type']}\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
+    return raw_multipart_request("/predict", _multipart("file", [sample]), host)
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:

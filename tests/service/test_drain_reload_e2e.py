@@ -19,7 +19,7 @@ import pytest
 from service.config import Settings
 from service.main import create_app
 from tests.support.bundle_factory import make_tiny_bundle
-from tests.support.live_server import LiveServer, live_server
+from tests.support.live_server import LiveServer, live_server, raw_multipart_request
 from tests.support.xray_samples import SMALL
 
 KEY = "admin-test-key"
@@ -29,19 +29,12 @@ PATIENCE_S = 60.0
 def _partial_predict(port: int, image: bytes) -> tuple[socket.socket, bytes]:
     """A /predict request whose head and first half of body are sent; returns the socket
     and the rest of the body, to send later."""
-    request = httpx.Request(
-        "POST", f"http://127.0.0.1:{port}/predict", files={"file": ("a.jpeg", image)}
-    )
-    body = request.read()
-    head = (
-        f"POST /predict HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-        f"content-type: {request.headers['content-type']}\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    ).encode()
+    request = raw_multipart_request("/predict", [("file", ("a.jpeg", image))])
     sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S)
-    half = len(body) // 2
-    sock.sendall(head + body[:half])
-    return sock, body[half:]
+    body_start = request.index(b"\r\n\r\n") + 4
+    half = body_start + (len(request) - body_start) // 2  # the head and half the body
+    sock.sendall(request[:half])
+    return sock, request[half:]
 
 
 def _admitted(server: LiveServer) -> float:

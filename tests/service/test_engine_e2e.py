@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.support.bundle_factory import make_tiny_bundle
-from tests.support.live_server import LiveServer, live_server
+from tests.support.live_server import LiveServer, live_server, raw_multipart_request
 from tests.support.xray_samples import SMALL, reference_probabilities
 
 SLOW_MATMULS = 32
@@ -73,14 +73,7 @@ def _batch_files(count: int) -> list[tuple[str, tuple[str, bytes]]]:
 
 def _raw_multipart(count: int) -> bytes:
     """A whole POST /predict/batch request with `count` files, as bytes."""
-    request = httpx.Request("POST", "http://127.0.0.1/predict/batch", files=_batch_files(count))
-    body = request.read()
-    head = (
-        f"POST /predict/batch HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-        f"content-type: {request.headers['content-type']}\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
+    return raw_multipart_request("/predict/batch", _batch_files(count))
 
 
 def test_full_queue_answers_503_server_busy_at_once(one_at_a_time: LiveServer) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.live_server import LiveServer, live_server
+from tests.support.live_server import LiveServer, live_server, raw_multipart_request
 
 FULLRES = Path(__file__).resolve().parents[1] / "fixtures" / "fullres"
 
@@ -276,15 +276,7 @@ def test_pipelined_uploads_each_get_their_own_body(hardened: LiveServer) -> None
     small = FULLRES / "PNEUMONIA_person466_bacteria_1984.jpeg"
 
     def predict(path: Path) -> bytes:
-        request = httpx.Request(
-            "POST", "http://x/predict", files={"file": (path.name, path.read_bytes())}
-        )
-        body = request.read()
-        return (
-            f"POST /predict HTTP/1.1\r\nHost: x\r\n"
-            f"Content-Type: {request.headers['content-type']}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
+        return raw_multipart_request("/predict", [("file", (path.name, path.read_bytes()))])
 
     def scores(body: bytes) -> dict:
         return json.loads(body)["probabilities"]

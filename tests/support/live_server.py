@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -54,6 +55,21 @@ class LiveServer:
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+
+def raw_multipart_request(
+    path: str, files: list[tuple[str, Any]], host: str = "127.0.0.1"
+) -> bytes:
+    """A whole HTTP/1.1 POST of `files` (httpx's `files=` form) to `path`, as the bytes a
+    client sends (keep-alive): for tests and benchmarks that write to a socket themselves."""
+    request = httpx.Request("POST", f"http://{host}{path}", files=files)
+    body = request.read()
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\n"
+        f"content-type: {request.headers['content-type']}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
