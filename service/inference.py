@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from service import collector
 from service.admission import Admission
 from service.bundle import (
     EXPLAIN_OUTPUTS,
@@ -399,6 +400,7 @@ class ModelRunner:
                 )
             self.last_reload = outcome
             self._report(outcome)
+            collector.settle()  # full collections skip what outlives a load (service.collector)
             return outcome
         finally:
             self._load_lock.release()
