@@ -303,18 +303,25 @@ async def _soak(base_url: str, samples: list[Sample], clients: int, seconds: flo
     return result
 
 
-def _model_runs(base_url: str) -> tuple[float, float]:
-    """(model runs, images run) so far, from the server's batch-size histogram."""
+def _model_runs(base_url: str) -> tuple[float, float, float]:
+    """(model runs, images run) so far, from the server's batch-size histogram, and how
+    many runs may go side by side (its model workers)."""
     import httpx
 
     values = {}
+    names = (
+        "pneumoscreen_batch_size_count",
+        "pneumoscreen_batch_size_sum",
+        "pneumoscreen_model_workers",
+    )
     for line in httpx.get(f"{base_url}/metrics", timeout=30).text.splitlines():
-        for name in ("pneumoscreen_batch_size_count", "pneumoscreen_batch_size_sum"):
+        for name in names:
             if line.startswith(name + " "):
                 values[name] = float(line.split()[-1])
     return (
         values.get("pneumoscreen_batch_size_count", 0.0),
         values.get("pneumoscreen_batch_size_sum", 0.0),
+        values.get("pneumoscreen_model_workers", 1.0),
     )
 
 
@@ -329,11 +336,12 @@ def bench_soak(
     rss_start = rss_mb(pid)
     warm = asyncio.run(_soak(server.base_url, samples, clients, warmup))
     rss_warm = rss_mb(pid)
-    runs_before, images_before = _model_runs(server.base_url)
+    runs_before, images_before, _ = _model_runs(server.base_url)
     result = asyncio.run(_soak(server.base_url, samples, clients, seconds))
-    runs_after, images_after = _model_runs(server.base_url)
+    runs_after, images_after, workers = _model_runs(server.base_url)
     result.update(
         {
+            "model_workers": workers,
             "model_runs": runs_after - runs_before,
             "images_per_model_run": (images_after - images_before)
             / max(1.0, runs_after - runs_before),
@@ -365,7 +373,8 @@ def service_session(model_dir: Path, lone: bool = False) -> Any:
     """An onnxruntime session built as the runner builds it (service.onnx_session), with
     the settings' defaults (not this shell's environment) on the CPU: with `lone`, the one
     a lone image runs on (LONE_REQUEST_SPINNING), so that the in-process reference of a
-    single image is what the service itself runs."""
+    single image is what the service itself runs; else one run on all the model's threads
+    (the service's batches under load share them between MODEL_WORKERS runs)."""
     settings = Settings.model_construct()
     threads = (
         SessionThreads.lone_of(settings)
@@ -583,7 +592,7 @@ def report(results: dict) -> str:
         lines.append(
             f"  model runs {soak['model_runs']:.0f}, "
             f"{soak['images_per_model_run']:.1f} images per run on average "
-            "(merged by the scheduler)"
+            f"(merged by the scheduler; {soak.get('model_workers', 1):.0f} model workers)"
         )
         lines.append(
             f"  server RSS MB: {soak['rss_mb_start']:.0f} at start, "

@@ -71,14 +71,26 @@ class Settings(BaseSettings):
         "(detected from the bytes, never from the filename; 415 otherwise).",
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's default)."
+        0,
+        ge=0,
+        description="onnxruntime intra-op threads of the model in all (0 = onnxruntime's "
+        "default, one per core); MODEL_WORKERS runs side by side share them.",
+    )
+    model_workers: int = Field(
+        0,
+        ge=0,
+        description="Model runs side by side (0 = auto: 2 on the CPU when the model has 2 "
+        "or more threads, else 1; 1 with CUDA). Each run gets INTRA_OP_THREADS / "
+        "MODEL_WORKERS of the threads: under load two runs on one core each keep both "
+        "cores busy (bench/README.md); a lone image still runs on all of them "
+        "(LONE_REQUEST_SPINNING).",
     )
     inter_op_threads: int = Field(1, ge=0, description="onnxruntime inter-op threads.")
     inference_threads: int = Field(
         4,
         ge=1,
         description="Threads that decode and preprocess images, off the event loop (the model "
-        "itself runs on one scheduler thread, see MAX_BATCH_SIZE).",
+        "itself runs on the scheduler's MODEL_WORKERS threads, see MAX_BATCH_SIZE).",
     )
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
@@ -94,11 +106,12 @@ class Settings(BaseSettings):
         "server_busy and Retry-After.",
     )
     max_batch_size: int = Field(
-        16,
+        8,
         ge=1,
         description="Most images in one model run; the scheduler merges queued images from "
-        "concurrent requests up to this many (16 keeps onnxruntime's arena, and RSS under "
-        "load, at about half of 32's for the same throughput: bench/README.md).",
+        "concurrent requests up to this many (8: with two MODEL_WORKERS, 16 images in the "
+        "model at once, as fast under load as 16 a run and about 190 MB less RSS: "
+        "bench/README.md).",
     )
     max_batch_wait_ms: float = Field(
         0,

@@ -49,6 +49,7 @@ from service.onnx_session import (
     available_providers,
     choose_providers,
     make_session,
+    model_workers,
 )
 from service.scheduler import BatchScheduler, JobResult, Outputs, run_sync
 from service.scoring import normalise, positive_probability
@@ -233,13 +234,21 @@ class ModelRunner:
         self.last_reload: ReloadOutcome | None = None
         self._model: LoadedModel | None = None
         self._load_lock = threading.Lock()
-        # Decoding and preprocessing; the model itself runs on the scheduler's thread.
+        # Decoding and preprocessing; the model itself runs on the scheduler's workers.
         self.executor = ThreadPoolExecutor(
             max_workers=settings.inference_threads, thread_name_prefix="pneumoscreen-decode"
         )
+        # Model runs side by side (MODEL_WORKERS), each on its share of the model's threads.
+        cuda = settings.providers != "cpu" and CUDA in available_providers()
+        self.workers = model_workers(settings, cuda)
+        if metrics is not None:
+            metrics.model_workers.set(self.workers)
         hooks = metrics.scheduler_hooks() if metrics is not None else None
         self.scheduler = BatchScheduler(
-            settings.max_batch_size, settings.max_batch_wait_ms / 1000.0, hooks=hooks
+            settings.max_batch_size,
+            settings.max_batch_wait_ms / 1000.0,
+            hooks=hooks,
+            workers=self.workers,
         )
         self.admission = Admission(
             settings.max_queue,
@@ -425,7 +434,9 @@ class ModelRunner:
         wanted = choose_providers(self.settings.providers, available_providers())
         try:
             session = make_session(
-                directory / MODEL_FILE, SessionThreads.of(self.settings), providers=wanted
+                directory / MODEL_FILE,
+                SessionThreads.of(self.settings, self.workers),
+                providers=wanted,
             )
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             raise RuntimeError(

@@ -84,6 +84,11 @@ class Metrics:
             "1 when the model is loaded and warmed up, else 0.",
             registry=r,
         )
+        self.model_workers = Gauge(
+            "pneumoscreen_model_workers",
+            "Model runs that may go side by side (MODEL_WORKERS, resolved).",
+            registry=r,
+        )
         self.queued_images = Gauge(
             "pneumoscreen_queued_images",
             "Decoded images waiting for the model (not counting the batch being run).",

@@ -6,6 +6,7 @@ Importable without FastAPI (export and bench use it); onnxruntime is imported la
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,11 @@ class ThreadSettings(Protocol):
     intra_op_spinning: bool
 
 
+class WorkerSettings(Protocol):
+    intra_op_threads: int
+    model_workers: int
+
+
 @dataclass(frozen=True)
 class SessionThreads:
     """Thread options of a session; the defaults are onnxruntime's own (export, tests)."""
@@ -38,9 +44,14 @@ class SessionThreads:
     stop_spinning_after_run: bool = False
 
     @classmethod
-    def of(cls, settings: ThreadSettings) -> SessionThreads:
-        """The service's options: INTRA_OP_THREADS, INTER_OP_THREADS, INTRA_OP_SPINNING."""
-        return cls(settings.intra_op_threads, settings.inter_op_threads, settings.intra_op_spinning)
+    def of(cls, settings: ThreadSettings, workers: int = 1) -> SessionThreads:
+        """The service's options: INTRA_OP_THREADS, INTER_OP_THREADS, INTRA_OP_SPINNING;
+        with `workers` runs side by side (MODEL_WORKERS), each gets an equal share of
+        INTRA_OP_THREADS (of the usable cores when it is 0), at least one."""
+        intra_op = settings.intra_op_threads
+        if workers > 1:
+            intra_op = max(1, (intra_op or usable_cores()) // workers)
+        return cls(intra_op, settings.inter_op_threads, settings.intra_op_spinning)
 
     @classmethod
     def lone_of(cls, settings: ThreadSettings) -> SessionThreads:
@@ -55,6 +66,25 @@ class SessionThreads:
 
 
 ONNXRUNTIME_DEFAULTS = SessionThreads()
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def model_workers(settings: WorkerSettings, cuda: bool) -> int:
+    """How many model runs go side by side (MODEL_WORKERS; 0 = auto). Auto: one on a GPU
+    (its own queue runs the kernels), two on the CPU when the model may use two threads
+    or more, so that each run has a core (measured on 2 cores: bench/README.md)."""
+    if settings.model_workers:
+        return settings.model_workers
+    if cuda:
+        return 1
+    return 2 if (settings.intra_op_threads or usable_cores()) >= 2 else 1
 
 
 def choose_providers(setting: str, available: list[str]) -> list[str]:

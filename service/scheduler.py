@@ -1,14 +1,24 @@
-"""Dynamic batching: one thread runs the model, on batches merged from concurrent requests.
+"""Dynamic batching: model runs on batches merged from concurrent requests.
 
-Requests put their decoded images in one queue (`submit`); a single scheduler thread takes
+Requests put their decoded images in one queue (`submit`); a scheduler worker thread takes
 from its head as many images as fit in `max_batch_size` and runs them through the model in
-one call, like Triton's dynamic batcher: when the model is free it runs what is queued at
+one call, like Triton's dynamic batcher: when a worker is free it runs what is queued at
 once (`max_wait_s` 0, the default), or waits up to `max_wait_s` after the oldest image for
-the batch to fill. One model call at a time means onnxruntime's intra-op threads are the
-only threads computing the model, so concurrent requests never oversubscribe the cores,
-and a GPU gets real batches. A caller with a lone image may run it itself when the model
-is idle and nothing is queued (`run_if_idle`): the same one call at a time, without the
-hop to the scheduler thread and back.
+the batch to fill.
+
+`workers` threads take batches side by side, like Triton's model instances: on the CPU
+each run then computes on onnxruntime's threads of its own share (service.inference gives
+each run INTRA_OP_THREADS / MODEL_WORKERS), so the model never has more threads than its
+share of the cores, and concurrent requests never oversubscribe them. Two runs of one
+thread each keep two cores busy through the operators one run could not spread over both
+(bench/README.md). While other workers are idle, a worker takes only its fair share of
+what is queued, and `submit` cuts a request's images into one chunk per worker, so one
+large request is spread over all of them too.
+
+A caller with a lone image may run it itself when every worker is idle and nothing is
+queued (`run_if_idle`): without the hop to a worker thread and back, and on the CPU on a
+session that uses all the model's threads. Such a run, like the memory release below,
+runs alone: the workers wait for it.
 
 Work that nobody waits for is never run: a job whose future was cancelled (its client
 disconnected or gave up) or whose deadline has passed when it reaches the head of the
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -104,37 +115,51 @@ class BatchScheduler:
         hooks: SchedulerHooks | None = None,
         name: str = "pneumoscreen-model",
         idle_release_s: float | None = 2.0,
+        workers: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
         self.max_batch_size = max_batch_size
+        self.workers = workers
         self.max_wait_s = max(0.0, max_wait_s)
         self.hooks: SchedulerHooks = hooks or _NoHooks()
         self._queue: deque[_Job] = deque()
         self._queued_images = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._running = False  # a model call is running (on this thread or a caller's)
+        self._busy = 0  # workers running a batch
+        self._alone = False  # a call that runs alone: a caller's lone image, or the release
         self._runs = 0
         self.idle_release_s = idle_release_s
         self._ran_since_release: BatchModel | None = None  # the model to release, if any
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(
+                target=self._loop,
+                args=(index,),
+                name=name if workers == 1 else f"{name}_{index}",
+                daemon=True,
+            )
+            for index in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # --- callers (any thread) -----------------------------------------------------------
 
     def submit(
         self, model: BatchModel, images: list[np.ndarray], deadline: float | None = None
     ) -> list[Future[JobResult]]:
-        """Queue `images` for `model`; one future per chunk of at most max_batch_size.
+        """Queue `images` for `model`; one future per chunk of them.
 
-        The chunks go in together, in order, so a request's images stay side by side in
-        the queue (and in one batch when they fit). Cancel a future to drop its chunk.
+        A chunk has at most max_batch_size images, and with several workers about an equal
+        share of the request for each (so they run it side by side). The chunks go in
+        together, in order, so a request's images stay side by side in the queue (and in
+        one batch when they fit and one worker is free). Cancel a future to drop its chunk.
         """
-        chunks = [
-            images[start : start + self.max_batch_size]
-            for start in range(0, len(images), self.max_batch_size)
-        ]
+        size = min(self.max_batch_size, max(1, math.ceil(len(images) / self.workers)))
+        chunks = [images[start : start + size] for start in range(0, len(images), size)]
         jobs = [_Job(model, chunk, Future(), deadline) for chunk in chunks]
         with self._cond:
             if self._closed:
@@ -151,22 +176,23 @@ class BatchScheduler:
         return self._queued_images
 
     def run_if_idle(self, model: BatchModel, images: list[np.ndarray]) -> JobResult | None:
-        """Run `images` on the calling thread, now, if the model is idle and nothing is
-        queued; else None (then `submit` them). A lone request then costs no hop to the
-        scheduler thread and back, and its image is run where it was just decoded; under
-        load the model is busy and requests are merged into batches as before. Still one
-        model call at a time."""
+        """Run `images` on the calling thread, now, if every worker is idle and nothing is
+        queued; else None (then `submit` them). A lone request then costs no hop to a
+        worker thread and back, and its image is run where it was just decoded; under
+        load the workers are busy and requests are merged into batches as before. The
+        workers wait while it runs."""
         if not images or len(images) > self.max_batch_size:
             return None
         with self._cond:
-            if self._running or self._queue or self._closed:
+            if self._busy or self._alone or self._queue or self._closed:
                 return None
-            self._running = True
+            self._alone = True
+            run_id = self._next_run_id()
         try:
-            return self._execute(model, images, lone=True)
+            return self._execute(model, images, run_id, lone=True)
         finally:
             with self._cond:
-                self._running = False
+                self._alone = False
                 self._cond.notify_all()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -180,19 +206,23 @@ class BatchScheduler:
         for job in pending:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(SchedulerClosed("the server is shutting down"))
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        for thread in self._threads:
+            if threading.current_thread() is not thread:
+                thread.join(timeout)
 
     # --- the scheduler thread -----------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, index: int) -> None:
         while True:
             release: BatchModel | None = None
             with self._cond:
-                # Wait for work, and for a caller's run_if_idle to finish.
-                while (not self._queue or self._running) and not self._closed:
+                # Wait for work, and for a call that runs alone to finish. Worker 0 also
+                # gives the model's memory back when all have been idle for a while.
+                while (not self._queue or self._alone) and not self._closed:
                     if (
-                        self._running
+                        index != 0
+                        or self._busy
+                        or self._alone
                         or self._ran_since_release is None
                         or self.idle_release_s is None
                     ):
@@ -200,26 +230,38 @@ class BatchScheduler:
                     elif (
                         not self._cond.wait(self.idle_release_s)
                         and not self._queue
-                        and not self._running
+                        and not self._busy
+                        and not self._alone
                     ):
                         release, self._ran_since_release = self._ran_since_release, None
-                        self._running = True  # the release is a model call too
+                        self._alone = True  # the release is a model call too, alone
                         break
                 if self._closed:
                     return
                 batch = self._take() if release is None else []
                 if batch:
-                    self._running = True
+                    self._busy += 1
+                    run_id = self._next_run_id()
+                    if self._queue:
+                        self._cond.notify()  # what is left is another idle worker's
             try:
                 if release is not None:
                     self._release(release)
                 if batch:
-                    self._run(batch)
+                    self._run(batch, run_id)
             finally:
                 if release is not None or batch:
                     with self._cond:
-                        self._running = False
+                        if release is not None:
+                            self._alone = False
+                        if batch:
+                            self._busy -= 1
                         self._cond.notify_all()
+
+    def _next_run_id(self) -> int:
+        """The next model call's number (the lock is held)."""
+        self._runs += 1
+        return self._runs
 
     def _release(self, model: BatchModel) -> None:
         release = getattr(model, "release_memory", None)
@@ -231,7 +273,9 @@ class BatchScheduler:
             log.exception("releasing the model's memory failed")
 
     def _take(self) -> list[_Job]:
-        """Jobs from the head of the queue for one model call (the lock is held)."""
+        """Jobs from the head of the queue for one model call (the lock is held): up to
+        max_batch_size images, and while other workers are idle, about this worker's share
+        of the queue (at least one job)."""
         self._drop_dead_head()
         if not self._queue:
             return []
@@ -246,11 +290,13 @@ class BatchScheduler:
                 if not self._queue:
                     return []
         model = self._queue[0].model
+        idle = self.workers - self._busy  # this one included
+        limit = min(self.max_batch_size, max(1, math.ceil(self._queued_images / idle)))
         taken: list[_Job] = []
         size = 0
         while self._queue:
             job = self._queue[0]
-            if job.model is not model or size + len(job.images) > self.max_batch_size:
+            if job.model is not model or (taken and size + len(job.images) > limit):
                 break
             self._queue.popleft()
             self._queued_images -= len(job.images)
@@ -299,12 +345,10 @@ class BatchScheduler:
         return False
 
     def _execute(
-        self, model: BatchModel, images: list[np.ndarray], lone: bool = False
+        self, model: BatchModel, images: list[np.ndarray], run_id: int, lone: bool = False
     ) -> JobResult:
-        """One model call (`_running` is held by the caller)."""
+        """One model call (the caller counts it as busy or alone)."""
         self._ran_since_release = model
-        self._runs += 1
-        run_id = self._runs
         started = time.perf_counter()
         batch = np.ascontiguousarray(np.stack(images).astype(np.uint8, copy=False))
         run = getattr(model, "run_lone", model.run) if lone else model.run
@@ -315,11 +359,11 @@ class BatchScheduler:
             outputs=per_image, run_id=run_id, run_seconds=seconds, batch_size=len(images)
         )
 
-    def _run(self, jobs: list[_Job]) -> None:
+    def _run(self, jobs: list[_Job], run_id: int) -> None:
         images = [image for job in jobs for image in job.images]
         started = time.monotonic()
         try:
-            result = self._execute(jobs[0].model, images)
+            result = self._execute(jobs[0].model, images, run_id)
         except Exception as exc:  # delivered to every waiting request
             log.exception("model run of %d image(s) failed", len(images))
             for job in jobs:

@@ -323,11 +323,18 @@ async def predict_batch(
     request.state.ticket.grow(len(read))
     request.state.deadline = deadline_from_now(request)
 
+    # One readable file is a lone image like /predict's: run where it is decoded when
+    # the model is idle (ModelRunner.run_if_idle).
+    lone = sum(item.data is not None for item in read) == 1
+    ran: list[ModelOutput] | None = None
+
     async def decode_one(data: bytes) -> Prepared | ApiError:
+        nonlocal ran
         if reports.wants_dicom(answer) and (error := reports.dicom_input_required(data)):
             return error
         try:
-            return await _decode(request, runner, data, explain)
+            prepared, ran = await _decode_then_run_if_idle(request, runner, data, explain, lone)
+            return prepared
         except ImageError as exc:
             return image_error(exc)
         except ApiError as exc:
@@ -340,7 +347,9 @@ async def predict_batch(
     ]
     images = [outcome for outcome in outcomes if isinstance(outcome, Prepared)]
     scored, inference_ms = (
-        await bounded(request, _infer(request, runner, images, explain)) if images else ([], 0.0)
+        await bounded(request, _infer(request, runner, images, explain, ran))
+        if images
+        else ([], 0.0)
     )
     meta = deps.ready_model(request).meta
     scores = iter(scored)

@@ -368,3 +368,159 @@ def test_run_if_idle_and_the_scheduler_never_run_the_model_at_once() -> None:
     assert model.images == 120 and sorted(answers) == sorted(
         v for v in range(1, 7) for _ in range(20)
     )
+
+
+class MeetingModel:
+    """Each run waits, up to `patience` s, until `parties` runs are inside run() at once:
+    with fewer workers than parties every run times out, and records that."""
+
+    def __init__(self, parties: int, patience: float = 10.0) -> None:
+        self.barrier = threading.Barrier(parties, timeout=patience)
+        self.lock = threading.Lock()
+        self.batches: list[tuple[str, list[int], bool]] = []
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            self.barrier.wait()
+            met = True
+        except threading.BrokenBarrierError:
+            met = False
+        with self.lock:
+            values = [int(image[0, 0, 0]) for image in batch]
+            self.batches.append((threading.current_thread().name, values, met))
+        return {"probabilities": batch[:, 0, 0, :2].astype(np.float32)}
+
+
+def test_workers_run_batches_side_by_side() -> None:
+    model = MeetingModel(parties=2)
+    scheduler = BatchScheduler(max_batch_size=8, workers=2)
+    try:
+        futures = [scheduler.submit(model, [_image(v)])[0] for v in (1, 2)]
+        results = [future.result(30) for future in futures]
+    finally:
+        scheduler.close()
+    assert sorted(values for _, values, _ in model.batches) == [[1], [2]]
+    assert all(met for _, _, met in model.batches)  # both were in run() at once
+    assert len({name for name, _, _ in model.batches}) == 2  # on two worker threads
+    assert len({r.run_id for r in results}) == 2
+
+
+def test_one_worker_runs_one_batch_at_a_time() -> None:
+    model = MeetingModel(parties=2, patience=0.5)
+    scheduler = BatchScheduler(max_batch_size=1)
+    try:
+        for future in [scheduler.submit(model, [_image(v)])[0] for v in (1, 2)]:
+            future.result(30)
+    finally:
+        scheduler.close()
+    assert [met for _, _, met in model.batches] == [False, False]
+
+
+def test_a_large_request_is_shared_out_between_idle_workers() -> None:
+    """A request's images are cut into one chunk per worker (within max_batch_size), and
+    a worker takes only its share of the queue while the other is idle."""
+    model = MeetingModel(parties=2)
+    scheduler = BatchScheduler(max_batch_size=8, workers=2)
+    try:
+        futures = scheduler.submit(model, [_image(v) for v in range(10)])
+        assert len(futures) == 2
+        outputs = [o for future in futures for o in future.result(30).outputs]
+    finally:
+        scheduler.close()
+    assert sorted(values for _, values, _ in model.batches) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert all(met for _, _, met in model.batches)
+    assert [o["probabilities"][0] for o in outputs] == list(range(10))  # in request order
+
+
+def test_queued_jobs_are_shared_out_when_the_workers_wake_together() -> None:
+    lone_model, model = GateModel(), MeetingModel(parties=2)
+    scheduler = BatchScheduler(max_batch_size=8, workers=2)
+    lone: list[object] = []
+    try:
+        # A lone run on another thread keeps both workers waiting while four jobs queue.
+        caller = threading.Thread(
+            target=lambda: lone.append(scheduler.run_if_idle(lone_model, [_image(0)]))
+        )
+        caller.start()
+        assert lone_model.started.wait(30)
+        futures = [scheduler.submit(model, [_image(v)])[0] for v in (1, 2, 3, 4)]
+        lone_model.release.set()
+        caller.join(30)
+        for future in futures:
+            future.result(30)
+    finally:
+        scheduler.close()
+    assert lone and lone[0] is not None
+    # The first worker awake took half, and both runs were inside the model at once.
+    assert sorted(values for _, values, _ in model.batches) == [[1, 2], [3, 4]]
+    assert all(met for _, _, met in model.batches)
+
+
+def test_run_if_idle_waits_for_every_worker() -> None:
+    model = GateModel()
+    scheduler = BatchScheduler(max_batch_size=4, workers=2)
+    try:
+        _hold(scheduler, model)  # one worker busy, the other idle, nothing queued
+        assert scheduler.run_if_idle(model, [_image(9)]) is None
+        model.release.set()
+    finally:
+        scheduler.close()
+
+
+def test_the_memory_release_never_runs_beside_a_batch() -> None:
+    class Releasing(GateModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inside = 0
+            self.releases: list[int] = []  # how many runs were inside at each release
+            self.released = threading.Event()
+
+        def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+            self.inside += 1
+            try:
+                return super().run(batch)
+            finally:
+                self.inside -= 1
+
+        def release_memory(self) -> None:
+            self.releases.append(self.inside)
+            self.released.set()
+
+    model = Releasing()
+    scheduler = BatchScheduler(max_batch_size=4, workers=2, idle_release_s=0.05)
+    try:
+        model.release.set()
+        run_sync(scheduler, model, [_image(1)], timeout=30)  # something to give back
+        model.release.clear()
+        model.started.clear()
+        model.released.clear()
+        _hold(scheduler, model)  # one worker in a run, the other idle for 20 idle periods
+        time.sleep(1.0)
+        during = list(model.releases)
+        model.release.set()
+        assert model.released.wait(30)  # once all are idle, it is given back
+    finally:
+        scheduler.close()
+    assert all(inside == 0 for inside in model.releases), model.releases
+    assert len(model.releases) >= len(during) + 1
+
+
+def test_workers_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import onnx_session
+    from service.onnx_session import SessionThreads, model_workers
+
+    def settings(**values: int) -> Settings:
+        return Settings.model_construct(**values)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx_session, "usable_cores", lambda: 2)
+    assert model_workers(settings(), cuda=False) == 2
+    assert model_workers(settings(), cuda=True) == 1
+    assert model_workers(settings(intra_op_threads=1), cuda=False) == 1
+    assert model_workers(settings(model_workers=3), cuda=True) == 3
+    # Each run gets its share of the model's threads; one worker keeps onnxruntime's own.
+    assert SessionThreads.of(settings(), workers=2).intra_op == 1
+    assert SessionThreads.of(settings(intra_op_threads=6), workers=3).intra_op == 2
+    assert SessionThreads.of(settings(intra_op_threads=1), workers=2).intra_op == 1
+    assert SessionThreads.of(settings(), workers=1).intra_op == 0
+    monkeypatch.setattr(onnx_session, "usable_cores", lambda: 1)
+    assert model_workers(settings(), cuda=False) == 1

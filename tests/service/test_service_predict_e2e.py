@@ -97,6 +97,7 @@ def test_batch_keeps_order_and_isolates_bad_files(server: LiveServer, tiny_bundl
         ("files", ("c.png", good[2], "image/png")),
     ]
     with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        before = client.get("/metrics").text
         response = client.post("/predict/batch", files=files)
         assert response.status_code == 200, response.text
         body = response.json()
@@ -112,11 +113,21 @@ def test_batch_keeps_order_and_isolates_bad_files(server: LiveServer, tiny_bundl
     for index in (1, 3, 4):
         assert set(results[index]) == {"filename", "error"}
     assert body["model"]["name"] == "tiny-test-model"
-    # The three good images went through the model as one batch of 3.
-    assert 'pneumoscreen_batch_size_bucket{le="4.0"}' in metrics
-    assert _sample(metrics, 'pneumoscreen_batch_size_bucket{le="2.0"}') < _sample(
-        metrics, 'pneumoscreen_batch_size_bucket{le="4.0"}'
+
+    # The three good images, and only they, went to the model: as one batch of 3 with one
+    # model worker, cut into one chunk per worker with more (2 and 1 with two).
+    def runs(size: float) -> float:
+        name = f'pneumoscreen_batch_size_bucket{{le="{size}"}}'
+        return _sample(metrics, name) - _sample(before, name)
+
+    workers = _sample(metrics, "pneumoscreen_model_workers")
+    assert (
+        _sample(metrics, "pneumoscreen_batch_size_sum")
+        - _sample(before, "pneumoscreen_batch_size_sum")
+        == 3
     )
+    expected = {1: (0, 0, 1), 2: (1, 2, 2)}.get(int(workers), (3, 3, 3))
+    assert (runs(1.0), runs(2.0), runs(4.0)) == expected
 
 
 def test_batch_of_only_bad_files_is_still_200(server: LiveServer) -> None:
