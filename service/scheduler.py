@@ -131,6 +131,7 @@ class BatchScheduler:
         self._closed = False
         self._busy = 0  # workers running a batch
         self._alone = False  # a call that runs alone: a caller's lone image, or the release
+        self._idle_since = time.monotonic()  # when the last model call ended
         self._runs = 0
         self.idle_release_s = idle_release_s
         self._ran_since_release: BatchModel | None = None  # the model to release, if any
@@ -188,12 +189,16 @@ class BatchScheduler:
                 return None
             self._alone = True
             run_id = self._next_run_id()
+            starts_timer = self._ran_since_release is None  # worker 0 waits untimed now
         try:
             return self._execute(model, images, run_id, lone=True)
         finally:
             with self._cond:
                 self._alone = False
-                self._cond.notify_all()
+                self._idle_since = time.monotonic()
+                # Otherwise no worker has anything to do: let them sleep.
+                if self._queue or starts_timer:
+                    self._cond.notify_all()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking jobs; fail the queued ones with SchedulerClosed; join the thread."""
@@ -222,20 +227,20 @@ class BatchScheduler:
                     if (
                         index != 0
                         or self._busy
-                        or self._alone
                         or self._ran_since_release is None
                         or self.idle_release_s is None
                     ):
                         self._cond.wait()
-                    elif (
-                        not self._cond.wait(self.idle_release_s)
-                        and not self._queue
-                        and not self._busy
-                        and not self._alone
-                    ):
-                        release, self._ran_since_release = self._ran_since_release, None
-                        self._alone = True  # the release is a model call too, alone
-                        break
+                        continue
+                    # A lone run ends without waking the workers (unless work is queued),
+                    # so worker 0 keeps time itself while one runs.
+                    remaining = self._idle_since + self.idle_release_s - time.monotonic()
+                    if self._alone or remaining > 0:
+                        self._cond.wait(remaining if remaining > 0 else self.idle_release_s)
+                        continue
+                    release, self._ran_since_release = self._ran_since_release, None
+                    self._alone = True  # the release is a model call too, alone
+                    break
                 if self._closed:
                     return
                 batch = self._take() if release is None else []
@@ -256,6 +261,7 @@ class BatchScheduler:
                             self._alone = False
                         if batch:
                             self._busy -= 1
+                            self._idle_since = time.monotonic()
                         self._cond.notify_all()
 
     def _next_run_id(self) -> int:

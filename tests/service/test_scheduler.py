@@ -505,6 +505,26 @@ def test_the_memory_release_never_runs_beside_a_batch() -> None:
     assert len(model.releases) >= len(during) + 1
 
 
+def test_memory_is_released_after_lone_runs_too() -> None:
+    class Releasing(GateModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.released = threading.Event()
+
+        def release_memory(self) -> None:
+            self.released.set()
+
+    model = Releasing()
+    model.release.set()
+    scheduler = BatchScheduler(max_batch_size=4, workers=2, idle_release_s=0.05)
+    try:
+        for value in range(3):
+            assert scheduler.run_if_idle(model, [_image(value)]) is not None
+        assert model.released.wait(30)
+    finally:
+        scheduler.close()
+
+
 def test_workers_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from service import onnx_session
     from service.onnx_session import SessionThreads, model_workers
