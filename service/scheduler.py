@@ -159,7 +159,7 @@ class BatchScheduler:
         together, in order, so a request's images stay side by side in the queue (and in
         one batch when they fit and one worker is free). Cancel a future to drop its chunk.
         """
-        size = min(self.max_batch_size, max(1, math.ceil(len(images) / self.workers)))
+        size = self._share(len(images), self.workers)
         chunks = [images[start : start + size] for start in range(0, len(images), size)]
         jobs = [_Job(model, chunk, Future(), deadline) for chunk in chunks]
         with self._cond:
@@ -296,8 +296,7 @@ class BatchScheduler:
                 if not self._queue:
                     return []
         model = self._queue[0].model
-        idle = self.workers - self._busy  # this one included
-        limit = min(self.max_batch_size, max(1, math.ceil(self._queued_images / idle)))
+        limit = self._share(self._queued_images, self.workers - self._busy)  # idle: me too
         taken: list[_Job] = []
         size = 0
         while self._queue:
@@ -316,6 +315,11 @@ class BatchScheduler:
             size += len(job.images)
         self.hooks.queue_depth(self._queued_images)
         return taken
+
+    def _share(self, images: int, workers: int) -> int:
+        """About an equal share of `images` for each of `workers`, within max_batch_size
+        (at least one)."""
+        return min(self.max_batch_size, max(1, math.ceil(images / workers)))
 
     def _fill(self) -> int:
         """Images at the head of the queue that could go in one batch right now."""
